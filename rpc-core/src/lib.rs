@@ -1,0 +1,37 @@
+//! The sans-IO heart of pagerpc: the frame codec, its limits and errors, the
+//! receive state machine, status codes, and transfer counters.
+//!
+//! Nothing in this crate performs a system call. The send and receive halves
+//! (`pagerpc-sender`, `pagerpc-receiver`) drive it from real sockets; tests,
+//! property tests and fuzzers drive it from byte slices.
+//!
+//! A frame on the wire is `prefix | header | payload`; see
+//! `docs/wire-format.md` and [`prefix`].
+#![forbid(unsafe_code)]
+
+pub mod counters;
+pub mod decoder;
+pub mod error;
+pub mod frame;
+pub mod limits;
+pub mod prefix;
+pub mod reader;
+pub mod status;
+
+pub use counters::{CopyReason, Counters, CountersSnapshot};
+pub use decoder::{decode_stream, DecodedFrame, FrameDecoder, Need, Section, StreamOutcome};
+pub use error::CodecError;
+pub use frame::{encode_head, validate_header, FrameHead};
+pub use limits::Limits;
+pub use pagerpc_proto::{Header, Kind, MetadataEntry};
+pub use prefix::{Flags, Prefix, MAGIC, PREFIX_LEN, VERSION};
+pub use status::{Code, Status};
+
+/// The page size pagerpc aligns payloads to. Payload chunks are sent in
+/// multiples of this size so that a receiver can map them.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Rounds `n` up to a whole number of pages.
+pub const fn page_round_up(n: usize) -> usize {
+    n.div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
