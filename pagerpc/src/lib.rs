@@ -1,0 +1,51 @@
+//! pagerpc: RPC over TCP for Linux, built around page-aligned framing so that
+//! bulk payloads can be received without a copy.
+//!
+//! Each message is a small header followed by a payload sent as its own
+//! `MSG_EOR`-ended part, so no TCP segment mixes header bytes with payload
+//! bytes. The receiver reads the header, places the payload in page-aligned
+//! memory, and hands it to the consumer as owned [`Pages`].
+//!
+//! ```no_run
+//! use pagerpc::{Client, Payload, Server, Status};
+//! use pagerpc::proto::MetadataEntry; // any prost message works as a body
+//!
+//! let server = Server::builder()
+//!     .register("echo", |_ctx, req: MetadataEntry, pages| {
+//!         Ok::<_, Status>((req, Payload::Pages(pages)))
+//!     })
+//!     .bind("127.0.0.1:0")?;
+//! let client = Client::connect(server.local_addr())?;
+//! let req = MetadataEntry { key: "hello".into(), value: vec![] };
+//! let resp = client.call::<_, MetadataEntry>("echo", &req, vec![7u8; 1 << 20])?;
+//! assert_eq!(resp.message.key, "hello");
+//! assert_eq!(resp.payload.len(), 1 << 20);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![forbid(unsafe_code)]
+
+mod client;
+mod error;
+mod server;
+mod sys;
+
+pub use client::{CallOptions, Client, ClientConfig, PendingCall, Response};
+pub use error::CallError;
+pub use server::{Context, Reply, Server, ServerBuilder, ServerConfig};
+
+pub use pagerpc_core::{Code, CodecError, Counters, CountersSnapshot, Limits, Status};
+pub use pagerpc_pages::{Origin, PageBuf, Pages, Payload};
+pub use pagerpc_receiver::{Backend, Frame, RecvConfig, RecvError};
+pub use pagerpc_sender::{SendConfig, SendError};
+
+/// The prost crate, for encoding request and response messages.
+pub use prost;
+
+/// The wire header messages.
+pub mod proto {
+    pub use pagerpc_proto::*;
+}
+/// The sans-IO codec, for tools that speak the wire format directly.
+pub mod codec {
+    pub use pagerpc_core::*;
+}

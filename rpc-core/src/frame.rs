@@ -140,12 +140,21 @@ mod tests {
     fn header_rules() {
         let l = Limits::default();
         assert_eq!(validate_header(&req("echo"), &l), Ok(()));
-        assert_eq!(validate_header(&req(""), &l), Err(CodecError::MissingMethod));
+        assert_eq!(
+            validate_header(&req(""), &l),
+            Err(CodecError::MissingMethod)
+        );
         let mut h = req("x");
         h.kind = 0;
-        assert_eq!(validate_header(&h, &l), Err(CodecError::UnknownKind { got: 0 }));
+        assert_eq!(
+            validate_header(&h, &l),
+            Err(CodecError::UnknownKind { got: 0 })
+        );
         h.kind = 99;
-        assert_eq!(validate_header(&h, &l), Err(CodecError::UnknownKind { got: 99 }));
+        assert_eq!(
+            validate_header(&h, &l),
+            Err(CodecError::UnknownKind { got: 99 })
+        );
         let long = "m".repeat(l.max_method_len as usize + 1);
         assert_eq!(
             validate_header(&req(&long), &l),

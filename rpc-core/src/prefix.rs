@@ -137,8 +137,7 @@ impl Prefix {
                 got: payload_len,
             });
         }
-        if flags.contains(Flags::INLINE_PAYLOAD) && payload_len > limits.max_inline_payload_bytes
-        {
+        if flags.contains(Flags::INLINE_PAYLOAD) && payload_len > limits.max_inline_payload_bytes {
             return Err(CodecError::InlinePayloadTooLarge {
                 limit: limits.max_inline_payload_bytes,
                 got: payload_len,

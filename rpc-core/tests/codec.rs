@@ -132,7 +132,10 @@ fn truncated_at_every_offset_names_the_section() {
             other => panic!("cut {cut}: {other:?}"),
         };
         if cut < PREFIX_LEN {
-            assert_eq!((section, expected, got), (Section::Prefix, PREFIX_LEN as u64, cut as u64));
+            assert_eq!(
+                (section, expected, got),
+                (Section::Prefix, PREFIX_LEN as u64, cut as u64)
+            );
         } else if cut < head_len {
             assert_eq!(section, Section::Header);
             assert_eq!(expected, (head_len - PREFIX_LEN) as u64);
@@ -166,7 +169,10 @@ fn errors_are_sticky_and_stop_delivery() {
     let mut dec = FrameDecoder::new(limits);
     assert!(dec.feed(b"GARBAGE-GARBAGE-GARBAGE").is_err());
     assert_eq!(dec.need(), Need::Failed);
-    assert_eq!(dec.feed(&frame_bytes(&h, b"", Flags::NONE, &limits)), Err(CodecError::BadMagic { got: *b"GARB" }));
+    assert_eq!(
+        dec.feed(&frame_bytes(&h, b"", Flags::NONE, &limits)),
+        Err(CodecError::BadMagic { got: *b"GARB" })
+    );
 }
 
 #[test]
@@ -180,19 +186,35 @@ fn header_errors_surface_through_the_decoder() {
     };
     // Encode by hand, bypassing the encoder's own validation.
     let body = prost::Message::encode_to_vec(&bad);
-    let prefix = Prefix { flags: Flags::NONE, header_len: body.len() as u32, payload_len: 0 };
+    let prefix = Prefix {
+        flags: Flags::NONE,
+        header_len: body.len() as u32,
+        payload_len: 0,
+    };
     let mut wire = prefix.encode().to_vec();
     wire.extend(body);
-    assert_eq!(decode_stream(&wire, limits, &[]).error, Some(CodecError::MissingMethod));
+    assert_eq!(
+        decode_stream(&wire, limits, &[]).error,
+        Some(CodecError::MissingMethod)
+    );
 
     let many = Header {
         call_id: 1,
         kind: Kind::Ping as i32,
-        metadata: (0..65).map(|i| MetadataEntry { key: format!("k{i}"), value: vec![] }).collect(),
+        metadata: (0..65)
+            .map(|i| MetadataEntry {
+                key: format!("k{i}"),
+                value: vec![],
+            })
+            .collect(),
         ..Default::default()
     };
     let body = prost::Message::encode_to_vec(&many);
-    let prefix = Prefix { flags: Flags::NONE, header_len: body.len() as u32, payload_len: 0 };
+    let prefix = Prefix {
+        flags: Flags::NONE,
+        header_len: body.len() as u32,
+        payload_len: 0,
+    };
     let mut wire = prefix.encode().to_vec();
     wire.extend(body);
     assert_eq!(
@@ -203,8 +225,16 @@ fn header_errors_surface_through_the_decoder() {
 
 #[test]
 fn lying_payload_length_costs_nothing() {
-    let limits = Limits { max_payload_bytes: u64::MAX, ..Limits::default() };
-    let h = Header { call_id: 1, kind: Kind::Request as i32, method: "m".into(), ..Default::default() };
+    let limits = Limits {
+        max_payload_bytes: u64::MAX,
+        ..Limits::default()
+    };
+    let h = Header {
+        call_id: 1,
+        kind: Kind::Request as i32,
+        method: "m".into(),
+        ..Default::default()
+    };
     let mut wire = Vec::new();
     encode_head(&h, u64::MAX / 2, Flags::NONE, &limits, &mut wire).unwrap();
     wire.extend_from_slice(&[1, 2, 3]);
@@ -212,6 +242,10 @@ fn lying_payload_length_costs_nothing() {
     assert!(out.frames.is_empty());
     assert_eq!(
         out.error,
-        Some(CodecError::Truncated { section: Section::Payload, expected: u64::MAX / 2, got: 3 })
+        Some(CodecError::Truncated {
+            section: Section::Payload,
+            expected: u64::MAX / 2,
+            got: 3
+        })
     );
 }

@@ -1,0 +1,535 @@
+//! The RPC client: many concurrent calls multiplexed on one connection.
+//!
+//! There is no background thread. A caller that waits for its response and
+//! finds nobody reading the socket becomes the *reader*: it reads frames and
+//! hands each response to the caller waiting for it, until its own response
+//! arrives; then it passes the reader role to another waiting caller. A
+//! single caller therefore reads its own response with no thread hand-off,
+//! and many callers share one reader.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use prost::Message;
+
+use pagerpc_core::{Code, Counters, CountersSnapshot, Header, Kind, Limits, MetadataEntry, Status};
+use pagerpc_pages::{Pages, Payload};
+use pagerpc_receiver::{Frame, Receiver, RecvConfig, RecvError};
+use pagerpc_sender::{SendConfig, SendErrorKind, Sender};
+
+use crate::error::CallError;
+use crate::sys;
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Limits for frames from the server.
+    pub limits: Limits,
+    /// Send settings (inline threshold, write timeout, the server's limits).
+    pub send: SendConfig,
+    /// Receive settings (backend, read buffer).
+    pub recv: RecvConfig,
+    /// Deadline applied to calls that set none. Default: none.
+    pub default_timeout: Option<Duration>,
+    /// How long `connect` may take. Default 10 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            limits: Limits::default(),
+            send: SendConfig::default(),
+            recv: RecvConfig::default(),
+            default_timeout: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Per-call options.
+#[derive(Clone, Debug, Default)]
+pub struct CallOptions {
+    /// Give up after this long; the server is told the remaining budget.
+    pub timeout: Option<Duration>,
+    /// Metadata sent with the request.
+    pub metadata: Vec<MetadataEntry>,
+}
+
+/// A successful response.
+#[derive(Debug)]
+pub struct Response<T> {
+    /// The decoded response message.
+    pub message: T,
+    /// The response payload.
+    pub payload: Pages,
+    /// Metadata the server sent.
+    pub metadata: Vec<MetadataEntry>,
+}
+
+type CallResult = Result<Frame, Status>;
+
+struct Slot {
+    result: Option<CallResult>,
+    /// Whether a caller is blocked on `cv` (so the reader role can be passed
+    /// to it).
+    waiting: bool,
+    cv: Arc<Condvar>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            result: None,
+            waiting: false,
+            cv: Arc::new(Condvar::new()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<u64, Slot>,
+    reader_active: bool,
+    dead: Option<Status>,
+}
+
+struct Shared {
+    fd: Arc<OwnedFd>,
+    sender: Mutex<Sender>,
+    receiver: Mutex<Receiver>,
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    counters: Arc<Counters>,
+    cfg: ClientConfig,
+    peer: SocketAddr,
+}
+
+/// A connection to a pagerpc server. Cheap to clone; clones share the
+/// connection. Safe to use from many threads at once.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("peer", &self.shared.peer)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connects to `addr` with default settings.
+    ///
+    /// # Errors
+    /// When the address does not resolve or the connection fails.
+    pub fn connect(addr: impl ToSocketAddrs) -> std::io::Result<Client> {
+        Client::connect_with(addr, ClientConfig::default())
+    }
+
+    /// Connects to `addr` with `cfg`.
+    ///
+    /// # Errors
+    /// When the address does not resolve or the connection fails.
+    pub fn connect_with(addr: impl ToSocketAddrs, cfg: ClientConfig) -> std::io::Result<Client> {
+        let mut last = None;
+        for a in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, cfg.connect_timeout) {
+                Ok(s) => return Client::from_stream(s, cfg),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("address resolved to nothing")))
+    }
+
+    /// Wraps an already connected stream.
+    ///
+    /// # Errors
+    /// When the socket cannot be configured.
+    pub fn from_stream(stream: TcpStream, cfg: ClientConfig) -> std::io::Result<Client> {
+        sys::prepare_stream(&stream)?;
+        let peer = stream.peer_addr()?;
+        let fd = Arc::new(OwnedFd::from(stream));
+        let counters = Arc::new(Counters::new());
+        let mut recv_cfg = cfg.recv.clone();
+        recv_cfg.limits = cfg.limits;
+        let shared = Shared {
+            sender: Mutex::new(Sender::new(fd.clone(), cfg.send.clone(), counters.clone())),
+            receiver: Mutex::new(Receiver::new(fd.clone(), recv_cfg, counters.clone())),
+            fd,
+            state: Mutex::new(State::default()),
+            next_id: AtomicU64::new(1),
+            counters,
+            cfg,
+            peer,
+        };
+        Ok(Client {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The server's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.shared.peer
+    }
+
+    /// This connection's transfer counters.
+    pub fn counters(&self) -> CountersSnapshot {
+        self.shared.counters.snapshot()
+    }
+
+    /// Calls `method` with a typed request and payload, and waits for the
+    /// typed response.
+    ///
+    /// # Errors
+    /// A [`CallError`] with the server's status, or with
+    /// [`Code::DeadlineExceeded`], [`Code::Unavailable`] (connection failed
+    /// or closed), [`Code::Internal`] (undecodable response). If the request
+    /// was not sent, the error hands the payload back.
+    pub fn call<Req: Message, Resp: Message + Default>(
+        &self,
+        method: &str,
+        req: &Req,
+        payload: impl Into<Payload>,
+    ) -> Result<Response<Resp>, CallError> {
+        self.call_with(method, req, payload, &CallOptions::default())
+    }
+
+    /// [`call`](Self::call) with per-call options.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
+    pub fn call_with<Req: Message, Resp: Message + Default>(
+        &self,
+        method: &str,
+        req: &Req,
+        payload: impl Into<Payload>,
+        opts: &CallOptions,
+    ) -> Result<Response<Resp>, CallError> {
+        self.start_call(method, req.encode_to_vec(), payload, opts)?
+            .wait_typed()
+    }
+
+    /// Sends a request with an already-encoded body and returns a handle to
+    /// wait on, so one thread can keep many calls in flight.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call), for failures before the request is sent.
+    pub fn start_call(
+        &self,
+        method: &str,
+        body: Vec<u8>,
+        payload: impl Into<Payload>,
+        opts: &CallOptions,
+    ) -> Result<PendingCall, CallError> {
+        let payload = payload.into();
+        let timeout = opts.timeout.or(self.shared.cfg.default_timeout);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let header = Header {
+            call_id: id,
+            kind: Kind::Request as i32,
+            method: method.to_owned(),
+            deadline_us: timeout.map_or(0, |t| (t.as_micros() as u64).max(1)),
+            metadata: opts.metadata.clone(),
+            body,
+            ..Default::default()
+        };
+        {
+            let mut st = self.shared.state.lock();
+            if let Some(dead) = &st.dead {
+                return Err(CallError::with_payload(dead.clone(), payload));
+            }
+            st.pending.insert(id, Slot::new());
+        }
+        let sent = self.shared.sender.lock().send(&header, payload);
+        if let Err(e) = sent {
+            self.shared.state.lock().pending.remove(&id);
+            let status = match &e.kind {
+                SendErrorKind::Codec(c) => {
+                    Status::invalid_argument(format!("request refused: {c}"))
+                }
+                other => Status::unavailable(format!("sending the request failed: {other}")),
+            };
+            if e.partial || matches!(e.kind, SendErrorKind::Broken) {
+                self.shared.fail_all(Status::unavailable(format!(
+                    "connection broken: {}",
+                    e.kind
+                )));
+            }
+            return Err(CallError::with_payload(status, e.into_payload()));
+        }
+        Ok(PendingCall {
+            shared: self.shared.clone(),
+            id,
+            deadline,
+            done: false,
+        })
+    }
+
+    /// Sends a PING and waits for the PONG; returns the round-trip time.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
+    pub fn ping(&self, timeout: Duration) -> Result<Duration, CallError> {
+        let t0 = Instant::now();
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let header = Header {
+            call_id: id,
+            kind: Kind::Ping as i32,
+            ..Default::default()
+        };
+        self.shared.state.lock().pending.insert(id, Slot::new());
+        if let Err(e) = self.shared.sender.lock().send(&header, Payload::Empty) {
+            self.shared.state.lock().pending.remove(&id);
+            return Err(CallError::new(Status::unavailable(format!(
+                "ping failed: {e}"
+            ))));
+        }
+        let call = PendingCall {
+            shared: self.shared.clone(),
+            id,
+            deadline: Some(t0 + timeout),
+            done: false,
+        };
+        call.wait()?;
+        Ok(t0.elapsed())
+    }
+
+    /// Number of calls waiting for a response.
+    pub fn pending_calls(&self) -> usize {
+        self.shared.state.lock().pending.len()
+    }
+
+    /// Closes the connection: every pending call fails with
+    /// [`Code::Cancelled`].
+    pub fn close(&self) {
+        self.shared
+            .fail_all(Status::cancelled("client closed the connection"));
+        sys::shutdown(self.shared.fd.as_fd());
+    }
+}
+
+/// A call in flight. Dropping it without waiting cancels the call.
+#[derive(Debug)]
+pub struct PendingCall {
+    shared: Arc<Shared>,
+    id: u64,
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("peer", &self.peer).finish()
+    }
+}
+
+impl PendingCall {
+    /// The call id on the wire.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits for the response and decodes its message as `Resp`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn wait_typed<Resp: Message + Default>(self) -> Result<Response<Resp>, CallError> {
+        let frame = self.wait()?;
+        let message = Resp::decode(frame.head.header.body.as_slice()).map_err(|e| {
+            CallError::new(Status::internal(format!(
+                "undecodable response message: {e}"
+            )))
+        })?;
+        Ok(Response {
+            message,
+            payload: frame.payload,
+            metadata: frame.head.header.metadata,
+        })
+    }
+
+    /// Waits for the response frame.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn wait(mut self) -> Result<Frame, CallError> {
+        self.done = true;
+        self.shared
+            .wait(self.id, self.deadline)
+            .map_err(CallError::new)
+    }
+
+    /// Gives up on the call and tells the server so.
+    pub fn cancel(mut self) {
+        self.done = true;
+        self.shared.cancel(self.id);
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.cancel(self.id);
+        }
+    }
+}
+
+impl Shared {
+    fn wait(&self, id: u64, deadline: Option<Instant>) -> Result<Frame, Status> {
+        let mut st = self.state.lock();
+        loop {
+            let State {
+                pending,
+                reader_active,
+                dead,
+            } = &mut *st;
+            let Some(slot) = pending.get_mut(&id) else {
+                // Removed by a cancel, or never existed.
+                return Err(dead
+                    .clone()
+                    .unwrap_or_else(|| Status::internal("unknown call")));
+            };
+            if let Some(r) = slot.result.take() {
+                pending.remove(&id);
+                return r;
+            }
+            if let Some(dead) = dead {
+                let dead = dead.clone();
+                pending.remove(&id);
+                return Err(dead);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                pending.remove(&id);
+                drop(st);
+                self.send_cancel(id);
+                return Err(Status::deadline_exceeded(
+                    "deadline exceeded waiting for the response",
+                ));
+            }
+            if !*reader_active {
+                *reader_active = true;
+                drop(st);
+                self.read_until(id, deadline);
+                st = self.state.lock();
+                st.reader_active = false;
+                // Hand the reader role to another blocked caller.
+                if let Some(other) = st
+                    .pending
+                    .values()
+                    .find(|s| s.waiting && s.result.is_none())
+                {
+                    other.cv.notify_one();
+                }
+                continue;
+            }
+            let cv = slot.cv.clone();
+            slot.waiting = true;
+            match deadline {
+                Some(d) => {
+                    cv.wait_until(&mut st, d);
+                }
+                None => cv.wait(&mut st),
+            }
+            if let Some(slot) = st.pending.get_mut(&id) {
+                slot.waiting = false;
+            }
+        }
+    }
+
+    /// Reads frames and hands them out until call `id` has its result, the
+    /// deadline passes, or the connection fails.
+    fn read_until(&self, id: u64, deadline: Option<Instant>) {
+        let mut rx = self.receiver.lock();
+        loop {
+            match rx.recv_frame(deadline) {
+                Ok(frame) => {
+                    let fid = frame.head.call_id();
+                    match frame.head.kind() {
+                        Kind::Response | Kind::Pong => self.deliver(fid, Ok(frame)),
+                        Kind::Error => {
+                            let h = &frame.head.header;
+                            let status = Status::new(
+                                Code::from_u32(h.status_code),
+                                h.status_message.clone(),
+                            );
+                            if fid == 0 {
+                                // A connection-level error from the server.
+                                self.fail_all(status);
+                                return;
+                            }
+                            self.deliver(fid, Err(status));
+                        }
+                        other => {
+                            self.fail_all(Status::internal(format!(
+                                "protocol error: server sent a {other:?} frame"
+                            )));
+                            sys::shutdown(self.fd.as_fd());
+                            return;
+                        }
+                    }
+                    if fid == id {
+                        return;
+                    }
+                }
+                Err(RecvError::TimedOut) => return,
+                Err(e) => {
+                    let status = match &e {
+                        RecvError::Closed => Status::unavailable("connection closed by the server"),
+                        RecvError::Codec(c @ pagerpc_core::CodecError::Truncated { .. }) => {
+                            Status::unavailable(format!("connection lost: {c}"))
+                        }
+                        RecvError::Codec(c) => {
+                            Status::internal(format!("protocol error from server: {c}"))
+                        }
+                        other => Status::unavailable(format!("connection failed: {other}")),
+                    };
+                    self.fail_all(status);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, id: u64, r: CallResult) {
+        let mut st = self.state.lock();
+        // Responses to calls that gave up (deadline, cancel) are dropped here.
+        if let Some(slot) = st.pending.get_mut(&id) {
+            slot.result = Some(r);
+            slot.cv.notify_one();
+        }
+    }
+
+    fn fail_all(&self, status: Status) {
+        let mut st = self.state.lock();
+        if st.dead.is_none() {
+            st.dead = Some(status);
+        }
+        for slot in st.pending.values() {
+            slot.cv.notify_one();
+        }
+    }
+
+    fn cancel(&self, id: u64) {
+        if self.state.lock().pending.remove(&id).is_some() {
+            self.send_cancel(id);
+        }
+    }
+
+    fn send_cancel(&self, id: u64) {
+        let header = Header {
+            call_id: id,
+            kind: Kind::Cancel as i32,
+            ..Default::default()
+        };
+        // Best effort: if the connection is gone, the server forgets the call anyway.
+        let _ = self.sender.lock().send(&header, Payload::Empty);
+    }
+}

@@ -1,0 +1,760 @@
+//! The RPC server.
+//!
+//! # Threads
+//! One pool of `threads` threads does both I/O and handler work. Every pool
+//! thread waits on one shared epoll instance. Connections are armed with
+//! `EPOLLONESHOT`, so one thread at a time reads a connection. The thread
+//! that reads a batch of requests re-arms the connection, keeps the first
+//! request and runs its handler itself (no hand-off on the latency path),
+//! and puts the others on a crossbeam channel, raising an eventfd that wakes
+//! idle pool threads to take them. Responses go through a combining writer:
+//! whichever thread holds a connection's send lock flushes every queued
+//! response in as few `sendmsg` calls as the framing rules allow.
+//!
+//! A handler that blocks holds its pool thread; size the pool for the
+//! number of handlers that may block at once, plus one.
+//!
+//! # Shutdown
+//! [`Server::shutdown`] stops accepting, answers new requests with
+//! [`Code::Unavailable`], waits for in-flight calls to finish, then closes
+//! every connection.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver as ChanRx, Sender as ChanTx};
+use parking_lot::{Condvar, Mutex};
+use prost::Message;
+
+use pagerpc_core::{Code, CodecError, Counters, Header, Kind, Limits, MetadataEntry, Status};
+use pagerpc_pages::{Pages, Payload};
+use pagerpc_receiver::{Frame, Receiver, RecvConfig, RecvError};
+use pagerpc_sender::{OutFrame, SendConfig, Sender};
+
+use crate::sys::{self, Poller, Signal, CONN_FLAGS, EVENT_FLAGS, LISTEN_FLAGS};
+
+const TOKEN_LISTENER: u64 = 0;
+const TOKEN_JOBS: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+const FIRST_CONN_TOKEN: u64 = 16;
+/// Requests read in one go before they are handed out, so a client that
+/// keeps sending cannot keep a thread reading forever.
+const DISPATCH_BATCH: usize = 64;
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Limits for incoming frames.
+    pub limits: Limits,
+    /// Send settings (inline threshold, write timeout, clients' limits).
+    pub send: SendConfig,
+    /// Receive settings (backend, read buffer).
+    pub recv: RecvConfig,
+    /// Pool threads doing I/O and running handlers. Default: the number of
+    /// CPUs, at least 2.
+    pub threads: usize,
+    /// Most connections open at once; further ones are refused with a
+    /// [`Code::ResourceExhausted`] error frame. Default 1024.
+    ///
+    /// # Memory cost
+    /// Each connection holds its read buffer (`recv.read_buf`, 64 KiB by
+    /// default) plus the payloads it is receiving.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            limits: Limits::default(),
+            send: SendConfig::default(),
+            recv: RecvConfig::default(),
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// What a handler returns on success.
+#[derive(Debug, Default)]
+pub struct Reply {
+    /// The encoded response message.
+    pub body: Vec<u8>,
+    /// The response payload.
+    pub payload: Payload,
+    /// Metadata to send back.
+    pub metadata: Vec<MetadataEntry>,
+}
+
+/// What a handler learns about its call.
+#[derive(Debug)]
+pub struct Context {
+    call_id: u64,
+    method: String,
+    deadline: Option<Instant>,
+    metadata: Vec<MetadataEntry>,
+    cancelled: Arc<AtomicBool>,
+    peer: SocketAddr,
+}
+
+impl Context {
+    /// The call id.
+    pub fn call_id(&self) -> u64 {
+        self.call_id
+    }
+    /// The method called.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+    /// When the caller stops waiting, if it set a deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+    /// The request's metadata.
+    pub fn metadata(&self) -> &[MetadataEntry] {
+        &self.metadata
+    }
+    /// Whether the caller cancelled the call (or its connection closed).
+    /// Long handlers should check this and stop early.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+    /// The caller's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+type RawHandler = dyn Fn(&Context, &[u8], Pages) -> Result<Reply, Status> + Send + Sync;
+
+/// Collects handlers and settings, then binds a [`Server`].
+pub struct ServerBuilder {
+    cfg: ServerConfig,
+    handlers: HashMap<String, Arc<RawHandler>>,
+}
+
+impl Default for ServerBuilder {
+    fn default() -> Self {
+        ServerBuilder::new()
+    }
+}
+
+impl ServerBuilder {
+    /// A builder with default settings and no handlers.
+    pub fn new() -> ServerBuilder {
+        ServerBuilder {
+            cfg: ServerConfig::default(),
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// Replaces the settings.
+    pub fn config(mut self, cfg: ServerConfig) -> ServerBuilder {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Registers a typed handler for `method`. It gets the decoded request
+    /// and the request payload, and returns a response message and payload,
+    /// or a status. A request that does not decode as `Req` is answered with
+    /// [`Code::InvalidArgument`] without calling the handler.
+    pub fn register<Req, Resp, F>(self, method: &str, f: F) -> ServerBuilder
+    where
+        Req: Message + Default,
+        Resp: Message,
+        F: Fn(&Context, Req, Pages) -> Result<(Resp, Payload), Status> + Send + Sync + 'static,
+    {
+        self.register_raw(method, move |ctx, body, pages| {
+            let req = Req::decode(body).map_err(|e| {
+                Status::invalid_argument(format!("undecodable request message: {e}"))
+            })?;
+            let (resp, payload) = f(ctx, req, pages)?;
+            Ok(Reply {
+                body: resp.encode_to_vec(),
+                payload,
+                metadata: Vec::new(),
+            })
+        })
+    }
+
+    /// Registers a handler that sees the request body as raw bytes and
+    /// controls the reply's metadata.
+    pub fn register_raw<F>(mut self, method: &str, f: F) -> ServerBuilder
+    where
+        F: Fn(&Context, &[u8], Pages) -> Result<Reply, Status> + Send + Sync + 'static,
+    {
+        self.handlers.insert(method.to_owned(), Arc::new(f));
+        self
+    }
+
+    /// Binds `addr`, starts the pool, and serves.
+    ///
+    /// # Errors
+    /// When the address cannot be bound or the pool cannot start.
+    pub fn bind(self, addr: impl ToSocketAddrs) -> io::Result<Server> {
+        let listener = TcpListener::bind(addr)?;
+        self.serve(listener)
+    }
+
+    /// Serves on an already bound listener.
+    ///
+    /// # Errors
+    /// When the pool cannot start.
+    pub fn serve(self, listener: TcpListener) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            poller: Poller::new()?,
+            listener: Mutex::new(Some(listener)),
+            jobs_signal: Signal::new()?,
+            stop_signal: Signal::new()?,
+            jobs_tx,
+            jobs_rx,
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(FIRST_CONN_TOKEN),
+            handlers: self.handlers,
+            cfg: self.cfg,
+            shutting_down: AtomicBool::new(false),
+            inflight: Mutex::new(0),
+            drained: Condvar::new(),
+        });
+        if let Some(l) = shared.listener.lock().as_ref() {
+            shared.poller.add(l.as_fd(), TOKEN_LISTENER, LISTEN_FLAGS)?;
+        }
+        shared
+            .poller
+            .add(shared.jobs_signal.as_fd(), TOKEN_JOBS, EVENT_FLAGS)?;
+        shared
+            .poller
+            .add(shared.stop_signal.as_fd(), TOKEN_STOP, EVENT_FLAGS)?;
+        let mut threads = Vec::new();
+        for i in 0..shared.cfg.threads.max(1) {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("pagerpc-{i}"))
+                    .spawn(move || s.run())?,
+            );
+        }
+        Ok(Server {
+            shared,
+            threads,
+            local_addr,
+        })
+    }
+}
+
+/// A running server. Dropping it shuts it down gracefully.
+pub struct Server {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl Server {
+    /// A builder.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::new()
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.conns.lock().len()
+    }
+
+    /// Calls being handled now.
+    pub fn inflight(&self) -> usize {
+        *self.shared.inflight.lock()
+    }
+
+    /// Stops accepting, lets in-flight calls finish, then closes every
+    /// connection and joins the pool.
+    pub fn shutdown(mut self) {
+        self.stop(None);
+    }
+
+    /// As [`shutdown`](Self::shutdown), but gives in-flight calls at most
+    /// `grace`; calls still running then are cancelled and their callers
+    /// see the connection close. Returns whether every call finished.
+    pub fn shutdown_timeout(mut self, grace: Duration) -> bool {
+        self.stop(Some(grace))
+    }
+
+    fn stop(&mut self, grace: Option<Duration>) -> bool {
+        let s = &self.shared;
+        s.shutting_down.store(true, Ordering::SeqCst);
+        if let Some(l) = s.listener.lock().take() {
+            s.poller.delete(l.as_fd());
+        }
+        let deadline = grace.map(|g| Instant::now() + g);
+        let mut n = s.inflight.lock();
+        while *n > 0 {
+            match deadline {
+                Some(d) => {
+                    if s.drained.wait_until(&mut n, d).timed_out() {
+                        break;
+                    }
+                }
+                None => s.drained.wait(&mut n),
+            }
+        }
+        let clean = *n == 0;
+        drop(n);
+        s.stop_signal.raise();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let conns: Vec<_> = s.conns.lock().drain().map(|(_, c)| c).collect();
+        for c in conns {
+            c.cancel_all();
+            sys::shutdown(c.fd.as_fd());
+        }
+        clean
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop(None);
+        }
+    }
+}
+
+struct Shared {
+    poller: Poller,
+    listener: Mutex<Option<TcpListener>>,
+    jobs_signal: Signal,
+    stop_signal: Signal,
+    jobs_tx: ChanTx<Job>,
+    jobs_rx: ChanRx<Job>,
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_conn: AtomicU64,
+    handlers: HashMap<String, Arc<RawHandler>>,
+    cfg: ServerConfig,
+    shutting_down: AtomicBool,
+    inflight: Mutex<usize>,
+    drained: Condvar,
+}
+
+struct Job {
+    conn: Arc<Conn>,
+    frame: Frame,
+    received: Instant,
+    cancelled: Arc<AtomicBool>,
+}
+
+struct Conn {
+    token: u64,
+    fd: Arc<OwnedFd>,
+    peer: SocketAddr,
+    receiver: Mutex<Receiver>,
+    queue: Mutex<Vec<OutFrame>>,
+    sender: Mutex<Sender>,
+    calls: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    closed: AtomicBool,
+}
+
+impl Conn {
+    /// Queues a frame and flushes the queue unless another thread is
+    /// already flushing (it will pick this frame up).
+    fn send(&self, frame: OutFrame) {
+        self.queue.lock().push(frame);
+        loop {
+            let Some(mut sender) = self.sender.try_lock() else {
+                return;
+            };
+            loop {
+                let batch = std::mem::take(&mut *self.queue.lock());
+                if batch.is_empty() {
+                    break;
+                }
+                // Replies are checked against the client's limits in
+                // `respond`, so a failure here is the socket's: nothing more
+                // can be sent. Readers see the connection close and clean up.
+                if sender.send_batch(batch).is_err() {
+                    self.queue.lock().clear();
+                    sys::shutdown(self.fd.as_fd());
+                    return;
+                }
+            }
+            drop(sender);
+            if self.queue.lock().is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn cancel_all(&self) {
+        for flag in self.calls.lock().values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Shared {
+    fn run(self: Arc<Self>) {
+        loop {
+            let token = match self.poller.wait_one(None) {
+                Ok(Some(t)) => t,
+                Ok(None) => continue,
+                Err(_) => return,
+            };
+            match token {
+                TOKEN_STOP => return,
+                TOKEN_LISTENER => self.accept_all(),
+                TOKEN_JOBS => {
+                    self.jobs_signal.clear();
+                    while let Ok(job) = self.jobs_rx.try_recv() {
+                        self.run_job(job);
+                    }
+                }
+                t => {
+                    let conn = self.conns.lock().get(&t).cloned();
+                    if let Some(conn) = conn {
+                        self.serve_conn(conn);
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept_all(&self) {
+        let guard = self.listener.lock();
+        let Some(listener) = guard.as_ref() else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => self.add_conn(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // EMFILE, ENFILE, ENOBUFS...: leave the connection in the
+                // backlog; the listener is re-armed and we try again.
+                Err(_) => break,
+            }
+        }
+        if !self.shutting_down.load(Ordering::SeqCst) {
+            let _ = self
+                .poller
+                .rearm(listener.as_fd(), TOKEN_LISTENER, LISTEN_FLAGS);
+        }
+    }
+
+    fn add_conn(&self, stream: TcpStream, peer: SocketAddr) {
+        if sys::prepare_stream(&stream).is_err() {
+            return;
+        }
+        let fd = Arc::new(OwnedFd::from(stream));
+        let counters = Arc::new(Counters::new());
+        let mut recv_cfg = self.cfg.recv.clone();
+        recv_cfg.limits = self.cfg.limits;
+        let token = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            token,
+            receiver: Mutex::new(Receiver::new(fd.clone(), recv_cfg, counters.clone())),
+            queue: Mutex::new(Vec::new()),
+            sender: Mutex::new(Sender::new(fd.clone(), self.cfg.send.clone(), counters)),
+            calls: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            fd,
+            peer,
+        });
+        let mut conns = self.conns.lock();
+        if conns.len() >= self.cfg.max_connections {
+            drop(conns);
+            conn.send(error_frame(
+                0,
+                &Status::resource_exhausted(format!(
+                    "server is at its max_connections limit of {}",
+                    self.cfg.max_connections
+                )),
+            ));
+            sys::shutdown(conn.fd.as_fd());
+            return;
+        }
+        conns.insert(token, conn.clone());
+        drop(conns);
+        if self.poller.add(conn.fd.as_fd(), token, CONN_FLAGS).is_err() {
+            self.conns.lock().remove(&token);
+        }
+    }
+
+    /// Reads every complete request the connection has, dispatches them, and
+    /// runs the first one on this thread.
+    fn serve_conn(&self, conn: Arc<Conn>) {
+        let mut mine: Option<Job> = None;
+        let mut failure = None;
+        {
+            let mut rx = conn.receiver.lock();
+            let mut batch = 0;
+            loop {
+                match rx.poll_frame() {
+                    Ok(Some(frame)) => {
+                        if let Some(job) = self.classify(&conn, frame) {
+                            if mine.is_none() {
+                                mine = Some(job);
+                            } else {
+                                let _ = self.jobs_tx.send(job);
+                                batch += 1;
+                                if batch % DISPATCH_BATCH == 0 {
+                                    self.jobs_signal.raise();
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            if batch % DISPATCH_BATCH != 0 {
+                self.jobs_signal.raise();
+            }
+        }
+        match failure {
+            None => {
+                if self
+                    .poller
+                    .rearm(conn.fd.as_fd(), conn.token, CONN_FLAGS)
+                    .is_err()
+                {
+                    self.close_conn(&conn, None);
+                }
+            }
+            Some(e) => self.close_conn(&conn, Some(e)),
+        }
+        if let Some(job) = mine {
+            self.run_job(job);
+        }
+    }
+
+    /// Turns a frame into a job (requests) or handles it on the spot.
+    fn classify(&self, conn: &Arc<Conn>, frame: Frame) -> Option<Job> {
+        let id = frame.head.call_id();
+        match frame.head.kind() {
+            Kind::Request => {
+                if self.shutting_down.load(Ordering::SeqCst) {
+                    conn.send(error_frame(
+                        id,
+                        &Status::unavailable("server is shutting down"),
+                    ));
+                    return None;
+                }
+                let cancelled = Arc::new(AtomicBool::new(false));
+                conn.calls.lock().insert(id, cancelled.clone());
+                *self.inflight.lock() += 1;
+                Some(Job {
+                    conn: conn.clone(),
+                    frame,
+                    received: Instant::now(),
+                    cancelled,
+                })
+            }
+            Kind::Cancel => {
+                if let Some(flag) = conn.calls.lock().get(&id) {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                None
+            }
+            Kind::Ping => {
+                conn.send(OutFrame {
+                    header: Header {
+                        call_id: id,
+                        kind: Kind::Pong as i32,
+                        ..Default::default()
+                    },
+                    payload: Payload::Empty,
+                });
+                None
+            }
+            Kind::StreamChunk | Kind::StreamEnd => {
+                conn.send(error_frame(
+                    id,
+                    &Status::unimplemented("streams are not supported by this server"),
+                ));
+                None
+            }
+            Kind::Response | Kind::Error | Kind::Pong | Kind::Unspecified => {
+                // Frames only a server sends: the peer is confused. Answer and
+                // carry on; this does not desynchronise the stream.
+                conn.send(error_frame(
+                    id,
+                    &Status::invalid_argument(format!(
+                        "a client may not send {:?} frames",
+                        frame.head.kind()
+                    )),
+                ));
+                None
+            }
+        }
+    }
+
+    fn run_job(&self, job: Job) {
+        let Job {
+            conn,
+            frame,
+            received,
+            cancelled,
+        } = job;
+        let h = frame.head.header;
+        let deadline = (h.deadline_us > 0).then(|| received + Duration::from_micros(h.deadline_us));
+        let result = if cancelled.load(Ordering::Relaxed) {
+            None
+        } else if deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(Err(Status::deadline_exceeded(
+                "deadline passed before the handler ran",
+            )))
+        } else if let Some(handler) = self.handlers.get(&h.method) {
+            let ctx = Context {
+                call_id: h.call_id,
+                method: h.method,
+                deadline,
+                metadata: h.metadata,
+                cancelled: cancelled.clone(),
+                peer: conn.peer,
+            };
+            let out = catch_unwind(AssertUnwindSafe(|| handler(&ctx, &h.body, frame.payload)))
+                .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
+            if cancelled.load(Ordering::Relaxed) {
+                None
+            } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(Err(Status::deadline_exceeded(
+                    "deadline passed while the handler ran",
+                )))
+            } else {
+                Some(out)
+            }
+        } else {
+            Some(Err(Status::unimplemented(format!(
+                "unknown method '{}'",
+                h.method
+            ))))
+        };
+        if let Some(result) = result {
+            conn.send(self.respond(h.call_id, result));
+        }
+        conn.calls.lock().remove(&h.call_id);
+        let mut n = self.inflight.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.drained.notify_all();
+        }
+    }
+
+    /// Builds the response frame, replacing a reply that breaks the
+    /// client's limits with an error that says which limit.
+    fn respond(&self, call_id: u64, result: Result<Reply, Status>) -> OutFrame {
+        match result {
+            Ok(reply) => {
+                let header = Header {
+                    call_id,
+                    kind: Kind::Response as i32,
+                    metadata: reply.metadata,
+                    body: reply.body,
+                    ..Default::default()
+                };
+                let limits = &self.cfg.send.limits;
+                let check = check_reply(&header, reply.payload.len() as u64, limits);
+                match check {
+                    Ok(()) => OutFrame {
+                        header,
+                        payload: reply.payload,
+                    },
+                    Err(e) => error_frame(
+                        call_id,
+                        &Status::resource_exhausted(format!("the response was not sent: {e}")),
+                    ),
+                }
+            }
+            Err(status) => error_frame(call_id, &status),
+        }
+    }
+
+    fn close_conn(&self, conn: &Arc<Conn>, why: Option<RecvError>) {
+        if conn.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.poller.delete(conn.fd.as_fd());
+        self.conns.lock().remove(&conn.token);
+        conn.cancel_all();
+        if let Some(RecvError::Codec(e)) = &why {
+            if !matches!(e, CodecError::Truncated { .. }) {
+                // Tell the peer why before hanging up.
+                conn.send(error_frame(
+                    0,
+                    &Status::invalid_argument(format!("protocol error, closing: {e}")),
+                ));
+            }
+        }
+        sys::shutdown(conn.fd.as_fd());
+    }
+}
+
+/// The size checks the encoder would make, done before the frame is queued
+/// so a too-large reply becomes an error for its own call only.
+fn check_reply(header: &Header, payload_len: u64, limits: &Limits) -> Result<(), CodecError> {
+    pagerpc_core::validate_header(header, limits)?;
+    let hlen = header.encoded_len() as u64;
+    if hlen > u64::from(limits.max_header_bytes) {
+        return Err(CodecError::HeaderTooLarge {
+            limit: limits.max_header_bytes,
+            got: u32::try_from(hlen).unwrap_or(u32::MAX),
+        });
+    }
+    if payload_len > limits.max_payload_bytes {
+        return Err(CodecError::PayloadTooLarge {
+            limit: limits.max_payload_bytes,
+            got: payload_len,
+        });
+    }
+    Ok(())
+}
+
+fn error_frame(call_id: u64, status: &Status) -> OutFrame {
+    let mut message = status.message().to_owned();
+    // Keep the header far below any sane header limit.
+    if message.len() > 1024 {
+        let mut cut = 1024;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    OutFrame {
+        header: Header {
+            call_id,
+            kind: Kind::Error as i32,
+            status_code: if status.code() == Code::Ok {
+                Code::Unknown.as_u32()
+            } else {
+                status.code().as_u32()
+            },
+            status_message: message,
+            ..Default::default()
+        },
+        payload: Payload::Empty,
+    }
+}

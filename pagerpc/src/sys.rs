@@ -1,0 +1,124 @@
+//! The system calls of the RPC layer (epoll, eventfd, socket options),
+//! through nix's safe wrappers.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::Duration;
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::socket::{setsockopt, shutdown as nix_shutdown, sockopt, Shutdown};
+
+fn io_err(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// Puts a freshly connected or accepted stream in the mode pagerpc uses:
+/// non-blocking, `TCP_NODELAY`.
+pub(crate) fn prepare_stream(s: &TcpStream) -> io::Result<()> {
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)
+}
+
+/// Shuts both directions of a socket down, waking any thread blocked on it.
+pub(crate) fn shutdown(fd: BorrowedFd<'_>) {
+    // ENOTCONN after the peer already went away is fine.
+    let _ = nix_shutdown(fd.as_raw_fd(), Shutdown::Both);
+}
+
+/// Sets `TCP_MAXSEG` on a socket (before connect or listen).
+pub(crate) fn set_maxseg(fd: BorrowedFd<'_>, mss: u32) -> io::Result<()> {
+    setsockopt(&fd, sockopt::TcpMaxSeg, &mss).map_err(io_err)
+}
+
+/// One epoll instance shared by a pool of threads.
+#[derive(Debug)]
+pub(crate) struct Poller {
+    ep: Epoll,
+}
+
+/// Flags for a connection: readable, one thread at a time.
+pub(crate) const CONN_FLAGS: EpollFlags = EpollFlags::EPOLLIN
+    .union(EpollFlags::EPOLLRDHUP)
+    .union(EpollFlags::EPOLLONESHOT);
+/// Flags for the listener: one waiter woken per connection.
+pub(crate) const LISTEN_FLAGS: EpollFlags = EpollFlags::EPOLLIN.union(EpollFlags::EPOLLONESHOT);
+/// Flags for an eventfd: level-triggered readable.
+pub(crate) const EVENT_FLAGS: EpollFlags = EpollFlags::EPOLLIN;
+
+impl Poller {
+    pub(crate) fn new() -> io::Result<Poller> {
+        Ok(Poller {
+            ep: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io_err)?,
+        })
+    }
+
+    pub(crate) fn add(&self, fd: BorrowedFd<'_>, token: u64, flags: EpollFlags) -> io::Result<()> {
+        self.ep
+            .add(fd, EpollEvent::new(flags, token))
+            .map_err(io_err)
+    }
+
+    pub(crate) fn rearm(
+        &self,
+        fd: BorrowedFd<'_>,
+        token: u64,
+        flags: EpollFlags,
+    ) -> io::Result<()> {
+        let mut ev = EpollEvent::new(flags, token);
+        self.ep.modify(fd, &mut ev).map_err(io_err)
+    }
+
+    pub(crate) fn delete(&self, fd: BorrowedFd<'_>) {
+        // Fails only if the fd was never added or is already gone.
+        let _ = self.ep.delete(fd);
+    }
+
+    /// Waits for one event; returns its token, or `None` on timeout.
+    pub(crate) fn wait_one(&self, timeout: Option<Duration>) -> io::Result<Option<u64>> {
+        let mut evs = [EpollEvent::empty()];
+        let t = match timeout {
+            None => EpollTimeout::NONE,
+            Some(d) => EpollTimeout::try_from(d).unwrap_or(EpollTimeout::MAX),
+        };
+        loop {
+            match self.ep.wait(&mut evs, t) {
+                Ok(0) => return Ok(None),
+                Ok(_) => return Ok(Some(evs[0].data())),
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+    }
+}
+
+/// A non-blocking eventfd used as a wake-up signal.
+#[derive(Debug)]
+pub(crate) struct Signal {
+    fd: EventFd,
+}
+
+impl Signal {
+    pub(crate) fn new() -> io::Result<Signal> {
+        Ok(Signal {
+            fd: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(io_err)?,
+        })
+    }
+
+    /// Makes the eventfd readable.
+    pub(crate) fn raise(&self) {
+        // Only fails if the counter would overflow, which leaves it readable.
+        let _ = self.fd.write(1);
+    }
+
+    /// Makes it unreadable again.
+    pub(crate) fn clear(&self) {
+        let _ = self.fd.read();
+    }
+
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}

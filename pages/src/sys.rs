@@ -1,0 +1,122 @@
+//! Every system call and raw-memory operation of this crate, behind small
+//! safe wrappers.
+
+use std::alloc::{self, Layout};
+use std::io;
+use std::ptr::NonNull;
+
+use pagerpc_core::PAGE_SIZE;
+
+/// An owned memory region that is unmapped or freed on drop.
+#[derive(Debug)]
+pub(crate) enum Region {
+    /// A mapping made with `mmap` (anonymous, or of a socket), `map_len`
+    /// bytes long, possibly made of several adjacent VMAs.
+    Mapped { ptr: NonNull<u8>, map_len: usize },
+    /// A page-aligned heap block, for small payloads (an `mmap` plus
+    /// `munmap` costs more than the bytes).
+    Heap { ptr: NonNull<u8>, layout: Layout },
+}
+
+// SAFETY: a Region exclusively owns its memory; nothing else aliases it, so
+// moving it to another thread is sound.
+unsafe impl Send for Region {}
+// SAFETY: shared access only ever reads (writes need &mut through PageBuf),
+// so sharing between threads is sound.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// A zero-filled anonymous private mapping of at least `len` bytes
+    /// (rounded up to whole pages). `len` must not be zero.
+    pub(crate) fn anon(len: usize) -> io::Result<Region> {
+        let map_len = pagerpc_core::page_round_up(len.max(1));
+        // SAFETY: a fresh anonymous mapping with no address hint touches no
+        // existing memory; the result is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Region::Mapped { ptr, map_len })
+    }
+
+    /// A zero-filled, page-aligned heap block of `len` bytes (`len > 0`).
+    pub(crate) fn heap(len: usize) -> io::Result<Region> {
+        let layout = Layout::from_size_align(len.max(1), PAGE_SIZE)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(p).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(Region::Heap { ptr, layout })
+    }
+
+    /// Takes ownership of an existing mapping.
+    ///
+    /// # Safety
+    /// `ptr` must be the start of a mapping of `map_len` bytes (page
+    /// multiple) that nothing else owns or unmaps, readable in full.
+    pub(crate) unsafe fn from_mapping(ptr: NonNull<u8>, map_len: usize) -> Region {
+        Region::Mapped { ptr, map_len }
+    }
+
+    pub(crate) fn ptr(&self) -> NonNull<u8> {
+        match self {
+            Region::Mapped { ptr, .. } | Region::Heap { ptr, .. } => *ptr,
+        }
+    }
+
+    /// Usable bytes.
+    pub(crate) fn capacity(&self) -> usize {
+        match self {
+            Region::Mapped { map_len, .. } => *map_len,
+            Region::Heap { layout, .. } => layout.size(),
+        }
+    }
+
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self, Region::Mapped { .. })
+    }
+
+    /// The first `len` bytes.
+    pub(crate) fn slice(&self, len: usize) -> &[u8] {
+        assert!(len <= self.capacity());
+        // SAFETY: the region owns `capacity()` readable bytes (asserted above)
+        // for as long as `self` lives, and only `&mut self` can write them.
+        unsafe { std::slice::from_raw_parts(self.ptr().as_ptr(), len) }
+    }
+
+    /// The first `len` bytes, writable. Socket mappings are never handed out
+    /// as `PageBuf`, so every region reached here is writable.
+    pub(crate) fn slice_mut(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= self.capacity());
+        // SAFETY: as in `slice`, and `&mut self` guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr().as_ptr(), len) }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        match *self {
+            Region::Mapped { ptr, map_len } => {
+                // SAFETY: we own this mapping and nothing borrows it any more
+                // (drop has &mut self). munmap only fails for bad arguments.
+                let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), map_len) };
+                debug_assert_eq!(rc, 0, "munmap: {}", io::Error::last_os_error());
+            }
+            Region::Heap { ptr, layout } => {
+                // SAFETY: allocated by alloc_zeroed with this same layout.
+                unsafe { alloc::dealloc(ptr.as_ptr(), layout) }
+            }
+        }
+    }
+}
