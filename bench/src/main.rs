@@ -36,7 +36,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1024)]
         total_mib: usize,
         /// Calls the sender keeps in flight.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 8)]
         inflight: usize,
     },
     /// Sequential calls with a payload of SIZE bytes each way.

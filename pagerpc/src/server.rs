@@ -533,6 +533,9 @@ impl Shared {
             if batch % DISPATCH_BATCH != 0 {
                 self.jobs_signal.raise();
             }
+            if failure.is_none() {
+                rx.wait_lowat();
+            }
         }
         match failure {
             None => {

@@ -24,6 +24,26 @@ use sys::Region;
 /// more than the copy.
 pub const HEAP_MAX: usize = 64 * 1024;
 
+/// Sets how many bytes of dropped anonymous payload mappings the process
+/// keeps for reuse (default 64 MiB; 0 unmaps everything cached and turns
+/// the cache off).
+///
+/// Reusing a mapping whose pages are already resident avoids a page fault
+/// and a page zeroing for every 4 KiB of every received payload; that is
+/// most of the copy backend's cost. Socket mappings are never cached:
+/// dropping them always unmaps them.
+///
+/// # Memory cost
+/// Up to `bytes` of resident memory stays mapped while no payload uses it.
+pub fn set_cache_limit(bytes: usize) {
+    sys::set_cache_limit(bytes);
+}
+
+/// Bytes currently held in the recycle cache.
+pub fn cached_bytes() -> usize {
+    sys::cached_bytes()
+}
+
 /// Where the bytes of a [`Pages`] live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
@@ -194,6 +214,23 @@ impl PageBuf {
             None
         } else {
             Some(Region::anon(len)?)
+        };
+        Ok(PageBuf { region, len })
+    }
+
+    /// A buffer of `len` bytes for a receiver that will overwrite every
+    /// byte before anyone reads it. Large buffers come from the recycle
+    /// cache (see [`set_cache_limit`]), so their pages are already faulted
+    /// in; the initial contents are unspecified (zeros or bytes of an
+    /// earlier payload of this process).
+    ///
+    /// # Errors
+    /// When the memory cannot be allocated or mapped.
+    pub fn for_overwrite(len: usize) -> io::Result<PageBuf> {
+        let region = match len {
+            0 => None,
+            n if n <= HEAP_MAX => Some(Region::heap(n)?),
+            n => Some(Region::recycled(n)?),
         };
         Ok(PageBuf { region, len })
     }

@@ -2,8 +2,11 @@
 //! safe wrappers.
 
 use std::alloc::{self, Layout};
+use std::collections::HashMap;
 use std::io;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use pagerpc_core::PAGE_SIZE;
 
@@ -12,7 +15,13 @@ use pagerpc_core::PAGE_SIZE;
 pub(crate) enum Region {
     /// A mapping made with `mmap` (anonymous, or of a socket), `map_len`
     /// bytes long, possibly made of several adjacent VMAs.
-    Mapped { ptr: NonNull<u8>, map_len: usize },
+    Mapped {
+        ptr: NonNull<u8>,
+        map_len: usize,
+        /// Whether the mapping is plain anonymous memory that may be reused
+        /// for another payload once dropped (socket mappings never are).
+        recyclable: bool,
+    },
     /// A page-aligned heap block, for small payloads (an `mmap` plus
     /// `munmap` costs more than the bytes).
     Heap { ptr: NonNull<u8>, layout: Layout },
@@ -26,6 +35,18 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
+    /// An anonymous private mapping of at least `len` bytes, rounded up to
+    /// whole pages, taken from the recycle cache if one of that size is
+    /// there. Its contents are unspecified (zero, or an earlier payload of
+    /// this process): callers overwrite every byte they expose.
+    pub(crate) fn recycled(len: usize) -> io::Result<Region> {
+        let map_len = pagerpc_core::page_round_up(len.max(1));
+        if let Some(r) = cache_take(map_len) {
+            return Ok(r);
+        }
+        Region::anon(len)
+    }
+
     /// A zero-filled anonymous private mapping of at least `len` bytes
     /// (rounded up to whole pages). `len` must not be zero.
     pub(crate) fn anon(len: usize) -> io::Result<Region> {
@@ -47,7 +68,11 @@ impl Region {
         }
         let ptr =
             NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Region::Mapped { ptr, map_len })
+        Ok(Region::Mapped {
+            ptr,
+            map_len,
+            recyclable: true,
+        })
     }
 
     /// A zero-filled, page-aligned heap block of `len` bytes (`len > 0`).
@@ -66,7 +91,11 @@ impl Region {
     /// `ptr` must be the start of a mapping of `map_len` bytes (page
     /// multiple) that nothing else owns or unmaps, readable in full.
     pub(crate) unsafe fn from_mapping(ptr: NonNull<u8>, map_len: usize) -> Region {
-        Region::Mapped { ptr, map_len }
+        Region::Mapped {
+            ptr,
+            map_len,
+            recyclable: false,
+        }
     }
 
     pub(crate) fn ptr(&self) -> NonNull<u8> {
@@ -107,7 +136,10 @@ impl Region {
 impl Drop for Region {
     fn drop(&mut self) {
         match *self {
-            Region::Mapped { ptr, map_len } => {
+            Region::Mapped {
+                recyclable: true, ..
+            } if cache_put(self) => {}
+            Region::Mapped { ptr, map_len, .. } => {
                 // SAFETY: we own this mapping and nothing borrows it any more
                 // (drop has &mut self). munmap only fails for bad arguments.
                 let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), map_len) };
@@ -119,4 +151,95 @@ impl Drop for Region {
             }
         }
     }
+}
+
+/// Bytes of anonymous mappings kept for reuse, at most.
+static CACHE_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_CACHE_LIMIT);
+/// The default cache limit: 64 MiB.
+pub(crate) const DEFAULT_CACHE_LIMIT: usize = 64 << 20;
+/// Mappings larger than this are never cached.
+const CACHE_MAX_REGION: usize = 16 << 20;
+
+struct Cache {
+    bytes: usize,
+    by_len: HashMap<usize, Vec<(usize, usize)>>,
+}
+
+static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+
+pub(crate) fn set_cache_limit(bytes: usize) {
+    CACHE_LIMIT.store(bytes, Ordering::Relaxed);
+    if bytes == 0 {
+        // Unmap whatever is cached.
+        let drained: Vec<(usize, usize)> = {
+            let mut g = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+            match g.as_mut() {
+                Some(c) => {
+                    c.bytes = 0;
+                    c.by_len.drain().flat_map(|(_, v)| v).collect()
+                }
+                None => Vec::new(),
+            }
+        };
+        for (addr, len) in drained {
+            unmap(addr, len);
+        }
+    }
+}
+
+pub(crate) fn cached_bytes() -> usize {
+    let g = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    g.as_ref().map_or(0, |c| c.bytes)
+}
+
+fn cache_take(map_len: usize) -> Option<Region> {
+    let mut g = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let c = g.as_mut()?;
+    let (addr, len) = c.by_len.get_mut(&map_len)?.pop()?;
+    c.bytes -= len;
+    drop(g);
+    let ptr = NonNull::new(addr as *mut u8)?;
+    Some(Region::Mapped {
+        ptr,
+        map_len: len,
+        recyclable: true,
+    })
+}
+
+/// Puts a dropped anonymous mapping in the cache; `false` if it does not
+/// fit (the caller unmaps it).
+fn cache_put(r: &Region) -> bool {
+    let Region::Mapped {
+        ptr,
+        map_len,
+        recyclable: true,
+    } = *r
+    else {
+        return false;
+    };
+    if map_len > CACHE_MAX_REGION {
+        return false;
+    }
+    let limit = CACHE_LIMIT.load(Ordering::Relaxed);
+    let mut g = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let c = g.get_or_insert_with(|| Cache {
+        bytes: 0,
+        by_len: HashMap::new(),
+    });
+    if c.bytes + map_len > limit {
+        return false;
+    }
+    c.bytes += map_len;
+    c.by_len
+        .entry(map_len)
+        .or_default()
+        .push((ptr.as_ptr() as usize, map_len));
+    true
+}
+
+fn unmap(addr: usize, len: usize) {
+    // SAFETY: (addr, len) is a mapping the cache owned exclusively; it was
+    // removed from the cache before this call, so nothing else refers to it.
+    let rc = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+    debug_assert_eq!(rc, 0, "munmap: {}", io::Error::last_os_error());
 }

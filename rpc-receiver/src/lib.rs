@@ -130,7 +130,17 @@ pub struct Receiver {
     end: usize,
     partial: Option<Partial>,
     counters: Arc<Counters>,
+    /// The last read returned fewer bytes than asked for, so the socket is
+    /// probably empty: the next `poll_frame` that would read reports
+    /// "nothing more" instead, saving a syscall that would say `EAGAIN`.
+    /// Readiness is level-triggered, so nothing is missed.
+    drained: bool,
+    /// The `SO_RCVLOWAT` currently set (1 = the kernel default).
+    lowat: i32,
 }
+
+/// Most `SO_RCVLOWAT` is set to while waiting for a payload.
+const MAX_LOWAT: usize = 256 * 1024;
 
 impl fmt::Debug for Receiver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -155,6 +165,8 @@ impl Receiver {
             end: 0,
             partial: None,
             counters,
+            drained: false,
+            lowat: 1,
         }
     }
 
@@ -201,7 +213,10 @@ impl Receiver {
             match step {
                 Step::Frame(f) => return Ok(Some(f)),
                 Step::Progress => {}
-                Step::Blocked => return Ok(None),
+                Step::Blocked => {
+                    self.drained = false;
+                    return Ok(None);
+                }
             }
         }
     }
@@ -219,16 +234,34 @@ impl Receiver {
             if left.is_some_and(|l| l.is_zero()) {
                 return Err(RecvError::TimedOut);
             }
+            self.wait_lowat();
             if !sys::wait_readable(self.fd.as_fd(), left).map_err(RecvError::Io)? {
                 return Err(RecvError::TimedOut);
             }
         }
     }
 
+    /// Before waiting for readiness: while a large payload is missing bytes,
+    /// ask the kernel not to report the socket readable until a good chunk
+    /// of them is there, so a waiter wakes once per chunk rather than once
+    /// per segment. Restores the default between payloads. Event loops call
+    /// this before re-arming the socket.
+    pub fn wait_lowat(&mut self) {
+        let want = match self.decoder.need() {
+            Need::Payload { remaining, .. } if self.start == self.end => {
+                remaining.min(MAX_LOWAT as u64) as i32
+            }
+            _ => 1,
+        };
+        if want != self.lowat && sys::set_rcvlowat(self.fd.as_fd(), want).is_ok() {
+            self.lowat = want;
+        }
+    }
+
     /// Feeds prefix/header bytes (reading more if none are buffered) and
     /// starts a payload when a head completes.
     fn step_meta(&mut self, want: usize) -> Result<Step, RecvError> {
-        if self.start == self.end && !self.fill_buf(want)? {
+        if self.start == self.end && (self.drained || !self.fill_buf(want)?) {
             return Ok(Step::Blocked);
         }
         let (used, head) = self.decoder.feed(&self.buf[self.start..self.end])?;
@@ -251,7 +284,8 @@ impl Receiver {
                 got: len,
             })
         })?;
-        let dest = PageBuf::new(len).map_err(RecvError::Io)?;
+        // Every byte is written before the payload is delivered.
+        let dest = PageBuf::for_overwrite(len).map_err(RecvError::Io)?;
         self.partial = Some(Partial {
             head,
             dest,
@@ -276,11 +310,16 @@ impl Receiver {
             p.dest[p.filled..p.filled + n].copy_from_slice(&self.buf[self.start..self.start + n]);
             self.start += n;
             n
+        } else if self.drained {
+            return Ok(Step::Blocked);
         } else if rem >= self.buf.len() / 2 {
             // Large remainder: read straight into the payload's pages.
             match sys::recv(self.fd.as_fd(), &mut p.dest[p.filled..p.filled + rem]) {
                 Ok(0) => return Err(self.eof()),
-                Ok(n) => n,
+                Ok(n) => {
+                    self.drained = n < rem;
+                    n
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Blocked),
                 Err(e) => return Err(RecvError::Io(e)),
             }
@@ -321,10 +360,12 @@ impl Receiver {
             self.start = 0;
         }
         let room = &mut self.buf[self.end..];
+        let asked = room.len();
         match sys::recv(self.fd.as_fd(), room) {
             Ok(0) => Err(self.eof()),
             Ok(n) => {
                 self.end += n;
+                self.drained = n < asked;
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),

@@ -52,3 +52,25 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io
         return Ok(rc > 0);
     }
 }
+
+/// Sets `SO_RCVLOWAT`: poll/epoll report the socket readable only once this
+/// many bytes are queued (or the connection is closing, or the kernel is
+/// short of receive memory).
+pub(crate) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
+    let v: libc::c_int = bytes.max(1);
+    // SAFETY: the option value is a valid c_int of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
