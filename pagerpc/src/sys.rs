@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{setsockopt, shutdown as nix_shutdown, sockopt, Shutdown};
+use nix::sys::socket::{shutdown as nix_shutdown, Shutdown};
 
 fn io_err(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
@@ -25,11 +25,6 @@ pub(crate) fn prepare_stream(s: &TcpStream) -> io::Result<()> {
 pub(crate) fn shutdown(fd: BorrowedFd<'_>) {
     // ENOTCONN after the peer already went away is fine.
     let _ = nix_shutdown(fd.as_raw_fd(), Shutdown::Both);
-}
-
-/// Sets `TCP_MAXSEG` on a socket (before connect or listen).
-pub(crate) fn set_maxseg(fd: BorrowedFd<'_>, mss: u32) -> io::Result<()> {
-    setsockopt(&fd, sockopt::TcpMaxSeg, &mss).map_err(io_err)
 }
 
 /// One epoll instance shared by a pool of threads.

@@ -330,7 +330,7 @@ impl Payload {
     /// Whether the bytes start on a page boundary (so that, sent with
     /// `MSG_ZEROCOPY`, they land in page-aligned socket buffers).
     pub fn is_page_aligned(&self) -> bool {
-        (self.as_slice().as_ptr() as usize) % pagerpc_core::PAGE_SIZE == 0
+        (self.as_slice().as_ptr() as usize).is_multiple_of(pagerpc_core::PAGE_SIZE)
     }
 }
 
