@@ -154,7 +154,7 @@ impl Client {
     /// # Errors
     /// When the socket cannot be configured.
     pub fn from_stream(stream: TcpStream, cfg: ClientConfig) -> std::io::Result<Client> {
-        sys::prepare_stream(&stream)?;
+        sys::prepare_stream(&stream, false)?;
         let peer = stream.peer_addr()?;
         let fd = Arc::new(OwnedFd::from(stream));
         let counters = Arc::new(Counters::new());

@@ -462,7 +462,7 @@ impl Shared {
     }
 
     fn add_conn(&self, stream: TcpStream, peer: SocketAddr) {
-        if sys::prepare_stream(&stream).is_err() {
+        if sys::prepare_stream(&stream, true).is_err() {
             return;
         }
         let fd = Arc::new(OwnedFd::from(stream));

@@ -14,10 +14,12 @@ fn io_err(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
-/// Puts a freshly connected or accepted stream in the mode pagerpc uses:
-/// non-blocking, `TCP_NODELAY`.
-pub(crate) fn prepare_stream(s: &TcpStream) -> io::Result<()> {
-    s.set_nonblocking(true)?;
+/// Puts a stream in the mode pagerpc uses: `TCP_NODELAY`, and non-blocking
+/// for event loops. A client's socket stays in blocking mode so that a
+/// caller waiting without a deadline can sleep in `recv` itself; every
+/// operation that must not block passes `MSG_DONTWAIT`.
+pub(crate) fn prepare_stream(s: &TcpStream, nonblocking: bool) -> io::Result<()> {
+    s.set_nonblocking(nonblocking)?;
     s.set_nodelay(true)
 }
 

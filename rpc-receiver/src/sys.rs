@@ -4,19 +4,15 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-/// Non-blocking `recv` into `buf`. `Ok(0)` means end of stream.
-pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+/// `recv` into `buf`: non-blocking, or (with `block`, on a socket in
+/// blocking mode) waiting for at least `SO_RCVLOWAT` bytes. `Ok(0)` means
+/// end of stream.
+pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], block: bool) -> io::Result<usize> {
+    let flags = if block { 0 } else { libc::MSG_DONTWAIT };
     loop {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
         // duration of the call.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
         if n >= 0 {
             return Ok(n as usize);
         }
