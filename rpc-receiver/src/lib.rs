@@ -140,6 +140,9 @@ pub struct Receiver {
     /// Reads may block (inside [`Receiver::recv_frame`] without a deadline,
     /// on a socket in blocking mode).
     block: bool,
+    /// The stream error that ended this connection; every later call
+    /// returns it again.
+    dead: Option<CodecError>,
 }
 
 /// Most `SO_RCVLOWAT` is set to while waiting for a payload.
@@ -171,6 +174,7 @@ impl Receiver {
             drained: false,
             lowat: 1,
             block: false,
+            dead: None,
         }
     }
 
@@ -198,6 +202,18 @@ impl Receiver {
     /// for bad or truncated frames (sticky: the connection is unusable), and
     /// [`RecvError::Io`] for socket failures.
     pub fn poll_frame(&mut self) -> Result<Option<Frame>, RecvError> {
+        if let Some(e) = &self.dead {
+            return Err(RecvError::Codec(e.clone()));
+        }
+        let r = self.poll_inner();
+        if let Err(RecvError::Codec(e)) = &r {
+            self.dead = Some(e.clone());
+            self.partial = None;
+        }
+        r
+    }
+
+    fn poll_inner(&mut self) -> Result<Option<Frame>, RecvError> {
         loop {
             let step = match self.decoder.need() {
                 Need::Failed => {
