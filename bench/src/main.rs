@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use nix::sys::resource::{getrusage, UsageWho};
 use pagerpc::proto::MetadataEntry;
-use pagerpc::{CallOptions, Client, Counters, PageBuf, Payload, Server, Status};
+use pagerpc::{
+    CallOptions, Client, ClientConfig, Counters, PageBuf, Payload, SegmentAlign, Server,
+    ServerConfig, Status,
+};
 
 #[derive(Parser)]
 #[command(name = "pagerpc-bench", about = "Benchmarks for pagerpc")]
@@ -38,6 +41,13 @@ enum Cmd {
         /// Calls the sender keeps in flight.
         #[arg(long, default_value_t = 8)]
         inflight: usize,
+        /// Zero-copy: MSG_ZEROCOPY sends, TCP_ZEROCOPY_RECEIVE receives.
+        #[arg(long)]
+        zerocopy: bool,
+        /// TCP_MAXSEG for both ends; 0 leaves the kernel's MSS. Default:
+        /// page-aligned segments on loopback (4108 with timestamps).
+        #[arg(long)]
+        mss: Option<u32>,
     },
     /// Sequential calls with a payload of SIZE bytes each way.
     Pingpong {
@@ -74,7 +84,20 @@ enum Cmd {
         total_mib: usize,
         #[arg(long)]
         inflight: usize,
+        #[arg(long)]
+        zerocopy: bool,
+        #[arg(long)]
+        mss: Option<u32>,
     },
+}
+
+/// The segment setting for `--mss`.
+fn segments(mss: Option<u32>) -> SegmentAlign {
+    match mss {
+        None => SegmentAlign::Auto,
+        Some(0) => SegmentAlign::Off,
+        Some(m) => SegmentAlign::Mss(m),
+    }
 }
 
 fn main() {
@@ -84,13 +107,32 @@ fn main() {
             size_kib,
             total_mib,
             inflight,
-        } => bulk(size_kib, total_mib, inflight),
+            zerocopy,
+            mss,
+        } => bulk(&BulkOpts {
+            size_kib,
+            total_mib,
+            inflight,
+            zerocopy,
+            mss,
+        }),
         Cmd::BulkSend {
             addr,
             size_kib,
             total_mib,
             inflight,
-        } => bulk_send(addr, size_kib, total_mib, inflight),
+            zerocopy,
+            mss,
+        } => bulk_send(
+            addr,
+            &BulkOpts {
+                size_kib,
+                total_mib,
+                inflight,
+                zerocopy,
+                mss,
+            },
+        ),
         Cmd::Pingpong {
             calls,
             size,
@@ -124,13 +166,28 @@ fn usage() -> Result<(f64, i64), nix::Error> {
     ))
 }
 
-fn bulk(size_kib: usize, total_mib: usize, inflight: usize) -> Res {
-    let size = size_kib * 1024;
-    let n = (total_mib * 1024 * 1024) / size.max(1);
+struct BulkOpts {
+    size_kib: usize,
+    total_mib: usize,
+    inflight: usize,
+    zerocopy: bool,
+    mss: Option<u32>,
+}
+
+fn bulk(o: &BulkOpts) -> Res {
+    let size = o.size_kib * 1024;
+    let n = (o.total_mib * 1024 * 1024) / size.max(1);
     let received = Arc::new(AtomicU64::new(0));
     let bad = Arc::new(AtomicU64::new(0));
     let (r2, b2) = (received.clone(), bad.clone());
+    let mut cfg = if o.zerocopy {
+        ServerConfig::zerocopy()
+    } else {
+        ServerConfig::default()
+    };
+    cfg.segments = segments(o.mss);
     let server = Server::builder()
+        .config(cfg)
         .register("bulk.put", move |_ctx, _req: MetadataEntry, pages| {
             if pages.len() != size {
                 b2.fetch_add(1, Ordering::Relaxed);
@@ -143,20 +200,25 @@ fn bulk(size_kib: usize, total_mib: usize, inflight: usize) -> Res {
     let before = Counters::global().snapshot();
     let (cpu0, cs0) = usage()?;
     let t0 = Instant::now();
-    let status = Command::new(std::env::current_exe()?)
-        .args([
-            "bulk-send",
-            "--addr",
-            &server.local_addr().to_string(),
-            "--size-kib",
-            &size_kib.to_string(),
-            "--total-mib",
-            &total_mib.to_string(),
-            "--inflight",
-            &inflight.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .status()?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args([
+        "bulk-send",
+        "--addr",
+        &server.local_addr().to_string(),
+        "--size-kib",
+        &o.size_kib.to_string(),
+        "--total-mib",
+        &o.total_mib.to_string(),
+        "--inflight",
+        &o.inflight.to_string(),
+    ]);
+    if o.zerocopy {
+        cmd.arg("--zerocopy");
+    }
+    if let Some(m) = o.mss {
+        cmd.args(["--mss", &m.to_string()]);
+    }
+    let status = cmd.stdin(Stdio::null()).status()?;
     let secs = t0.elapsed().as_secs_f64();
     let (cpu1, cs1) = usage()?;
     if !status.success() {
@@ -183,10 +245,17 @@ fn bulk(size_kib: usize, total_mib: usize, inflight: usize) -> Res {
     Ok(())
 }
 
-fn bulk_send(addr: SocketAddr, size_kib: usize, total_mib: usize, inflight: usize) -> Res {
-    let size = size_kib * 1024;
-    let n = (total_mib * 1024 * 1024) / size.max(1);
-    let client = Client::connect(addr)?;
+fn bulk_send(addr: SocketAddr, o: &BulkOpts) -> Res {
+    let size = o.size_kib * 1024;
+    let n = (o.total_mib * 1024 * 1024) / size.max(1);
+    let inflight = o.inflight;
+    let mut cfg = if o.zerocopy {
+        ClientConfig::zerocopy()
+    } else {
+        ClientConfig::default()
+    };
+    cfg.segments = segments(o.mss);
+    let client = Client::connect_with(addr, cfg)?;
     let mut buf = PageBuf::new(size)?;
     buf.fill(b'p');
     let pages = buf.freeze();

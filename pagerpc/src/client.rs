@@ -23,6 +23,7 @@ use pagerpc_receiver::{Frame, Receiver, RecvConfig, RecvError};
 use pagerpc_sender::{SendConfig, SendErrorKind, Sender};
 
 use crate::error::CallError;
+use crate::segments::SegmentAlign;
 use crate::sys;
 
 /// Client settings.
@@ -38,6 +39,19 @@ pub struct ClientConfig {
     pub default_timeout: Option<Duration>,
     /// How long `connect` may take. Default 10 s.
     pub connect_timeout: Duration,
+    /// TCP segment sizing (page-aligned segments on loopback by default).
+    pub segments: SegmentAlign,
+}
+
+impl ClientConfig {
+    /// Settings for zero-copy both ways: `MSG_ZEROCOPY` sends and
+    /// `TCP_ZEROCOPY_RECEIVE` receives.
+    pub fn zerocopy() -> ClientConfig {
+        let mut c = ClientConfig::default();
+        c.send.zerocopy = true;
+        c.recv.backend = pagerpc_receiver::Backend::ZeroCopy;
+        c
+    }
 }
 
 impl Default for ClientConfig {
@@ -48,6 +62,7 @@ impl Default for ClientConfig {
             recv: RecvConfig::default(),
             default_timeout: None,
             connect_timeout: Duration::from_secs(10),
+            segments: SegmentAlign::Auto,
         }
     }
 }
@@ -141,7 +156,7 @@ impl Client {
     pub fn connect_with(addr: impl ToSocketAddrs, cfg: ClientConfig) -> std::io::Result<Client> {
         let mut last = None;
         for a in addr.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&a, cfg.connect_timeout) {
+            match sys::connect_with_mss(&a, cfg.segments.mss_for(&a), cfg.connect_timeout) {
                 Ok(s) => return Client::from_stream(s, cfg),
                 Err(e) => last = Some(e),
             }
@@ -178,6 +193,29 @@ impl Client {
     /// The server's address.
     pub fn peer_addr(&self) -> SocketAddr {
         self.shared.peer
+    }
+
+    /// The MSS the connection uses (`TCP_MAXSEG`).
+    ///
+    /// # Errors
+    /// If the socket cannot be queried.
+    pub fn mss(&self) -> std::io::Result<u32> {
+        sys::current_mss(self.shared.fd.as_fd())
+    }
+
+    /// Zero-copy send statistics of this connection.
+    pub fn zerocopy_send_stats(&self) -> pagerpc_sender::ZcSendStats {
+        self.shared.sender.lock().zerocopy_stats()
+    }
+
+    /// Whether zero-copy receive is on for this connection, and if it was
+    /// configured but given up, why.
+    pub fn zerocopy_receive(&self) -> (bool, Option<String>) {
+        let rx = self.shared.receiver.lock();
+        (
+            rx.zerocopy_active(),
+            rx.zerocopy_off_reason().map(str::to_owned),
+        )
     }
 
     /// This connection's transfer counters.

@@ -26,17 +26,19 @@
 
 mod client;
 mod error;
+mod segments;
 mod server;
 mod sys;
 
 pub use client::{CallOptions, Client, ClientConfig, PendingCall, Response};
 pub use error::CallError;
+pub use segments::SegmentAlign;
 pub use server::{Context, Reply, Server, ServerBuilder, ServerConfig};
 
 pub use pagerpc_core::{Code, CodecError, Counters, CountersSnapshot, Limits, Status};
 pub use pagerpc_pages::{Origin, PageBuf, Pages, Payload};
 pub use pagerpc_receiver::{Backend, Frame, RecvConfig, RecvError};
-pub use pagerpc_sender::{SendConfig, SendError};
+pub use pagerpc_sender::{SendConfig, SendError, ZcSendStats};
 
 /// The prost crate, for encoding request and response messages.
 pub use prost;

@@ -38,6 +38,7 @@ use pagerpc_pages::{Pages, Payload};
 use pagerpc_receiver::{Frame, Receiver, RecvConfig, RecvError};
 use pagerpc_sender::{OutFrame, SendConfig, Sender};
 
+use crate::segments::SegmentAlign;
 use crate::sys::{self, Poller, Signal, CONN_FLAGS, EVENT_FLAGS, LISTEN_FLAGS};
 
 const TOKEN_LISTENER: u64 = 0;
@@ -67,6 +68,20 @@ pub struct ServerConfig {
     /// Each connection holds its read buffer (`recv.read_buf`, 64 KiB by
     /// default) plus the payloads it is receiving.
     pub max_connections: usize,
+    /// TCP segment sizing, applied to the listener (page-aligned segments
+    /// when bound to loopback, by default).
+    pub segments: SegmentAlign,
+}
+
+impl ServerConfig {
+    /// Settings for zero-copy both ways: `TCP_ZEROCOPY_RECEIVE` receives
+    /// and `MSG_ZEROCOPY` sends.
+    pub fn zerocopy() -> ServerConfig {
+        let mut c = ServerConfig::default();
+        c.send.zerocopy = true;
+        c.recv.backend = pagerpc_receiver::Backend::ZeroCopy;
+        c
+    }
 }
 
 impl Default for ServerConfig {
@@ -77,6 +92,7 @@ impl Default for ServerConfig {
             recv: RecvConfig::default(),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
             max_connections: 1024,
+            segments: SegmentAlign::Auto,
         }
     }
 }
@@ -198,8 +214,14 @@ impl ServerBuilder {
     /// # Errors
     /// When the address cannot be bound or the pool cannot start.
     pub fn bind(self, addr: impl ToSocketAddrs) -> io::Result<Server> {
-        let listener = TcpListener::bind(addr)?;
-        self.serve(listener)
+        let mut last = None;
+        for a in addr.to_socket_addrs()? {
+            match sys::listen_with_mss(&a, self.cfg.segments.mss_for(&a)) {
+                Ok(l) => return self.serve(l),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("address resolved to nothing")))
     }
 
     /// Serves on an already bound listener.

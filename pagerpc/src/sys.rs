@@ -8,7 +8,14 @@ use std::time::Duration;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{shutdown as nix_shutdown, Shutdown};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    bind, connect, getsockopt, listen, setsockopt, shutdown as nix_shutdown, socket, sockopt,
+    AddressFamily, Backlog, Shutdown, SockFlag, SockType, SockaddrStorage,
+};
 
 fn io_err(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
@@ -118,4 +125,71 @@ impl Signal {
     pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// Whether the kernel adds the 12-byte TCP timestamp option to segments.
+pub(crate) fn tcp_timestamps_on() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_timestamps")
+        .map(|v| v.trim() != "0")
+        .unwrap_or(true)
+}
+
+fn new_socket(addr: &SocketAddr, mss: Option<u32>) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(io_err)?;
+    if let Some(mss) = mss {
+        // Must be set before the handshake: it clamps the MSS both ends use.
+        setsockopt(&fd, sockopt::TcpMaxSeg, &mss).map_err(io_err)?;
+    }
+    Ok(fd)
+}
+
+/// Connects a TCP socket to `addr`, setting `TCP_MAXSEG` first if asked,
+/// within `timeout`.
+pub(crate) fn connect_with_mss(
+    addr: &SocketAddr,
+    mss: Option<u32>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let fd = new_socket(addr, mss)?;
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(true)?;
+    let sa = SockaddrStorage::from(*addr);
+    match connect(stream.as_raw_fd(), &sa) {
+        Ok(()) => {}
+        Err(nix::Error::EINPROGRESS) => {
+            let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+            let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32)
+                .unwrap_or(PollTimeout::MAX);
+            if poll(&mut fds, ms).map_err(io_err)? == 0 {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+            }
+            let err = getsockopt(&stream, sockopt::SocketError).map_err(io_err)?;
+            if err != 0 {
+                return Err(io::Error::from_raw_os_error(err));
+            }
+        }
+        Err(e) => return Err(io_err(e)),
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Binds and listens on `addr`, setting `TCP_MAXSEG` first if asked (every
+/// accepted connection inherits it).
+pub(crate) fn listen_with_mss(addr: &SocketAddr, mss: Option<u32>) -> io::Result<TcpListener> {
+    let fd = new_socket(addr, mss)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(io_err)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(*addr)).map_err(io_err)?;
+    listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN)).map_err(io_err)?;
+    Ok(TcpListener::from(fd))
+}
+
+/// The MSS a connected socket uses (`TCP_MAXSEG`).
+pub(crate) fn current_mss(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    getsockopt(&fd, sockopt::TcpMaxSeg).map_err(io_err)
 }

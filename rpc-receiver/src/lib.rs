@@ -9,11 +9,22 @@
 //! payload.
 //!
 //! Backends (see [`Backend`]):
-//! - **copy**: the payload is read into freshly allocated page-aligned
-//!   memory (an anonymous mapping for large payloads). Always available.
+//! - **copy**: the payload is read into page-aligned memory (an anonymous
+//!   mapping for large payloads). Always available.
+//! - **zero-copy** (`TCP_ZEROCOPY_RECEIVE`, Linux 4.18+): each payload's
+//!   whole pages are mapped from the socket's receive queue into a mapping
+//!   made on the socket; only what the kernel cannot map (its
+//!   `recv_skip_hint`) and the payload's tail (`len % 4096`) are copied. The
+//!   receiver waits with `SO_RCVLOWAT` and poll, and never `read()`s while
+//!   nothing is mappable. If the kernel or the socket cannot do it, the
+//!   connection falls back to copy without losing, duplicating or
+//!   reordering a byte.
 //!
-//! The zero-copy backends plug in behind the same seam, so callers do not
-//! change when a connection maps instead of copies.
+//! Both hand out the same [`Pages`], so callers do not change when a
+//! connection maps instead of copies. A mapped [`Pages`] holds the socket's
+//! file open until it is dropped (that is how the kernel keeps the pages
+//! valid): keeping payloads keeps their connections' sockets allocated
+//! even after the connection is closed.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod sys;
@@ -31,9 +42,14 @@ pub use pagerpc_pages::{Origin, PageBuf, Pages};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Backend {
-    /// Copy every payload into fresh page-aligned memory.
+    /// Copy every payload into page-aligned memory.
     #[default]
     Copy,
+    /// Map payload pages with `TCP_ZEROCOPY_RECEIVE`, falling back to copy
+    /// for what cannot be mapped. Prefixes and headers are then read with
+    /// exact-length reads, so that no payload byte is pulled into the
+    /// read buffer.
+    ZeroCopy,
 }
 
 /// How a [`Receiver`] reads.
@@ -49,6 +65,10 @@ pub struct RecvConfig {
     /// # Memory cost
     /// One buffer of this size per connection, for the connection's life.
     pub read_buf: usize,
+    /// Pass `TCP_RECEIVE_ZEROCOPY_FLAG_TLB_CLEAN_HINT` (Linux 5.11+) so the
+    /// kernel batches TLB flushes when it replaces mapped pages. Default on;
+    /// see `docs/zero-copy.md` for the measurements.
+    pub zc_tlb_clean_hint: bool,
 }
 
 impl Default for RecvConfig {
@@ -57,6 +77,7 @@ impl Default for RecvConfig {
             limits: Limits::default(),
             backend: Backend::Copy,
             read_buf: 64 * 1024,
+            zc_tlb_clean_hint: true,
         }
     }
 }
@@ -113,11 +134,31 @@ enum Step {
     Blocked,
 }
 
+/// Where a payload's bytes go.
+enum Sink {
+    /// Copied into page-aligned memory.
+    Buf(PageBuf),
+    /// Mapped from the socket where possible, copied into the region's
+    /// writable part otherwise.
+    Zc(sys::SockRegion),
+}
+
 /// A payload being filled.
 struct Partial {
     head: FrameHead,
-    dest: PageBuf,
+    sink: Sink,
     filled: usize,
+    /// Why bytes of this payload before its tail are copied, once the
+    /// zero-copy backend gave up on it.
+    copy_reason: CopyReason,
+}
+
+/// Zero-copy receive state of one connection.
+#[derive(Debug)]
+struct ZcState {
+    /// Index into `sys::ZC_STRUCT_LENS` of the struct size the kernel takes.
+    struct_idx: usize,
+    flags: u32,
 }
 
 /// The receive half of a connection.
@@ -143,6 +184,10 @@ pub struct Receiver {
     /// The stream error that ended this connection; every later call
     /// returns it again.
     dead: Option<CodecError>,
+    /// Zero-copy receive, while it is on for this connection.
+    zc: Option<ZcState>,
+    /// Why zero-copy receive was switched off for this connection.
+    zc_off: Option<String>,
 }
 
 /// Most `SO_RCVLOWAT` is set to while waiting for a payload.
@@ -165,7 +210,6 @@ impl Receiver {
         Receiver {
             decoder: FrameDecoder::new(cfg.limits),
             fd,
-            cfg,
             buf,
             start: 0,
             end: 0,
@@ -175,12 +219,33 @@ impl Receiver {
             lowat: 1,
             block: false,
             dead: None,
+            zc: (cfg.backend == Backend::ZeroCopy).then_some(ZcState {
+                struct_idx: 0,
+                flags: if cfg.zc_tlb_clean_hint {
+                    sys::ZC_FLAG_TLB_CLEAN_HINT
+                } else {
+                    0
+                },
+            }),
+            zc_off: None,
+            cfg,
         }
     }
 
-    /// The backend in use.
+    /// The backend configured.
     pub fn backend(&self) -> Backend {
         self.cfg.backend
+    }
+
+    /// Whether zero-copy receive is on for this connection right now.
+    pub fn zerocopy_active(&self) -> bool {
+        self.zc.is_some()
+    }
+
+    /// Why zero-copy receive was switched off for this connection, if it
+    /// was configured and then given up.
+    pub fn zerocopy_off_reason(&self) -> Option<&str> {
+        self.zc_off.as_deref()
     }
 
     /// This connection's counters.
@@ -318,27 +383,66 @@ impl Receiver {
                 got: len,
             })
         })?;
-        // Every byte is written before the payload is delivered.
-        let dest = PageBuf::for_overwrite(len).map_err(RecvError::Io)?;
+        let sink = self.new_sink(&head, len)?;
         self.partial = Some(Partial {
             head,
-            dest,
+            sink,
             filled: 0,
+            copy_reason: if self.zc.is_some() {
+                CopyReason::PayloadTail
+            } else {
+                CopyReason::BackendOff
+            },
         });
         Ok(Step::Progress)
     }
 
-    /// Moves payload bytes into the partial payload: first from the buffer,
-    /// then from the socket. Returns the frame once it is complete.
+    /// Chooses where a payload of `len` bytes goes.
+    fn new_sink(&mut self, head: &FrameHead, len: usize) -> Result<Sink, RecvError> {
+        if self.zc.is_some() && !head.inline_payload() && len >= pagerpc_core::PAGE_SIZE {
+            match sys::SockRegion::new(self.fd.as_fd(), len) {
+                Ok(r) => return Ok(Sink::Zc(r)),
+                // The socket cannot be mapped (no zero-copy support here):
+                // copy from now on.
+                Err(e) => self.zc_disable(format!("mmap() on the socket failed: {e}")),
+            }
+        }
+        // Every byte is written before the payload is delivered.
+        Ok(Sink::Buf(
+            PageBuf::for_overwrite(len).map_err(RecvError::Io)?,
+        ))
+    }
+
+    fn zc_disable(&mut self, why: String) {
+        self.zc = None;
+        self.zc_off.get_or_insert(why);
+    }
+
+    /// Moves payload bytes into the partial payload: mapped from the socket
+    /// where possible, otherwise copied from the buffer or the socket.
+    /// Returns the frame once it is complete.
     fn step_payload(&mut self, remaining: u64) -> Result<Step, RecvError> {
         let rem = usize::try_from(remaining).unwrap_or(usize::MAX);
+        let Some(p) = self.partial.as_mut() else {
+            // Unreachable: the decoder enters the payload state only through
+            // step_meta, which creates the partial payload.
+            return Err(RecvError::Io(io::Error::other(
+                "payload state without a destination",
+            )));
+        };
+        if let Sink::Zc(region) = &mut p.sink {
+            if p.filled < region.socket_end() {
+                return self.step_zerocopy();
+            }
+        }
         let buffered = self.end - self.start;
         if buffered == 0 {
             if self.drained && !self.block {
                 return Ok(Step::Blocked);
             }
-            if rem < self.buf.len() / 2 {
-                // A small remainder: read it (and what follows) into the buffer.
+            if rem < self.buf.len() / 2 && matches!(p.sink, Sink::Buf(_)) {
+                // A small remainder: read it (and, with the copy backend,
+                // what follows) into the buffer.
                 return Ok(if self.fill_buf(rem)? {
                     Step::Progress
                 } else {
@@ -350,24 +454,20 @@ impl Receiver {
             }
         }
         let Some(p) = self.partial.as_mut() else {
-            // Unreachable: the decoder enters the payload state only through
-            // step_meta, which creates the partial payload.
-            return Err(RecvError::Io(io::Error::other(
-                "payload state without a destination",
-            )));
+            return Ok(Step::Blocked);
+        };
+        let dest: &mut [u8] = match &mut p.sink {
+            Sink::Buf(b) => &mut b[p.filled..p.filled + rem],
+            Sink::Zc(r) => r.writable(p.filled, rem),
         };
         let n = if buffered > 0 {
             let n = rem.min(buffered);
-            p.dest[p.filled..p.filled + n].copy_from_slice(&self.buf[self.start..self.start + n]);
+            dest[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
             self.start += n;
             n
         } else {
-            // A large remainder: read straight into the payload's pages.
-            match sys::recv(
-                self.fd.as_fd(),
-                &mut p.dest[p.filled..p.filled + rem],
-                self.block,
-            ) {
+            // Read straight into the payload's pages.
+            match sys::recv(self.fd.as_fd(), dest, self.block) {
                 Ok(0) => return Err(self.eof()),
                 Ok(n) => {
                     self.drained = n < rem;
@@ -377,8 +477,38 @@ impl Receiver {
                 Err(e) => return Err(RecvError::Io(e)),
             }
         };
+        self.copied(n);
+        self.payload_progress(n)
+    }
+
+    /// Counts `n` bytes copied at the current position of the partial
+    /// payload, splitting off those that belong to its tail.
+    fn copied(&self, n: usize) {
+        let Some(p) = self.partial.as_ref() else {
+            return;
+        };
+        let len = p.head.payload_len() as usize;
+        let tail_start = if p.copy_reason == CopyReason::BackendOff {
+            len
+        } else {
+            len & !(pagerpc_core::PAGE_SIZE - 1)
+        };
+        let body = tail_start.saturating_sub(p.filled).min(n);
+        if body > 0 {
+            self.counters.copied(p.copy_reason, body as u64);
+        }
+        if n > body {
+            self.counters
+                .copied(CopyReason::PayloadTail, (n - body) as u64);
+        }
+    }
+
+    /// Records `n` more payload bytes placed; delivers the frame when done.
+    fn payload_progress(&mut self, n: usize) -> Result<Step, RecvError> {
+        let Some(p) = self.partial.as_mut() else {
+            return Ok(Step::Progress);
+        };
         p.filled += n;
-        self.counters.copied(CopyReason::BackendOff, n as u64);
         if !self.decoder.payload_received(n as u64) {
             return Ok(Step::Progress);
         }
@@ -386,18 +516,77 @@ impl Receiver {
             return Ok(Step::Progress);
         };
         self.counters.frame_received(p.filled as u64);
+        let payload = match p.sink {
+            Sink::Buf(b) => b.freeze(),
+            Sink::Zc(r) => r.into_pages(p.filled),
+        };
         Ok(Step::Frame(Frame {
             head: p.head,
-            payload: p.dest.freeze(),
+            payload,
         }))
     }
 
+    /// One `TCP_ZEROCOPY_RECEIVE` step inside the whole-page part of a
+    /// payload.
+    fn step_zerocopy(&mut self) -> Result<Step, RecvError> {
+        let fd = self.fd.clone();
+        let Some(p) = self.partial.as_mut() else {
+            return Ok(Step::Blocked);
+        };
+        let Sink::Zc(region) = &mut p.sink else {
+            return Ok(Step::Blocked);
+        };
+        let Some(zc) = self.zc.as_mut() else {
+            // Switched off mid-payload: copy the rest.
+            region.make_writable_from(p.filled).map_err(RecvError::Io)?;
+            p.copy_reason = CopyReason::BackendOff;
+            return Ok(Step::Progress);
+        };
+        let want = region.socket_end() - p.filled;
+        let struct_len = sys::ZC_STRUCT_LENS[zc.struct_idx];
+        match region.zerocopy(fd.as_fd(), p.filled, want, zc.flags, struct_len) {
+            Ok(out) if out.mapped > 0 => {
+                self.counters.mapped(out.mapped as u64);
+                self.payload_progress(out.mapped)
+            }
+            Ok(out) if out.skip > 0 => {
+                // The kernel cannot map what is at the head of the queue
+                // (a segment that is not whole, aligned pages; or fewer than
+                // a page queued on a closing connection). Copy the rest of
+                // this payload: after an odd-sized segment its data is no
+                // longer page-aligned relative to the payload.
+                p.copy_reason = if out.inq > 0 && out.inq < pagerpc_core::PAGE_SIZE {
+                    CopyReason::NotQueued
+                } else {
+                    CopyReason::Unmappable
+                };
+                region.make_writable_from(p.filled).map_err(RecvError::Io)?;
+                Ok(Step::Progress)
+            }
+            // Nothing queued yet: wait (SO_RCVLOWAT + poll), never read().
+            Ok(_) => Ok(Step::Blocked),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(Step::Blocked),
+                Some(libc::EIO) => Err(self.eof()),
+                Some(libc::EINVAL) if zc.struct_idx + 1 < sys::ZC_STRUCT_LENS.len() => {
+                    // An older kernel: try the next shorter struct.
+                    zc.struct_idx += 1;
+                    Ok(Step::Progress)
+                }
+                Some(libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT) => Err(RecvError::Io(e)),
+                _ => {
+                    self.zc_disable(format!("TCP_ZEROCOPY_RECEIVE failed: {e}"));
+                    Ok(Step::Progress)
+                }
+            },
+        }
+    }
+
     /// Reads into the (compacted) buffer. With the copy backend it reads as
-    /// much as fits; `_exact` is the number of bytes the decoder knows are
-    /// part of the current section, which zero-copy backends read exactly
-    /// so as never to pull a mappable payload into the buffer.
-    /// Returns `false` if the socket had nothing.
-    fn fill_buf(&mut self, _exact: usize) -> Result<bool, RecvError> {
+    /// much as fits; with zero-copy it reads exactly `want` bytes at most
+    /// (the rest of the current section), so as never to pull a mappable
+    /// payload into the buffer. Returns `false` if the socket had nothing.
+    fn fill_buf(&mut self, want: usize) -> Result<bool, RecvError> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -406,7 +595,14 @@ impl Receiver {
             self.end -= self.start;
             self.start = 0;
         }
+        let exact = self.cfg.backend == Backend::ZeroCopy;
         let room = &mut self.buf[self.end..];
+        let room = if exact {
+            let n = want.clamp(1, room.len());
+            &mut room[..n]
+        } else {
+            room
+        };
         let asked = room.len();
         match sys::recv(self.fd.as_fd(), room, self.block) {
             Ok(0) => Err(self.eof()),

@@ -70,3 +70,240 @@ pub(crate) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// `struct tcp_zerocopy_receive` from `<linux/tcp.h>` (Linux 5.11+ layout).
+/// Older kernels accept a prefix of it; see [`ZC_STRUCT_LENS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct TcpZerocopyReceive {
+    address: u64,
+    length: u32,
+    recv_skip_hint: u32,
+    inq: u32,
+    err: i32,
+    copybuf_address: u64,
+    copybuf_len: i32,
+    flags: u32,
+    msg_control: u64,
+    msg_controllen: u64,
+    msg_flags: u32,
+    reserved: u32,
+}
+
+/// `TCP_ZEROCOPY_RECEIVE` (Linux 4.18+).
+const TCP_ZEROCOPY_RECEIVE: libc::c_int = 35;
+/// `TCP_RECEIVE_ZEROCOPY_FLAG_TLB_CLEAN_HINT` (Linux 5.11+).
+pub(crate) const ZC_FLAG_TLB_CLEAN_HINT: u32 = 0x1;
+
+/// The struct sizes kernels have accepted, newest first: 5.11+ (64), 5.10
+/// (40: copybuf and flags), 5.9 (24: err), 5.4 (20: inq), 4.18 (16).
+pub(crate) const ZC_STRUCT_LENS: [usize; 5] = [64, 40, 24, 20, 16];
+
+/// What one `TCP_ZEROCOPY_RECEIVE` call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ZcOut {
+    /// Bytes mapped (whole pages).
+    pub(crate) mapped: usize,
+    /// Bytes at the head of the queue the kernel could not map; read them.
+    pub(crate) skip: usize,
+    /// Bytes left in the receive queue (0 if the kernel is too old to say).
+    pub(crate) inq: usize,
+}
+
+/// A payload region: pages `[0, socket_end)` are a mapping of the socket
+/// (read-only; `TCP_ZEROCOPY_RECEIVE` maps received pages there), pages
+/// `[socket_end, map_len)` are anonymous, writable memory that copied bytes
+/// go into. Unmapped on drop unless turned into `Pages`.
+#[derive(Debug)]
+pub(crate) struct SockRegion {
+    ptr: std::ptr::NonNull<u8>,
+    map_len: usize,
+    socket_end: usize,
+}
+
+// SAFETY: the region exclusively owns its mappings; moving it between
+// threads moves that ownership.
+unsafe impl Send for SockRegion {}
+
+impl SockRegion {
+    /// A region for a payload of `len` bytes: its whole pages map the
+    /// socket, its last partial page (if any) is anonymous.
+    pub(crate) fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<SockRegion> {
+        let map_len = pagerpc_core::page_round_up(len);
+        let aligned = len & !(pagerpc_core::PAGE_SIZE - 1);
+        if map_len == 0 || aligned == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no whole page to map",
+            ));
+        }
+        let base = if aligned == map_len {
+            // SAFETY: a fresh shared read-only mapping of the socket with no
+            // address hint touches no existing memory.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    map_len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            }
+        } else {
+            // Reserve the whole range as anonymous memory first, so the
+            // socket mapping below replaces only our own pages.
+            // SAFETY: a fresh anonymous mapping with no address hint.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    map_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: [p, p+aligned) lies inside the reservation we just
+            // made and own; MAP_FIXED replaces only those pages.
+            let q = unsafe {
+                libc::mmap(
+                    p,
+                    aligned,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if q == libc::MAP_FAILED {
+                let e = io::Error::last_os_error();
+                // SAFETY: the reservation is ours and nothing refers to it.
+                unsafe { libc::munmap(p, map_len) };
+                return Err(e);
+            }
+            p
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(base.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(SockRegion {
+            ptr,
+            map_len,
+            socket_end: aligned,
+        })
+    }
+
+    /// Maps up to `len` received bytes at `offset` (page-aligned, inside the
+    /// socket part) with `TCP_ZEROCOPY_RECEIVE`. `struct_len` is the struct
+    /// size to pass; the caller steps down [`ZC_STRUCT_LENS`] on `EINVAL`.
+    pub(crate) fn zerocopy(
+        &self,
+        fd: BorrowedFd<'_>,
+        offset: usize,
+        len: usize,
+        flags: u32,
+        struct_len: usize,
+    ) -> io::Result<ZcOut> {
+        assert!(offset.is_multiple_of(pagerpc_core::PAGE_SIZE) && offset + len <= self.socket_end);
+        let mut zc = TcpZerocopyReceive {
+            address: self.ptr.as_ptr() as u64 + offset as u64,
+            length: u32::try_from(len).unwrap_or(!0xfff),
+            flags: if struct_len >= 40 { flags } else { 0 },
+            ..Default::default()
+        };
+        let mut optlen =
+            struct_len.min(std::mem::size_of::<TcpZerocopyReceive>()) as libc::socklen_t;
+        // SAFETY: `zc` is a valid, writable struct of at least `optlen`
+        // bytes; the kernel maps pages only inside our socket mapping
+        // (checked above), which this region owns.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                TCP_ZEROCOPY_RECEIVE,
+                (&mut zc as *mut TcpZerocopyReceive).cast(),
+                &mut optlen,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if struct_len >= 24 && zc.err != 0 {
+            return Err(io::Error::from_raw_os_error(-zc.err.min(-1)));
+        }
+        Ok(ZcOut {
+            mapped: zc.length as usize,
+            skip: zc.recv_skip_hint as usize,
+            inq: if struct_len >= 20 { zc.inq as usize } else { 0 },
+        })
+    }
+
+    /// Turns the socket part from `offset` (page-aligned) on into anonymous
+    /// writable memory, so the rest of the payload can be copied in.
+    pub(crate) fn make_writable_from(&mut self, offset: usize) -> io::Result<()> {
+        assert!(offset.is_multiple_of(pagerpc_core::PAGE_SIZE));
+        if offset >= self.socket_end {
+            return Ok(());
+        }
+        // SAFETY: [ptr+offset, ptr+socket_end) lies inside our own mapping;
+        // MAP_FIXED replaces exactly those pages and nothing else refers to
+        // them (no Pages has been handed out for this region yet).
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().add(offset).cast(),
+                self.socket_end - offset,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.socket_end = offset;
+        Ok(())
+    }
+
+    /// Where the socket part ends (from here on the region is writable).
+    pub(crate) fn socket_end(&self) -> usize {
+        self.socket_end
+    }
+
+    /// The writable bytes `[offset, offset+len)`; `offset >= socket_end()`.
+    pub(crate) fn writable(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset >= self.socket_end && offset + len <= self.map_len);
+        // SAFETY: the range is inside the anonymous, writable part of a
+        // mapping this region owns exclusively (`&mut self`).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) }
+    }
+
+    /// Hands the region to a `Pages` of `len` bytes.
+    pub(crate) fn into_pages(self, len: usize) -> pagerpc_pages::Pages {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: the region is a mapping of `map_len` bytes that this value
+        // owned exclusively; ManuallyDrop hands that ownership to Pages,
+        // which unmaps it once. Every byte below `len` was mapped or written.
+        unsafe {
+            pagerpc_pages::Pages::from_mapping(
+                me.ptr,
+                len,
+                me.map_len,
+                pagerpc_pages::Origin::Socket,
+            )
+        }
+    }
+}
+
+impl Drop for SockRegion {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping and nothing refers to it any more.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}

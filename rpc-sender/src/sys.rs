@@ -53,3 +53,119 @@ pub(crate) fn wait_writable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io
 
 /// `MSG_EOR`: ends a part, so the next bytes start a new TCP segment.
 pub(crate) const MSG_EOR: i32 = libc::MSG_EOR;
+
+/// `MSG_ZEROCOPY`: send from the caller's pages; completion is reported on
+/// the socket's error queue.
+pub(crate) const MSG_ZEROCOPY: i32 = libc::MSG_ZEROCOPY;
+/// `SO_ZEROCOPY` (asm-generic value).
+const SO_ZEROCOPY: libc::c_int = 60;
+/// `SO_EE_ORIGIN_ZEROCOPY`.
+const SO_EE_ORIGIN_ZEROCOPY: u8 = 5;
+/// `SO_EE_CODE_ZEROCOPY_COPIED`: the kernel copied the data after all.
+const SO_EE_CODE_ZEROCOPY_COPIED: u8 = 1;
+
+/// Enables `MSG_ZEROCOPY` sends on a socket.
+pub(crate) fn enable_zerocopy(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: the option value is a valid c_int of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ZEROCOPY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One zero-copy completion notification: ids `lo..=hi` are done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Completion {
+    pub(crate) lo: u32,
+    pub(crate) hi: u32,
+    pub(crate) copied: bool,
+}
+
+/// Reads every zero-copy completion queued on the socket's error queue,
+/// without blocking.
+pub(crate) fn read_completions(fd: BorrowedFd<'_>, out: &mut Vec<Completion>) -> io::Result<()> {
+    loop {
+        // Room for a few cmsgs; each holds one sock_extended_err.
+        let mut control = [0u64; 64];
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: msg points at `control`, which outlives the call and is
+        // writable for msg_controllen bytes; no data iovecs are given.
+        let rc = unsafe {
+            libc::recvmsg(
+                fd.as_raw_fd(),
+                &mut msg,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(()),
+                io::ErrorKind::Interrupted => continue,
+                _ => Err(e),
+            };
+        }
+        // SAFETY: the kernel filled msg_control with msg_controllen bytes of
+        // well-formed cmsgs; CMSG_FIRSTHDR/NXTHDR stay inside them.
+        let mut cm = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !cm.is_null() {
+            // SAFETY: `cm` points at a cmsghdr inside `control`.
+            let hdr = unsafe { &*cm };
+            let is_err = (hdr.cmsg_level == libc::SOL_IP && hdr.cmsg_type == libc::IP_RECVERR)
+                || (hdr.cmsg_level == libc::SOL_IPV6 && hdr.cmsg_type == libc::IPV6_RECVERR);
+            let need = std::mem::size_of::<libc::sock_extended_err>();
+            // SAFETY: CMSG_LEN is pure arithmetic.
+            let full = unsafe { libc::CMSG_LEN(need as u32) } as usize;
+            if is_err && hdr.cmsg_len as usize >= full {
+                // SAFETY: the cmsg is long enough to hold a
+                // sock_extended_err (checked above); read it unaligned.
+                let ee: libc::sock_extended_err =
+                    unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cm).cast()) };
+                if ee.ee_origin == SO_EE_ORIGIN_ZEROCOPY && ee.ee_errno == 0 {
+                    out.push(Completion {
+                        lo: ee.ee_info,
+                        hi: ee.ee_data,
+                        copied: ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED != 0,
+                    });
+                }
+            }
+            // SAFETY: as for CMSG_FIRSTHDR.
+            cm = unsafe { libc::CMSG_NXTHDR(&msg, cm) };
+        }
+    }
+}
+
+/// Waits until the socket's error queue has something (POLLERR) or
+/// `timeout` passes. Returns `false` on timeout.
+pub(crate) fn wait_errqueue(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0, // POLLERR is always reported
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, count 1.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(true);
+        }
+        return Err(e);
+    }
+    Ok(rc > 0)
+}
