@@ -458,11 +458,14 @@ impl Shared {
                 self.read_until(id, deadline);
                 st = self.state.lock();
                 st.reader_active = false;
-                // Hand the reader role to another blocked caller.
-                if let Some(other) = st
+                // Hand the reader role on: wake every blocked caller, and the
+                // first to run takes it. Waking just one is not enough: it
+                // may be giving up at this very moment (its deadline passed)
+                // and would leave the others with nobody reading.
+                for other in st
                     .pending
                     .values()
-                    .find(|s| s.waiting && s.result.is_none())
+                    .filter(|s| s.waiting && s.result.is_none())
                 {
                     other.cv.notify_one();
                 }

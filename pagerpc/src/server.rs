@@ -342,14 +342,19 @@ impl Server {
         }
         let clean = *n == 0;
         drop(n);
+        // Cancel what is still running and close every connection before
+        // joining the pool: a handler that honours is_cancelled() then
+        // returns, and its caller sees the connection close.
+        let conns: Vec<_> = s.conns.lock().drain().map(|(_, c)| c).collect();
+        for c in &conns {
+            c.closed.store(true, Ordering::SeqCst);
+            s.poller.delete(c.fd.as_fd());
+            c.cancel_all();
+            sys::shutdown(c.fd.as_fd());
+        }
         s.stop_signal.raise();
         for t in self.threads.drain(..) {
             let _ = t.join();
-        }
-        let conns: Vec<_> = s.conns.lock().drain().map(|(_, c)| c).collect();
-        for c in conns {
-            c.cancel_all();
-            sys::shutdown(c.fd.as_fd());
         }
         clean
     }
@@ -447,7 +452,13 @@ impl Shared {
                 TOKEN_LISTENER => self.accept_all(),
                 TOKEN_JOBS => {
                     self.jobs_signal.clear();
+                    // Take one job at a time, and wake another idle thread
+                    // while more are queued, so one blocking handler never
+                    // holds up the jobs behind it.
                     while let Ok(job) = self.jobs_rx.try_recv() {
+                        if !self.jobs_rx.is_empty() {
+                            self.jobs_signal.raise();
+                        }
                         self.run_job(job);
                     }
                 }

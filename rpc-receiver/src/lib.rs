@@ -360,6 +360,12 @@ impl Receiver {
     /// Feeds prefix/header bytes (reading more if none are buffered) and
     /// starts a payload when a head completes.
     fn step_meta(&mut self, want: usize) -> Result<Step, RecvError> {
+        if self.block {
+            // A blocking recv honours SO_RCVLOWAT: make sure the mark left
+            // by a previous payload does not make it wait for bytes that are
+            // not coming.
+            self.wait_lowat();
+        }
         if self.start == self.end && ((self.drained && !self.block) || !self.fill_buf(want)?) {
             return Ok(Step::Blocked);
         }

@@ -251,3 +251,36 @@ fn a_refused_send_hands_the_payload_back_and_writes_nothing() {
     tx.send(&req(2), Payload::Empty).unwrap();
     assert_eq!(rx.recv_frame(deadline()).unwrap().head.call_id(), 2);
 }
+
+/// A blocking receive of a small frame right after a large payload must not
+/// wait for the low-water mark the payload set.
+#[test]
+fn small_frame_after_large_payload_with_blocking_reads() {
+    let (a, b) = pair();
+    let mut tx = sender(a);
+    // A blocking socket, so recv_frame(None) sleeps in recv itself.
+    let mut rx = Receiver::new(
+        Arc::new(OwnedFd::from(b)),
+        RecvConfig::default(),
+        Arc::new(Counters::new()),
+    );
+    let t = std::thread::spawn(move || {
+        tx.send(&req(1), Payload::Vec(pattern(3 << 20, 1))).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        tx.send(&req(2), Payload::Vec(pattern(10, 2))).unwrap();
+        tx
+    });
+    assert_eq!(rx.recv_frame(None).unwrap().payload.len(), 3 << 20);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let f = rx.recv_frame(None).map(|f| f.head.call_id());
+        let _ = done_tx.send(());
+        f
+    });
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the small frame after a large payload never arrived"
+    );
+    assert_eq!(h.join().unwrap().unwrap(), 2);
+    let _tx = t.join().unwrap();
+}
