@@ -246,6 +246,7 @@ impl ServerBuilder {
             shutting_down: AtomicBool::new(false),
             inflight: Mutex::new(0),
             drained: Condvar::new(),
+            counters: Arc::new(Counters::new()),
         });
         if let Some(l) = shared.listener.lock().as_ref() {
             shared.poller.add(l.as_fd(), TOKEN_LISTENER, LISTEN_FLAGS)?;
@@ -302,6 +303,11 @@ impl Server {
     /// Connections open now.
     pub fn connections(&self) -> usize {
         self.shared.conns.lock().len()
+    }
+
+    /// Transfer counters summed over every connection this server has had.
+    pub fn counters(&self) -> pagerpc_core::CountersSnapshot {
+        self.shared.counters.snapshot()
     }
 
     /// Calls being handled now.
@@ -382,6 +388,7 @@ struct Shared {
     shutting_down: AtomicBool,
     inflight: Mutex<usize>,
     drained: Condvar,
+    counters: Arc<Counters>,
 }
 
 struct Job {
@@ -499,7 +506,7 @@ impl Shared {
             return;
         }
         let fd = Arc::new(OwnedFd::from(stream));
-        let counters = Arc::new(Counters::new());
+        let counters = Arc::new(Counters::with_parent(self.counters.clone()));
         let mut recv_cfg = self.cfg.recv.clone();
         recv_cfg.limits = self.cfg.limits;
         let token = self.next_conn.fetch_add(1, Ordering::Relaxed);

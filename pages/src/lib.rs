@@ -135,6 +135,13 @@ impl Pages {
         self.origin
     }
 
+    /// How many handles (clones, including this one) share the region.
+    /// A sender holding a payload until the kernel is done with it shows up
+    /// here.
+    pub fn shares(&self) -> usize {
+        self.region.as_ref().map_or(1, Arc::strong_count)
+    }
+
     /// Bytes of memory this value keeps alive (the region's size).
     pub fn footprint(&self) -> usize {
         self.region.as_ref().map_or(0, |r| r.capacity())

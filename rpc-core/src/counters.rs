@@ -1,9 +1,11 @@
 //! Transfer counters, per connection and process-wide.
 //!
 //! Every receive and send half owns an `Arc<Counters>`; each update is also
-//! added to [`Counters::global`], so both views are always available.
+//! added to its parent (for example the server the connection belongs to),
+//! if it has one, and to [`Counters::global`], so every view is exact.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// Why payload bytes were copied rather than mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -37,6 +39,7 @@ pub struct Counters {
     zc_sends: AtomicU64,
     zc_send_completions: AtomicU64,
     zc_send_copied: AtomicU64,
+    parent: Option<Arc<Counters>>,
 }
 
 static GLOBAL: Counters = Counters::new();
@@ -45,6 +48,9 @@ macro_rules! both {
     ($self:ident . $field:ident += $n:expr) => {{
         let n = $n;
         $self.$field.fetch_add(n, Relaxed);
+        if let Some(p) = &$self.parent {
+            p.$field.fetch_add(n, Relaxed);
+        }
         if !std::ptr::eq($self, &GLOBAL) {
             GLOBAL.$field.fetch_add(n, Relaxed);
         }
@@ -67,6 +73,16 @@ impl Counters {
             zc_sends: AtomicU64::new(0),
             zc_send_completions: AtomicU64::new(0),
             zc_send_copied: AtomicU64::new(0),
+            parent: None,
+        }
+    }
+
+    /// All zero, adding every update to `parent` too (one level: the
+    /// parent's own parent is not updated).
+    pub fn with_parent(parent: Arc<Counters>) -> Counters {
+        Counters {
+            parent: Some(parent),
+            ..Counters::new()
         }
     }
 

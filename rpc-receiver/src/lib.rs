@@ -178,6 +178,9 @@ pub struct Receiver {
     drained: bool,
     /// The `SO_RCVLOWAT` currently set (1 = the kernel default).
     lowat: i32,
+    /// The largest mark for the current payload (a quarter of the receive
+    /// buffer), 0 until read.
+    lowat_cap: usize,
     /// Reads may block (inside [`Receiver::recv_frame`] without a deadline,
     /// on a socket in blocking mode).
     block: bool,
@@ -217,6 +220,7 @@ impl Receiver {
             counters,
             drained: false,
             lowat: 1,
+            lowat_cap: 0,
             block: false,
             dead: None,
             zc: (cfg.backend == Backend::ZeroCopy).then_some(ZcState {
@@ -348,9 +352,23 @@ impl Receiver {
     pub fn wait_lowat(&mut self) {
         let want = match self.decoder.need() {
             Need::Payload { remaining, .. } if self.start == self.end => {
-                remaining.min(MAX_LOWAT as u64) as i32
+                // Never more than a quarter of the receive buffer: a larger
+                // mark makes the kernel clamp the receive window to it, the
+                // window then closes, and the sender splits segments at the
+                // window edge, off page boundaries, which makes the rest of
+                // the payload unmappable.
+                if self.lowat_cap == 0 {
+                    self.lowat_cap =
+                        sys::rcvbuf(self.fd.as_fd()).map_or(MAX_LOWAT, |b| (b / 4).max(4096));
+                }
+                remaining.min(MAX_LOWAT.min(self.lowat_cap) as u64) as i32
             }
-            _ => 1,
+            _ => {
+                // Between payloads: re-read the (autotuned) buffer size
+                // before the next large wait.
+                self.lowat_cap = 0;
+                1
+            }
         };
         if want != self.lowat && sys::set_rcvlowat(self.fd.as_fd(), want).is_ok() {
             self.lowat = want;

@@ -307,3 +307,24 @@ impl Drop for SockRegion {
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
     }
 }
+
+/// The socket's receive buffer size (`SO_RCVBUF`), which autotuning grows.
+pub(crate) fn rcvbuf(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` is a valid, writable c_int and `len` says so.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(v.max(0) as usize)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -34,10 +34,10 @@ pub use pagerpc_pages::Payload;
 /// How a [`Sender`] writes.
 #[derive(Clone, Debug)]
 pub struct SendConfig {
-    /// Payloads of at most this many bytes are coalesced with their header
-    /// into one part (and read with it by the receiver); larger ones are
-    /// sent as their own part. Default 4096: anything smaller than a page
-    /// can never be mapped anyway. Must not exceed the peer's
+    /// Payloads smaller than this are coalesced with their header into one
+    /// part (and read with it by the receiver); the others are sent as their
+    /// own part. Default 4096: a payload smaller than a page can never be
+    /// mapped anyway, while a whole page can. Must not exceed the peer's
     /// `max_inline_payload_bytes`.
     pub inline_max: usize,
     /// How long one send may wait for room in the socket buffer before the
@@ -380,7 +380,7 @@ impl Sender {
         self.heads.clear();
         let mut spans = Vec::with_capacity(frames.len());
         for f in &frames {
-            let inline = f.payload.len() <= self.cfg.inline_max;
+            let inline = f.payload.len() < self.cfg.inline_max;
             let flags = if inline && !f.payload.is_empty() {
                 Flags::INLINE_PAYLOAD
             } else {
