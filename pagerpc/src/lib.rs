@@ -36,7 +36,7 @@ pub use segments::SegmentAlign;
 pub use server::{Context, Reply, Server, ServerBuilder, ServerConfig};
 
 pub use pagerpc_core::{Code, CodecError, Counters, CountersSnapshot, Limits, Status};
-pub use pagerpc_pages::{Origin, PageBuf, Pages, Payload};
+pub use pagerpc_pages::{cached_bytes, set_cache_limit, Origin, PageBuf, Pages, Payload};
 pub use pagerpc_receiver::{Backend, Frame, RecvConfig, RecvError};
 pub use pagerpc_sender::{SendConfig, SendError, ZcSendStats};
 

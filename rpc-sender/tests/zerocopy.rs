@@ -1,0 +1,101 @@
+//! MSG_ZEROCOPY sends keep their payload alive until the kernel's
+//! completion notification arrives, and not a moment less.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pagerpc_core::{Counters, Header, Kind};
+use pagerpc_pages::{PageBuf, Payload};
+use pagerpc_sender::{SendConfig, Sender};
+
+fn set_buf(fd: i32, opt: i32, bytes: i32) {
+    // SAFETY: a valid c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+}
+
+fn header(id: u64) -> Header {
+    Header {
+        call_id: id,
+        kind: Kind::Request as i32,
+        method: "m".into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn payload_is_held_until_its_completion_arrives() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // A small receive buffer: the receiver's window closes quickly, so later
+    // data waits in the sender's queue, still referencing the sender's pages.
+    set_buf(listener.as_raw_fd(), libc::SO_RCVBUF, 16 * 1024);
+    let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut b, _) = listener.accept().unwrap();
+    set_buf(a.as_raw_fd(), libc::SO_SNDBUF, 8 << 20);
+    a.set_nonblocking(true).unwrap();
+    let counters = Arc::new(Counters::new());
+    let cfg = SendConfig {
+        zerocopy: true,
+        ..SendConfig::default()
+    };
+    let mut tx = Sender::new(Arc::new(OwnedFd::from(a)), cfg, counters.clone());
+    assert!(tx.zerocopy_active(), "{:?}", tx.zerocopy_off_reason());
+
+    // Fill the window with copied bytes, then queue a zero-copy payload
+    // behind them.
+    let filler = vec![1u8; 1 << 20];
+    tx.send(&header(1), Payload::Vec(filler)).unwrap();
+    let mut buf = PageBuf::new(1 << 20).unwrap();
+    for (i, x) in buf.iter_mut().enumerate() {
+        *x = (i % 253) as u8;
+    }
+    let pages = buf.freeze();
+    tx.send(&header(2), Payload::Pages(pages.clone())).unwrap();
+    assert_eq!(counters.snapshot().zc_sends, 1);
+
+    // Not transmitted, so not completed: the sender must still hold it.
+    std::thread::sleep(Duration::from_millis(200));
+    tx.reap_completions().unwrap();
+    assert_eq!(tx.zerocopy_stats().pending_payloads, 1);
+    assert_eq!(pages.shares(), 2, "released before its completion arrived");
+
+    // Let the receiver drain everything: the data goes out, the completion
+    // arrives, and only then is the payload released.
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        while all.len() < (2 << 20) + 200 {
+            match b.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => all.extend_from_slice(&chunk[..n]),
+                Err(e) => panic!("{e}"),
+            }
+            if all.len() >= (2 << 20) {
+                // Both payloads and their heads are in.
+                b.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+            }
+        }
+        all
+    });
+    assert!(tx.flush_zerocopy(Duration::from_secs(10)).unwrap());
+    assert_eq!(tx.zerocopy_stats().pending_payloads, 0);
+    assert_eq!(pages.shares(), 1, "released once completed");
+    assert!(counters.snapshot().zc_send_completions >= 1);
+    drop(tx);
+    let all = reader.join().unwrap();
+    // The zero-copy payload arrived intact: it is the last 1 MiB.
+    let tail = &all[all.len() - (1 << 20)..];
+    assert!(tail.iter().enumerate().all(|(i, &x)| x == (i % 253) as u8));
+}
