@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use nix::sys::resource::{getrusage, UsageWho};
+use pagerpc::netns::NetnsPair;
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{
     CallOptions, Client, ClientConfig, Counters, PageBuf, Payload, SegmentAlign, Server,
@@ -48,6 +49,11 @@ enum Cmd {
         /// page-aligned segments on loopback (4108 with timestamps).
         #[arg(long)]
         mss: Option<u32>,
+        /// Run between two network namespaces joined by a veth pair with
+        /// MTU 4148 instead of over loopback (needs root and iproute2; the
+        /// namespaces are created and removed by the bench).
+        #[arg(long)]
+        netns: bool,
     },
     /// Sequential calls with a payload of SIZE bytes each way.
     Pingpong {
@@ -88,6 +94,9 @@ enum Cmd {
         zerocopy: bool,
         #[arg(long)]
         mss: Option<u32>,
+        /// Network namespace to enter before connecting.
+        #[arg(long)]
+        netns_name: Option<String>,
     },
 }
 
@@ -109,13 +118,17 @@ fn main() {
             inflight,
             zerocopy,
             mss,
-        } => bulk(&BulkOpts {
-            size_kib,
-            total_mib,
-            inflight,
-            zerocopy,
-            mss,
-        }),
+            netns,
+        } => bulk(
+            &BulkOpts {
+                size_kib,
+                total_mib,
+                inflight,
+                zerocopy,
+                mss,
+            },
+            netns,
+        ),
         Cmd::BulkSend {
             addr,
             size_kib,
@@ -123,8 +136,10 @@ fn main() {
             inflight,
             zerocopy,
             mss,
+            netns_name,
         } => bulk_send(
             addr,
+            netns_name.as_deref(),
             &BulkOpts {
                 size_kib,
                 total_mib,
@@ -174,7 +189,21 @@ struct BulkOpts {
     mss: Option<u32>,
 }
 
-fn bulk(o: &BulkOpts) -> Res {
+fn bulk(o: &BulkOpts, netns: bool) -> Res {
+    // With --netns the server lives in namespace a (this thread enters it
+    // before binding) and the sender process in namespace b.
+    let pair = if netns {
+        let p = NetnsPair::create(&format!("pgb{}", std::process::id()), 4148)?;
+        p.enter_a()?;
+        Some(p)
+    } else {
+        None
+    };
+    let bind_addr = if netns {
+        SocketAddr::new(NetnsPair::ADDR_A, 0)
+    } else {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    };
     let size = o.size_kib * 1024;
     let n = (o.total_mib * 1024 * 1024) / size.max(1);
     let received = Arc::new(AtomicU64::new(0));
@@ -196,7 +225,7 @@ fn bulk(o: &BulkOpts) -> Res {
             r2.fetch_add(pages.len() as u64, Ordering::Relaxed);
             Ok((empty(), Payload::Empty))
         })
-        .bind("127.0.0.1:0")?;
+        .bind(bind_addr)?;
     let before = Counters::global().snapshot();
     let (cpu0, cs0) = usage()?;
     let t0 = Instant::now();
@@ -217,6 +246,9 @@ fn bulk(o: &BulkOpts) -> Res {
     }
     if let Some(m) = o.mss {
         cmd.args(["--mss", &m.to_string()]);
+    }
+    if let Some(p) = &pair {
+        cmd.args(["--netns-name", p.name_b()]);
     }
     let status = cmd.stdin(Stdio::null()).status()?;
     let secs = t0.elapsed().as_secs_f64();
@@ -245,7 +277,10 @@ fn bulk(o: &BulkOpts) -> Res {
     Ok(())
 }
 
-fn bulk_send(addr: SocketAddr, o: &BulkOpts) -> Res {
+fn bulk_send(addr: SocketAddr, netns: Option<&str>, o: &BulkOpts) -> Res {
+    if let Some(name) = netns {
+        pagerpc::netns::enter(name)?;
+    }
     let size = o.size_kib * 1024;
     let n = (o.total_mib * 1024 * 1024) / size.max(1);
     let inflight = o.inflight;

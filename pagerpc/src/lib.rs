@@ -26,6 +26,7 @@
 
 mod client;
 mod error;
+pub mod netns;
 mod segments;
 mod server;
 mod sys;
