@@ -16,8 +16,10 @@ pub enum CopyReason {
     /// The kernel said these bytes could not be mapped (`recv_skip_hint`):
     /// a segment that does not hold whole, aligned pages.
     Unmappable,
-    /// The connection was closing and the bytes had to be read before enough
-    /// of them were queued to map.
+    /// Less than a page was queued at the head of the receive queue when
+    /// the payload needed mapping (a segment smaller than a page, or the
+    /// last bytes of a closing connection); the kernel maps whole pages
+    /// only.
     NotQueued,
     /// Zero-copy receive was off for this connection (not requested, not
     /// supported by the kernel, or switched off after a failure).
