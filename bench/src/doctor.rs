@@ -101,11 +101,9 @@ fn doctor(mss: Option<u32>, zc_send: bool, size: usize, count: usize) -> Res<()>
     scfg.segments = segments;
     let server = Server::builder()
         .config(scfg)
-        .register("doctor.put", |_ctx, req: MetadataEntry, pages: Pages| {
-            Ok::<_, Status>((req, Payload::Empty)).map(|r| {
-                drop(pages);
-                r
-            })
+        .register("doctor.put", |_ctx, req: MetadataEntry, _pages: Pages| {
+            // Dropping the payload unmaps it.
+            Ok::<_, Status>((req, Payload::Empty))
         })
         .bind("127.0.0.1:0")?;
     let mut ccfg = ClientConfig::zerocopy();
@@ -193,7 +191,7 @@ fn explain(c: &CountersSnapshot, mss: u32, zc_send: bool, size: usize) -> Vec<St
             mb(c.copied_unmappable),
             100.0 * c.copied_unmappable as f64 / total as f64
         );
-        if mss % 4096 != 0 {
+        if !mss.is_multiple_of(4096) {
             why.push_str(&format!(
                 " The connection's MSS is {mss} bytes of payload per segment, not a multiple of 4096: \
                  on loopback set TCP_MAXSEG to 4108 (the default; --mss 4108), on a real link set the \
@@ -216,7 +214,7 @@ fn explain(c: &CountersSnapshot, mss: u32, zc_send: bool, size: usize) -> Vec<St
         out.push(format!(
             "{:.3} MB were payload tails (the bytes after the last whole page{}): always copied.",
             mb(c.copied_tail),
-            if size % 4096 != 0 {
+            if !size.is_multiple_of(4096) {
                 format!("; {size} is not a multiple of 4096")
             } else {
                 String::new()
