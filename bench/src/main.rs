@@ -54,6 +54,9 @@ enum Cmd {
         /// namespaces are created and removed by the bench).
         #[arg(long)]
         netns: bool,
+        /// With --zerocopy: do not pass TCP_RECEIVE_ZEROCOPY_FLAG_TLB_CLEAN_HINT.
+        #[arg(long)]
+        no_tlb_hint: bool,
     },
     /// Sequential calls with a payload of SIZE bytes each way.
     Pingpong {
@@ -119,6 +122,7 @@ fn main() {
             zerocopy,
             mss,
             netns,
+            no_tlb_hint,
         } => bulk(
             &BulkOpts {
                 size_kib,
@@ -128,6 +132,7 @@ fn main() {
                 mss,
             },
             netns,
+            !no_tlb_hint,
         ),
         Cmd::BulkSend {
             addr,
@@ -189,7 +194,7 @@ struct BulkOpts {
     mss: Option<u32>,
 }
 
-fn bulk(o: &BulkOpts, netns: bool) -> Res {
+fn bulk(o: &BulkOpts, netns: bool, tlb_hint: bool) -> Res {
     // With --netns the server lives in namespace a (this thread enters it
     // before binding) and the sender process in namespace b.
     let pair = if netns {
@@ -215,6 +220,7 @@ fn bulk(o: &BulkOpts, netns: bool) -> Res {
         ServerConfig::default()
     };
     cfg.segments = segments(o.mss);
+    cfg.recv.zc_tlb_clean_hint = tlb_hint;
     let server = Server::builder()
         .config(cfg)
         .register("bulk.put", move |_ctx, _req: MetadataEntry, pages| {
