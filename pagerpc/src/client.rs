@@ -203,6 +203,16 @@ impl Client {
         sys::current_mss(self.shared.fd.as_fd())
     }
 
+    /// Waits (up to `timeout`) until the kernel is done with every payload
+    /// this connection sent with `MSG_ZEROCOPY`, releasing them. Returns
+    /// whether none is left.
+    ///
+    /// # Errors
+    /// If reading the socket's error queue fails.
+    pub fn flush_zerocopy(&self, timeout: Duration) -> std::io::Result<bool> {
+        self.shared.sender.lock().flush_zerocopy(timeout)
+    }
+
     /// Zero-copy send statistics of this connection.
     pub fn zerocopy_send_stats(&self) -> pagerpc_sender::ZcSendStats {
         self.shared.sender.lock().zerocopy_stats()

@@ -149,8 +149,11 @@ struct Partial {
     sink: Sink,
     filled: usize,
     /// Why bytes of this payload before its tail are copied, once the
-    /// zero-copy backend gave up on it.
+    /// zero-copy backend gave up on part of it.
     copy_reason: CopyReason,
+    /// Bytes up to here are copied (pages the kernel could not map) before
+    /// mapping resumes.
+    copy_until: usize,
 }
 
 /// Zero-copy receive state of one connection.
@@ -417,6 +420,7 @@ impl Receiver {
             } else {
                 CopyReason::BackendOff
             },
+            copy_until: 0,
         });
         Ok(Step::Progress)
     }
@@ -454,8 +458,12 @@ impl Receiver {
                 "payload state without a destination",
             )));
         };
+        let mut rem = rem;
         if let Sink::Zc(region) = &mut p.sink {
-            if p.filled < region.socket_end() {
+            if p.filled < p.copy_until {
+                // Copy the pages the kernel could not map, then map again.
+                rem = rem.min(p.copy_until - p.filled);
+            } else if p.filled < region.socket_end() {
                 return self.step_zerocopy();
             }
         }
@@ -574,17 +582,27 @@ impl Receiver {
                 self.payload_progress(out.mapped)
             }
             Ok(out) if out.skip > 0 => {
-                // The kernel cannot map what is at the head of the queue
-                // (a segment that is not whole, aligned pages; or fewer than
-                // a page queued on a closing connection). Copy the rest of
-                // this payload: after an odd-sized segment its data is no
-                // longer page-aligned relative to the payload.
+                // The kernel cannot map what is at the head of the queue: a
+                // segment that is not whole, aligned pages, or fewer than a
+                // page queued. Copy exactly those bytes. If they are whole
+                // pages, the data after them is still page-aligned relative
+                // to the payload and mapping resumes; otherwise the rest of
+                // the payload is misaligned and is copied too.
                 p.copy_reason = if out.inq > 0 && out.inq < pagerpc_core::PAGE_SIZE {
                     CopyReason::NotQueued
                 } else {
                     CopyReason::Unmappable
                 };
-                region.make_writable_from(p.filled).map_err(RecvError::Io)?;
+                let skip = out.skip.min(want);
+                if skip.is_multiple_of(pagerpc_core::PAGE_SIZE) {
+                    region
+                        .make_writable(p.filled, p.filled + skip)
+                        .map_err(RecvError::Io)?;
+                    p.copy_until = p.filled + skip;
+                } else {
+                    region.make_writable_from(p.filled).map_err(RecvError::Io)?;
+                    p.copy_until = p.head.payload_len() as usize;
+                }
                 Ok(Step::Progress)
             }
             // Nothing queued yet: wait (SO_RCVLOWAT + poll), never read().

@@ -119,6 +119,8 @@ pub(crate) struct SockRegion {
     ptr: std::ptr::NonNull<u8>,
     map_len: usize,
     socket_end: usize,
+    /// Page ranges inside `[0, socket_end)` turned writable for copying.
+    holes: Vec<(usize, usize)>,
 }
 
 // SAFETY: the region exclusively owns its mappings; moving it between
@@ -196,6 +198,7 @@ impl SockRegion {
             ptr,
             map_len,
             socket_end: aligned,
+            holes: Vec::new(),
         })
     }
 
@@ -247,17 +250,31 @@ impl SockRegion {
     /// Turns the socket part from `offset` (page-aligned) on into anonymous
     /// writable memory, so the rest of the payload can be copied in.
     pub(crate) fn make_writable_from(&mut self, offset: usize) -> io::Result<()> {
-        assert!(offset.is_multiple_of(pagerpc_core::PAGE_SIZE));
-        if offset >= self.socket_end {
+        let end = self.socket_end;
+        self.make_writable(offset, end)?;
+        self.socket_end = self.socket_end.min(offset);
+        Ok(())
+    }
+
+    /// Turns the pages `[from, to)` (page-aligned, inside the socket part)
+    /// into anonymous writable memory, so bytes the kernel could not map can
+    /// be copied there while the pages around them stay mappable.
+    pub(crate) fn make_writable(&mut self, from: usize, to: usize) -> io::Result<()> {
+        assert!(
+            from.is_multiple_of(pagerpc_core::PAGE_SIZE)
+                && to.is_multiple_of(pagerpc_core::PAGE_SIZE)
+        );
+        let to = to.min(self.socket_end);
+        if from >= to {
             return Ok(());
         }
-        // SAFETY: [ptr+offset, ptr+socket_end) lies inside our own mapping;
-        // MAP_FIXED replaces exactly those pages and nothing else refers to
-        // them (no Pages has been handed out for this region yet).
+        // SAFETY: [ptr+from, ptr+to) lies inside our own mapping; MAP_FIXED
+        // replaces exactly those pages and nothing else refers to them (no
+        // Pages has been handed out for this region yet).
         let p = unsafe {
             libc::mmap(
-                self.ptr.as_ptr().add(offset).cast(),
-                self.socket_end - offset,
+                self.ptr.as_ptr().add(from).cast(),
+                to - from,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
                 -1,
@@ -267,7 +284,7 @@ impl SockRegion {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        self.socket_end = offset;
+        self.holes.push((from, to));
         Ok(())
     }
 
@@ -276,9 +293,15 @@ impl SockRegion {
         self.socket_end
     }
 
-    /// The writable bytes `[offset, offset+len)`; `offset >= socket_end()`.
+    /// The writable bytes `[offset, offset+len)`: past `socket_end()`, or
+    /// inside a range made writable with [`make_writable`](Self::make_writable).
     pub(crate) fn writable(&mut self, offset: usize, len: usize) -> &mut [u8] {
-        assert!(offset >= self.socket_end && offset + len <= self.map_len);
+        let end = offset + len;
+        assert!(
+            (offset >= self.socket_end && end <= self.map_len)
+                || self.holes.iter().any(|&(a, b)| a <= offset && end <= b),
+            "copy into a part of the region that maps the socket"
+        );
         // SAFETY: the range is inside the anonymous, writable part of a
         // mapping this region owns exclusively (`&mut self`).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) }
