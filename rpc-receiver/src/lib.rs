@@ -354,6 +354,11 @@ impl Receiver {
     /// this before re-arming the socket.
     pub fn wait_lowat(&mut self) {
         let want = match self.decoder.need() {
+            // A blocked recv is woken only when the bytes still queued reach
+            // the mark, not counting what it already copied: with a mark
+            // above 1 it can sleep forever with the rest of a frame queued.
+            // Blocking reads use MSG_WAITALL for payloads instead.
+            _ if self.block => 1,
             Need::Payload { remaining, .. } if self.start == self.end => {
                 // Never more than a quarter of the receive buffer: a larger
                 // mark makes the kernel clamp the receive window to it, the
@@ -472,6 +477,12 @@ impl Receiver {
             if self.drained && !self.block {
                 return Ok(Step::Blocked);
             }
+            if self.block {
+                self.wait_lowat();
+            }
+            let Some(p) = self.partial.as_ref() else {
+                return Ok(Step::Blocked);
+            };
             if rem < self.buf.len() / 2 && matches!(p.sink, Sink::Buf(_)) {
                 // A small remainder: read it (and, with the copy backend,
                 // what follows) into the buffer.
@@ -480,9 +491,6 @@ impl Receiver {
                 } else {
                     Step::Blocked
                 });
-            }
-            if self.block {
-                self.wait_lowat();
             }
         }
         let Some(p) = self.partial.as_mut() else {
@@ -499,7 +507,12 @@ impl Receiver {
             n
         } else {
             // Read straight into the payload's pages.
-            match sys::recv(self.fd.as_fd(), dest, self.block) {
+            let wait = if self.block {
+                sys::Wait::All
+            } else {
+                sys::Wait::No
+            };
+            match sys::recv(self.fd.as_fd(), dest, wait) {
                 Ok(0) => return Err(self.eof()),
                 Ok(n) => {
                     self.drained = n < rem;
@@ -646,7 +659,12 @@ impl Receiver {
             room
         };
         let asked = room.len();
-        match sys::recv(self.fd.as_fd(), room, self.block) {
+        let wait = if self.block {
+            sys::Wait::Some
+        } else {
+            sys::Wait::No
+        };
+        match sys::recv(self.fd.as_fd(), room, wait) {
             Ok(0) => Err(self.eof()),
             Ok(n) => {
                 self.end += n;

@@ -4,11 +4,25 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-/// `recv` into `buf`: non-blocking, or (with `block`, on a socket in
-/// blocking mode) waiting for at least `SO_RCVLOWAT` bytes. `Ok(0)` means
-/// end of stream.
-pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], block: bool) -> io::Result<usize> {
-    let flags = if block { 0 } else { libc::MSG_DONTWAIT };
+/// How a `recv` may wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Never (`MSG_DONTWAIT`).
+    No,
+    /// Until some bytes arrive (on a socket in blocking mode).
+    Some,
+    /// Until the whole buffer is filled, the stream ends, or an error
+    /// (`MSG_WAITALL`, on a socket in blocking mode).
+    All,
+}
+
+/// `recv` into `buf`, waiting as `wait` says. `Ok(0)` means end of stream.
+pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], wait: Wait) -> io::Result<usize> {
+    let flags = match wait {
+        Wait::No => libc::MSG_DONTWAIT,
+        Wait::Some => 0,
+        Wait::All => libc::MSG_WAITALL,
+    };
     loop {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
         // duration of the call.
