@@ -38,7 +38,7 @@ pub use server::{Context, Reply, Server, ServerBuilder, ServerConfig};
 
 pub use pagerpc_core::{Code, CodecError, Counters, CountersSnapshot, Limits, Status};
 pub use pagerpc_pages::{cached_bytes, set_cache_limit, Origin, PageBuf, Pages, Payload};
-pub use pagerpc_receiver::{Backend, Frame, RecvConfig, RecvError};
+pub use pagerpc_receiver::{Backend, Frame, ReceivePath, RecvConfig, RecvError};
 pub use pagerpc_sender::{SendConfig, SendError, ZcSendStats};
 
 /// The prost crate, for encoding request and response messages.

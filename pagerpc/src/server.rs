@@ -35,7 +35,7 @@ use prost::Message;
 
 use pagerpc_core::{Code, CodecError, Counters, Header, Kind, Limits, MetadataEntry, Status};
 use pagerpc_pages::{Pages, Payload};
-use pagerpc_receiver::{Frame, Receiver, RecvConfig, RecvError};
+use pagerpc_receiver::{Frame, ReceivePath, Receiver, RecvConfig, RecvError};
 use pagerpc_sender::{OutFrame, SendConfig, Sender};
 
 use crate::segments::SegmentAlign;
@@ -117,9 +117,16 @@ pub struct Context {
     metadata: Vec<MetadataEntry>,
     cancelled: Arc<AtomicBool>,
     peer: SocketAddr,
+    path: ReceivePath,
 }
 
 impl Context {
+    /// How this connection's payloads were placed when it was set up
+    /// (copy, `TCP_ZEROCOPY_RECEIVE`, or the patched kernel's `mmap()`).
+    pub fn receive_path(&self) -> ReceivePath {
+        self.path
+    }
+
     /// The call id.
     pub fn call_id(&self) -> u64 {
         self.call_id
@@ -400,6 +407,7 @@ struct Job {
 
 struct Conn {
     token: u64,
+    path: ReceivePath,
     fd: Arc<OwnedFd>,
     peer: SocketAddr,
     receiver: Mutex<Receiver>,
@@ -510,9 +518,11 @@ impl Shared {
         let mut recv_cfg = self.cfg.recv.clone();
         recv_cfg.limits = self.cfg.limits;
         let token = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let receiver = Receiver::new(fd.clone(), recv_cfg, counters.clone());
         let conn = Arc::new(Conn {
             token,
-            receiver: Mutex::new(Receiver::new(fd.clone(), recv_cfg, counters.clone())),
+            path: receiver.path(),
+            receiver: Mutex::new(receiver),
             queue: Mutex::new(Vec::new()),
             sender: Mutex::new(Sender::new(fd.clone(), self.cfg.send.clone(), counters)),
             calls: Mutex::new(HashMap::new()),
@@ -678,6 +688,7 @@ impl Shared {
                 metadata: h.metadata,
                 cancelled: cancelled.clone(),
                 peer: conn.peer,
+                path: conn.path,
             };
             let out = catch_unwind(AssertUnwindSafe(|| handler(&ctx, &h.body, frame.payload)))
                 .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));

@@ -20,7 +20,10 @@
 //!   connection falls back to copy without losing, duplicating or
 //!   reordering a byte.
 //!
-//! Both hand out the same [`Pages`], so callers do not change when a
+//! - **mmap** (patched kernel, `kernel-patch/`): `mmap()` on the socket maps
+//!   and consumes the next received bytes; detected at connection setup.
+//!
+//! All hand out the same [`Pages`], so callers do not change when a
 //! connection maps instead of copies. A mapped [`Pages`] holds the socket's
 //! file open until it is dropped (that is how the kernel keeps the pages
 //! valid): keeping payloads keeps their connections' sockets allocated
@@ -50,6 +53,24 @@ pub enum Backend {
     /// exact-length reads, so that no payload byte is pulled into the
     /// read buffer.
     ZeroCopy,
+    /// Map each payload with the consuming `mmap()` of the patched kernel in
+    /// `kernel-patch/` (`TCP_MMAP_CONSUME`): one `mmap()` per chunk of
+    /// queued whole pages, falling back to copy for pages it refuses. On a
+    /// kernel without the patch, detection fails at connection setup and
+    /// the connection uses [`Backend::ZeroCopy`] instead.
+    Mmap,
+}
+
+/// How a connection's payloads are placed right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReceivePath {
+    /// Copied.
+    Copy,
+    /// Mapped with `TCP_ZEROCOPY_RECEIVE` (copied where it cannot map).
+    ZeroCopy,
+    /// Mapped with the patched kernel's consuming `mmap()` (copied where it
+    /// cannot map).
+    Mmap,
 }
 
 /// How a [`Receiver`] reads.
@@ -141,6 +162,9 @@ enum Sink {
     /// Mapped from the socket where possible, copied into the region's
     /// writable part otherwise.
     Zc(sys::SockRegion),
+    /// Mapped chunk by chunk with the consuming `mmap()`, copied where the
+    /// kernel refuses.
+    Consume(sys::ConsumeRegion),
 }
 
 /// A payload being filled.
@@ -154,6 +178,10 @@ struct Partial {
     /// Bytes up to here are copied (pages the kernel could not map) before
     /// mapping resumes.
     copy_until: usize,
+    /// Consuming `mmap()`: try one page at a time (after a refused chunk).
+    single_page: bool,
+    /// Consuming `mmap()`: pages refused in a row.
+    refusals: u32,
 }
 
 /// Zero-copy receive state of one connection.
@@ -192,6 +220,8 @@ pub struct Receiver {
     dead: Option<CodecError>,
     /// Zero-copy receive, while it is on for this connection.
     zc: Option<ZcState>,
+    /// The patched kernel's consuming `mmap()` is on for this connection.
+    mmap_on: bool,
     /// Why zero-copy receive was switched off for this connection.
     zc_off: Option<String>,
 }
@@ -213,7 +243,7 @@ impl Receiver {
     /// A receiver on `fd`, a connected stream socket in non-blocking mode.
     pub fn new(fd: Arc<OwnedFd>, cfg: RecvConfig, counters: Arc<Counters>) -> Receiver {
         let buf = vec![0u8; cfg.read_buf.max(pagerpc_core::PREFIX_LEN)].into_boxed_slice();
-        Receiver {
+        let mut r = Receiver {
             decoder: FrameDecoder::new(cfg.limits),
             fd,
             buf,
@@ -235,8 +265,29 @@ impl Receiver {
                 },
             }),
             zc_off: None,
+            mmap_on: false,
             cfg,
+        };
+        if r.cfg.backend == Backend::Mmap {
+            match sys::enable_mmap_consume(r.fd.as_fd()) {
+                Ok(()) => r.mmap_on = true,
+                Err(e) => {
+                    // A stock kernel: use TCP_ZEROCOPY_RECEIVE instead.
+                    r.zc_off = Some(format!(
+                        "TCP_MMAP_CONSUME not available ({e}); using TCP_ZEROCOPY_RECEIVE"
+                    ));
+                    r.zc = Some(ZcState {
+                        struct_idx: 0,
+                        flags: if r.cfg.zc_tlb_clean_hint {
+                            sys::ZC_FLAG_TLB_CLEAN_HINT
+                        } else {
+                            0
+                        },
+                    });
+                }
+            }
         }
+        r
     }
 
     /// The backend configured.
@@ -244,9 +295,26 @@ impl Receiver {
         self.cfg.backend
     }
 
-    /// Whether zero-copy receive is on for this connection right now.
+    /// Whether zero-copy receive (either kind) is on for this connection
+    /// right now.
     pub fn zerocopy_active(&self) -> bool {
-        self.zc.is_some()
+        self.zc.is_some() || self.mmap_on
+    }
+
+    /// How payloads are placed right now.
+    pub fn path(&self) -> ReceivePath {
+        if self.mmap_on {
+            ReceivePath::Mmap
+        } else if self.zc.is_some() {
+            ReceivePath::ZeroCopy
+        } else {
+            ReceivePath::Copy
+        }
+    }
+
+    /// Whether the patched kernel's consuming `mmap()` is in use.
+    pub fn mmap_active(&self) -> bool {
+        self.mmap_on
     }
 
     /// Why zero-copy receive was switched off for this connection, if it
@@ -420,18 +488,25 @@ impl Receiver {
             head,
             sink,
             filled: 0,
-            copy_reason: if self.zc.is_some() {
+            copy_reason: if self.zc.is_some() || self.mmap_on {
                 CopyReason::PayloadTail
             } else {
                 CopyReason::BackendOff
             },
             copy_until: 0,
+            single_page: false,
+            refusals: 0,
         });
         Ok(Step::Progress)
     }
 
     /// Chooses where a payload of `len` bytes goes.
     fn new_sink(&mut self, head: &FrameHead, len: usize) -> Result<Sink, RecvError> {
+        if self.mmap_on && !head.inline_payload() && len >= pagerpc_core::PAGE_SIZE {
+            return Ok(Sink::Consume(
+                sys::ConsumeRegion::new(len).map_err(RecvError::Io)?,
+            ));
+        }
         if self.zc.is_some() && !head.inline_payload() && len >= pagerpc_core::PAGE_SIZE {
             match sys::SockRegion::new(self.fd.as_fd(), len) {
                 Ok(r) => return Ok(Sink::Zc(r)),
@@ -464,12 +539,17 @@ impl Receiver {
             )));
         };
         let mut rem = rem;
-        if let Sink::Zc(region) = &mut p.sink {
-            if p.filled < p.copy_until {
-                // Copy the pages the kernel could not map, then map again.
-                rem = rem.min(p.copy_until - p.filled);
-            } else if p.filled < region.socket_end() {
-                return self.step_zerocopy();
+        let aligned = p.head.payload_len() as usize & !(pagerpc_core::PAGE_SIZE - 1);
+        if p.filled < p.copy_until {
+            // Copy the pages the kernel could not map, then map again.
+            rem = rem.min(p.copy_until - p.filled);
+        } else {
+            match &p.sink {
+                Sink::Zc(region) if p.filled < region.socket_end() => return self.step_zerocopy(),
+                Sink::Consume(_) if p.filled < aligned && self.mmap_on => {
+                    return self.step_consume(aligned)
+                }
+                _ => {}
             }
         }
         let buffered = self.end - self.start;
@@ -499,6 +579,7 @@ impl Receiver {
         let dest: &mut [u8] = match &mut p.sink {
             Sink::Buf(b) => &mut b[p.filled..p.filled + rem],
             Sink::Zc(r) => r.writable(p.filled, rem),
+            Sink::Consume(r) => r.writable(p.filled, rem),
         };
         let n = if buffered > 0 {
             let n = rem.min(buffered);
@@ -554,6 +635,9 @@ impl Receiver {
             return Ok(Step::Progress);
         };
         p.filled += n;
+        if let Sink::Consume(r) = &mut p.sink {
+            r.advance(p.filled);
+        }
         if !self.decoder.payload_received(n as u64) {
             return Ok(Step::Progress);
         }
@@ -564,11 +648,76 @@ impl Receiver {
         let payload = match p.sink {
             Sink::Buf(b) => b.freeze(),
             Sink::Zc(r) => r.into_pages(p.filled),
+            Sink::Consume(r) => r.into_pages(p.filled),
         };
         Ok(Step::Frame(Frame {
             head: p.head,
             payload,
         }))
+    }
+
+    /// One consuming-`mmap()` step inside the whole-page part of a payload:
+    /// map as many whole pages as are queued (all or nothing), one page at a
+    /// time after a refusal, copying pages the kernel refuses.
+    fn step_consume(&mut self, aligned: usize) -> Result<Step, RecvError> {
+        let fd = self.fd.clone();
+        let queued = sys::inq(fd.as_fd()).map_err(RecvError::Io)?;
+        let Some(p) = self.partial.as_mut() else {
+            return Ok(Step::Blocked);
+        };
+        let Sink::Consume(region) = &mut p.sink else {
+            return Ok(Step::Blocked);
+        };
+        let want = aligned - p.filled;
+        let mut chunk = want.min(queued & !(pagerpc_core::PAGE_SIZE - 1));
+        if p.single_page || chunk == 0 {
+            // One page: after a refusal, or to learn whether a short queue
+            // means "wait" (EAGAIN) or "closed" (EIO).
+            chunk = pagerpc_core::PAGE_SIZE;
+        }
+        match region.map_next(fd.as_fd(), p.filled, chunk) {
+            Ok(()) => {
+                p.refusals = 0;
+                p.single_page = false;
+                self.counters.mapped(chunk as u64);
+                self.payload_progress(chunk)
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(Step::Blocked),
+                Some(libc::EIO) => Err(self.eof()),
+                Some(libc::EINVAL) if chunk > pagerpc_core::PAGE_SIZE => {
+                    // Some page of the chunk is not mappable: find it.
+                    p.single_page = true;
+                    Ok(Step::Progress)
+                }
+                Some(libc::EINVAL) => {
+                    // This page is not a whole, aligned page in the queue:
+                    // copy it. After several in a row the stream is no
+                    // longer page-aligned relative to the payload: copy the
+                    // rest.
+                    p.refusals += 1;
+                    p.copy_reason = CopyReason::Unmappable;
+                    p.copy_until = if p.refusals >= 8 {
+                        p.head.payload_len() as usize
+                    } else {
+                        p.filled + pagerpc_core::PAGE_SIZE
+                    };
+                    Ok(Step::Progress)
+                }
+                Some(libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT) => Err(RecvError::Io(e)),
+                _ => {
+                    // The kernel refuses the mapping outright: copy from now on.
+                    self.mmap_on = false;
+                    self.zc_off
+                        .get_or_insert(format!("consuming mmap() failed: {e}"));
+                    if let Some(p) = self.partial.as_mut() {
+                        p.copy_reason = CopyReason::BackendOff;
+                        p.copy_until = p.head.payload_len() as usize;
+                    }
+                    Ok(Step::Progress)
+                }
+            },
+        }
     }
 
     /// One `TCP_ZEROCOPY_RECEIVE` step inside the whole-page part of a
@@ -650,7 +799,7 @@ impl Receiver {
             self.end -= self.start;
             self.start = 0;
         }
-        let exact = self.cfg.backend == Backend::ZeroCopy;
+        let exact = self.cfg.backend != Backend::Copy;
         let room = &mut self.buf[self.end..];
         let room = if exact {
             let n = want.clamp(1, room.len());

@@ -365,3 +365,180 @@ pub(crate) fn rcvbuf(fd: BorrowedFd<'_>) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// `TCP_MMAP_CONSUME` of the patched kernel in `kernel-patch/`: once set,
+/// `mmap()` on the socket maps and consumes the next received bytes.
+const TCP_MMAP_CONSUME: libc::c_int = 100;
+
+/// Opts the socket in to the patched kernel's consuming `mmap()`. Fails
+/// (`ENOPROTOOPT`) on kernels without the patch.
+pub(crate) fn enable_mmap_consume(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: the option value is a valid c_int of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_MMAP_CONSUME,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Bytes queued for reading (`FIONREAD`).
+pub(crate) fn inq(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the pointer we pass.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        Ok(n.max(0) as usize)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A payload region for the consuming-`mmap()` backend: reserved as
+/// anonymous memory, then filled front to back, each chunk either mapped
+/// from the socket (`MAP_FIXED` over the reservation, consuming the bytes)
+/// or copied into the still-anonymous memory. Unmapped on drop unless
+/// turned into `Pages`.
+#[derive(Debug)]
+pub(crate) struct ConsumeRegion {
+    ptr: std::ptr::NonNull<u8>,
+    map_len: usize,
+    /// Everything below this offset has been mapped or written; everything
+    /// from it on is still the anonymous reservation.
+    front: usize,
+}
+
+// SAFETY: the region exclusively owns its mappings; moving it between
+// threads moves that ownership.
+unsafe impl Send for ConsumeRegion {}
+
+impl ConsumeRegion {
+    /// Reserves `len` bytes (rounded up to pages) of anonymous memory.
+    pub(crate) fn new(len: usize) -> io::Result<ConsumeRegion> {
+        let map_len = pagerpc_core::page_round_up(len.max(1));
+        // SAFETY: a fresh anonymous mapping with no address hint.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(ConsumeRegion {
+            ptr,
+            map_len,
+            front: 0,
+        })
+    }
+
+    /// Maps (and so consumes) the next `len` received bytes (a page
+    /// multiple) at `offset`, which must be the region's front. All or
+    /// nothing: on `EINVAL`/`EAGAIN`/`EIO` nothing is consumed and the
+    /// reservation is untouched.
+    pub(crate) fn map_next(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        assert!(offset == self.front && offset.is_multiple_of(pagerpc_core::PAGE_SIZE));
+        assert!(len.is_multiple_of(pagerpc_core::PAGE_SIZE) && offset + len <= self.map_len);
+        // SAFETY: [ptr+offset, ptr+offset+len) lies inside our reservation,
+        // past every byte already handed out or written; MAP_FIXED replaces
+        // exactly those anonymous pages. On failure the kernel leaves the
+        // old mapping in place (all-or-nothing, checked before the VMA is
+        // inserted) or, if the new VMA failed after the old one was
+        // removed, the range is unmapped; we re-reserve it below.
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().add(offset).cast(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            self.rereserve(offset, len)?;
+            return Err(e);
+        }
+        self.front = offset + len;
+        Ok(())
+    }
+
+    /// Makes sure `[offset, offset+len)` is anonymous writable memory again
+    /// (a failed MAP_FIXED may have left a hole).
+    fn rereserve(&mut self, offset: usize, len: usize) -> io::Result<()> {
+        // SAFETY: the range is inside our reservation and past the front.
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().add(offset).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The writable bytes `[offset, offset+len)` at or past the front.
+    pub(crate) fn writable(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset >= self.front && offset + len <= self.map_len);
+        // SAFETY: the range is anonymous memory past the front, owned
+        // exclusively by this region (`&mut self`).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) }
+    }
+
+    /// Records that bytes up to `offset` were written.
+    pub(crate) fn advance(&mut self, offset: usize) {
+        self.front = self.front.max(offset);
+    }
+
+    /// Hands the region to a `Pages` of `len` bytes.
+    pub(crate) fn into_pages(self, len: usize) -> pagerpc_pages::Pages {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: the region is a mapping of `map_len` bytes this value owned
+        // exclusively; ManuallyDrop hands that ownership to Pages, which
+        // unmaps it once. Every byte below `len` was mapped or written.
+        unsafe {
+            pagerpc_pages::Pages::from_mapping(
+                me.ptr,
+                len,
+                me.map_len,
+                pagerpc_pages::Origin::Socket,
+            )
+        }
+    }
+}
+
+impl Drop for ConsumeRegion {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping and nothing refers to it any more.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
