@@ -499,6 +499,11 @@ impl Sender {
         let first = self.zc.as_ref().map_or(0, |z| z.next_id);
         let iov = vec![IoSlice::new(payload.as_slice())];
         let mut got = Vec::new();
+        // Cork while the payload goes out: at the edge of the receive
+        // window TCP would otherwise send a segment shorter than the MSS,
+        // every segment after it would be off page boundaries, and the
+        // receiver could map none of the rest. Uncorking pushes the tail.
+        let corked = sys::set_cork(self.fd.as_fd(), true).is_ok();
         let written = write_part(
             &self.fd,
             iov,
@@ -507,6 +512,9 @@ impl Sender {
             wrote_any,
             &mut got,
         );
+        if corked {
+            let _ = sys::set_cork(self.fd.as_fd(), false);
+        }
         self.apply_completions(got);
         let calls = match written {
             Ok(calls) => calls,

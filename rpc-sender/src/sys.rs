@@ -169,3 +169,25 @@ pub(crate) fn wait_errqueue(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result
     }
     Ok(rc > 0)
 }
+
+/// Sets or clears `TCP_CORK`. While corked, TCP sends only full-sized
+/// segments, even at the edge of the receive window; clearing it pushes
+/// what is pending at once.
+pub(crate) fn set_cork(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let v: libc::c_int = on.into();
+    // SAFETY: the option value is a valid c_int of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
