@@ -57,6 +57,20 @@ enum Cmd {
         /// With --zerocopy: do not pass TCP_RECEIVE_ZEROCOPY_FLAG_TLB_CLEAN_HINT.
         #[arg(long)]
         no_tlb_hint: bool,
+        /// Server pool threads. One connection is served by one thread at a
+        /// time; more threads only add cross-CPU TLB shootdowns when mapped
+        /// pages are unmapped.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Receive with the patched kernel's consuming mmap() (kernel-patch/)
+        /// instead of TCP_ZEROCOPY_RECEIVE; implies --zerocopy. On a stock
+        /// kernel the connection falls back to TCP_ZEROCOPY_RECEIVE.
+        #[arg(long)]
+        mmap: bool,
+        /// Exit with status 1 if fewer than this percentage of payload bytes
+        /// were mapped (for scripted checks).
+        #[arg(long)]
+        min_mapped: Option<f64>,
     },
     /// Sequential calls with a payload of SIZE bytes each way.
     Pingpong {
@@ -123,16 +137,22 @@ fn main() {
             mss,
             netns,
             no_tlb_hint,
+            threads,
+            mmap,
+            min_mapped,
         } => bulk(
             &BulkOpts {
                 size_kib,
                 total_mib,
                 inflight,
-                zerocopy,
+                zerocopy: zerocopy || mmap,
                 mss,
+                mmap,
+                min_mapped,
             },
             netns,
             !no_tlb_hint,
+            threads,
         ),
         Cmd::BulkSend {
             addr,
@@ -151,6 +171,8 @@ fn main() {
                 inflight,
                 zerocopy,
                 mss,
+                mmap: false,
+                min_mapped: None,
             },
         ),
         Cmd::Pingpong {
@@ -192,9 +214,11 @@ struct BulkOpts {
     inflight: usize,
     zerocopy: bool,
     mss: Option<u32>,
+    mmap: bool,
+    min_mapped: Option<f64>,
 }
 
-fn bulk(o: &BulkOpts, netns: bool, tlb_hint: bool) -> Res {
+fn bulk(o: &BulkOpts, netns: bool, tlb_hint: bool, threads: usize) -> Res {
     // With --netns the server lives in namespace a (this thread enters it
     // before binding) and the sender process in namespace b.
     let pair = if netns {
@@ -221,6 +245,10 @@ fn bulk(o: &BulkOpts, netns: bool, tlb_hint: bool) -> Res {
     };
     cfg.segments = segments(o.mss);
     cfg.recv.zc_tlb_clean_hint = tlb_hint;
+    cfg.threads = threads.max(1);
+    if o.mmap {
+        cfg.recv.backend = pagerpc::Backend::Mmap;
+    }
     let server = Server::builder()
         .config(cfg)
         .register("bulk.put", move |_ctx, _req: MetadataEntry, pages| {
@@ -280,6 +308,15 @@ fn bulk(o: &BulkOpts, netns: bool, tlb_hint: bool) -> Res {
         cs1 - cs0
     );
     server.shutdown();
+    if let Some(min) = o.min_mapped {
+        if c.mapped_percent() < min {
+            return Err(format!(
+                "{:.4} % mapped is below --min-mapped {min}",
+                c.mapped_percent()
+            )
+            .into());
+        }
+    }
     Ok(())
 }
 
