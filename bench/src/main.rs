@@ -71,6 +71,9 @@ enum Cmd {
         /// were mapped (for scripted checks).
         #[arg(long)]
         min_mapped: Option<f64>,
+        /// Smallest payload the sender sends with MSG_ZEROCOPY.
+        #[arg(long)]
+        zc_min: Option<usize>,
     },
     /// Sequential calls with a payload of SIZE bytes each way.
     Pingpong {
@@ -114,6 +117,8 @@ enum Cmd {
         /// Network namespace to enter before connecting.
         #[arg(long)]
         netns_name: Option<String>,
+        #[arg(long)]
+        zc_min: Option<usize>,
     },
 }
 
@@ -140,6 +145,7 @@ fn main() {
             threads,
             mmap,
             min_mapped,
+            zc_min,
         } => bulk(
             &BulkOpts {
                 size_kib,
@@ -149,6 +155,7 @@ fn main() {
                 mss,
                 mmap,
                 min_mapped,
+                zc_min,
             },
             netns,
             !no_tlb_hint,
@@ -162,6 +169,7 @@ fn main() {
             zerocopy,
             mss,
             netns_name,
+            zc_min,
         } => bulk_send(
             addr,
             netns_name.as_deref(),
@@ -173,6 +181,7 @@ fn main() {
                 mss,
                 mmap: false,
                 min_mapped: None,
+                zc_min,
             },
         ),
         Cmd::Pingpong {
@@ -216,6 +225,7 @@ struct BulkOpts {
     mss: Option<u32>,
     mmap: bool,
     min_mapped: Option<f64>,
+    zc_min: Option<usize>,
 }
 
 fn bulk(o: &BulkOpts, netns: bool, tlb_hint: bool, threads: usize) -> Res {
@@ -284,6 +294,9 @@ fn bulk(o: &BulkOpts, netns: bool, tlb_hint: bool, threads: usize) -> Res {
     if let Some(p) = &pair {
         cmd.args(["--netns-name", p.name_b()]);
     }
+    if let Some(z) = o.zc_min {
+        cmd.args(["--zc-min", &z.to_string()]);
+    }
     let status = cmd.stdin(Stdio::null()).status()?;
     let secs = t0.elapsed().as_secs_f64();
     let (cpu1, cs1) = usage()?;
@@ -333,6 +346,9 @@ fn bulk_send(addr: SocketAddr, netns: Option<&str>, o: &BulkOpts) -> Res {
         ClientConfig::default()
     };
     cfg.segments = segments(o.mss);
+    if let Some(z) = o.zc_min {
+        cfg.send.zerocopy_min = z;
+    }
     let client = Client::connect_with(addr, cfg)?;
     let mut buf = PageBuf::new(size)?;
     buf.fill(b'p');

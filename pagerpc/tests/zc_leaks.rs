@@ -35,7 +35,7 @@ fn ten_thousand_messages_leave_no_mapping_or_fd_behind() {
         .bind("127.0.0.1:0")
         .unwrap();
     let client = Client::connect_with(server.local_addr(), ClientConfig::zerocopy()).unwrap();
-    // Above the zero-copy send threshold (16 KiB), so both ends map.
+    // Above one page, so it is sent with MSG_ZEROCOPY and both ends map.
     let mut buf = PageBuf::new(32 * 1024 + 100).unwrap();
     buf.fill(3);
     let payload = buf.freeze();
