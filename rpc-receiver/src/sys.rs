@@ -4,6 +4,59 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
+/// `setsockopt` of one `c_int` value.
+fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option value is a valid c_int of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// An anonymous private read-write mapping of `len` bytes: anywhere, or
+/// (with `at`) replacing exactly `[at, at+len)`.
+///
+/// # Safety
+/// With `at`, the range must lie inside a mapping the caller owns and
+/// nothing may refer to its current contents.
+unsafe fn map_anon(
+    at: Option<std::ptr::NonNull<u8>>,
+    len: usize,
+) -> io::Result<std::ptr::NonNull<u8>> {
+    let (addr, flags) = match at {
+        Some(p) => (
+            p.as_ptr().cast(),
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+        ),
+        None => (
+            std::ptr::null_mut(),
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        ),
+    };
+    // SAFETY: without `at` a fresh mapping touches no existing memory; with
+    // it, the caller guarantees the range is its own and unreferenced.
+    let p = unsafe { libc::mmap(addr, len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))
+}
+
 /// How a `recv` may wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Wait {
@@ -67,22 +120,7 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io
 /// many bytes are queued (or the connection is closing, or the kernel is
 /// short of receive memory).
 pub(crate) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
-    let v: libc::c_int = bytes.max(1);
-    // SAFETY: the option value is a valid c_int of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes.max(1))
 }
 
 /// `struct tcp_zerocopy_receive` from `<linux/tcp.h>` (Linux 5.11+ layout).
@@ -169,20 +207,10 @@ impl SockRegion {
         } else {
             // Reserve the whole range as anonymous memory first, so the
             // socket mapping below replaces only our own pages.
-            // SAFETY: a fresh anonymous mapping with no address hint.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    map_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(io::Error::last_os_error());
-            }
+            // SAFETY: no `at`: a fresh mapping.
+            let p = unsafe { map_anon(None, map_len)? }
+                .as_ptr()
+                .cast::<libc::c_void>();
             // SAFETY: [p, p+aligned) lies inside the reservation we just
             // made and own; MAP_FIXED replaces only those pages.
             let q = unsafe {
@@ -282,22 +310,14 @@ impl SockRegion {
         if from >= to {
             return Ok(());
         }
-        // SAFETY: [ptr+from, ptr+to) lies inside our own mapping; MAP_FIXED
-        // replaces exactly those pages and nothing else refers to them (no
-        // Pages has been handed out for this region yet).
-        let p = unsafe {
-            libc::mmap(
-                self.ptr.as_ptr().add(from).cast(),
+        // SAFETY: [ptr+from, ptr+to) lies inside our own mapping and no
+        // Pages has been handed out for this region yet.
+        unsafe {
+            map_anon(
+                std::ptr::NonNull::new(self.ptr.as_ptr().add(from)),
                 to - from,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
+            )?
         };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         self.holes.push((from, to));
         Ok(())
     }
@@ -373,22 +393,7 @@ const TCP_MMAP_CONSUME: libc::c_int = 100;
 /// Opts the socket in to the patched kernel's consuming `mmap()`. Fails
 /// (`ENOPROTOOPT`) on kernels without the patch.
 pub(crate) fn enable_mmap_consume(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: the option value is a valid c_int of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            TCP_MMAP_CONSUME,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_MMAP_CONSUME, 1)
 }
 
 /// Bytes queued for reading (`FIONREAD`).
@@ -425,22 +430,8 @@ impl ConsumeRegion {
     /// Reserves `len` bytes (rounded up to pages) of anonymous memory.
     pub(crate) fn new(len: usize) -> io::Result<ConsumeRegion> {
         let map_len = pagerpc_core::page_round_up(len.max(1));
-        // SAFETY: a fresh anonymous mapping with no address hint.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        // SAFETY: no `at`: a fresh mapping.
+        let ptr = unsafe { map_anon(None, map_len)? };
         Ok(ConsumeRegion {
             ptr,
             map_len,
@@ -488,22 +479,9 @@ impl ConsumeRegion {
     /// Makes sure `[offset, offset+len)` is anonymous writable memory again
     /// (a failed MAP_FIXED may have left a hole).
     fn rereserve(&mut self, offset: usize, len: usize) -> io::Result<()> {
-        // SAFETY: the range is inside our reservation and past the front.
-        let p = unsafe {
-            libc::mmap(
-                self.ptr.as_ptr().add(offset).cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        // SAFETY: the range is inside our reservation, past the front, so
+        // nothing refers to it.
+        unsafe { map_anon(std::ptr::NonNull::new(self.ptr.as_ptr().add(offset)), len) }.map(|_| ())
     }
 
     /// The writable bytes `[offset, offset+len)` at or past the front.

@@ -4,6 +4,30 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
+/// `setsockopt` of one `c_int` value.
+fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option value is a valid c_int of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `sendmsg(fd, iov, flags | MSG_NOSIGNAL | MSG_DONTWAIT)`. Returns the number
 /// of bytes the kernel took.
 pub(crate) fn sendmsg(fd: BorrowedFd<'_>, iov: &[IoSlice<'_>], flags: i32) -> io::Result<usize> {
@@ -66,22 +90,7 @@ const SO_EE_CODE_ZEROCOPY_COPIED: u8 = 1;
 
 /// Enables `MSG_ZEROCOPY` sends on a socket.
 pub(crate) fn enable_zerocopy(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: the option value is a valid c_int of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ZEROCOPY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt_int(fd, libc::SOL_SOCKET, SO_ZEROCOPY, 1)
 }
 
 /// One zero-copy completion notification: ids `lo..=hi` are done.
@@ -174,20 +183,5 @@ pub(crate) fn wait_errqueue(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result
 /// segments, even at the edge of the receive window; clearing it pushes
 /// what is pending at once.
 pub(crate) fn set_cork(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    let v: libc::c_int = on.into();
-    // SAFETY: the option value is a valid c_int of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_CORK, on.into())
 }
