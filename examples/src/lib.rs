@@ -1,0 +1,2 @@
+//! Example programs built on pagerpc's public API.
+#![forbid(unsafe_code)]
