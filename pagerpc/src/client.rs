@@ -531,6 +531,23 @@ impl Shared {
                     }
                 }
                 Err(RecvError::TimedOut) => return,
+                Err(RecvError::ChecksumMismatch {
+                    head,
+                    expected,
+                    got,
+                }) => {
+                    // The stream is still in sync: fail just this call.
+                    let fid = head.call_id();
+                    self.deliver(
+                        fid,
+                        Err(Status::data_loss(format!(
+                            "response payload failed its checksum (CRC32C {got:#010x}, expected {expected:#010x})"
+                        ))),
+                    );
+                    if fid == id {
+                        return;
+                    }
+                }
                 Err(e) => {
                     let status = match &e {
                         RecvError::Closed => Status::unavailable("connection closed by the server"),

@@ -71,6 +71,21 @@ pub struct ServerConfig {
     /// TCP segment sizing, applied to the listener (page-aligned segments
     /// when bound to loopback, by default).
     pub segments: SegmentAlign,
+    /// Most calls in flight on one connection; a request beyond it is
+    /// answered with [`Code::ResourceExhausted`] naming this limit, without
+    /// running a handler. Default 1024.
+    ///
+    /// # Memory cost
+    /// Each call in flight holds its request payload until its handler
+    /// returns: up to this many payloads per connection.
+    pub max_inflight_per_conn: usize,
+    /// Time a peer has to finish a frame's prefix and header once it has
+    /// started one; a slower peer (one that dribbles a header) is sent an
+    /// error and disconnected. Default 10 s. `None` disables it.
+    pub header_timeout: Option<Duration>,
+    /// A connection with no call in flight and no frame received for this
+    /// long is closed. Default 5 minutes. `None` disables it.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -93,6 +108,9 @@ impl Default for ServerConfig {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
             max_connections: 1024,
             segments: SegmentAlign::Auto,
+            max_inflight_per_conn: 1024,
+            header_timeout: Some(Duration::from_secs(10)),
+            idle_timeout: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -254,6 +272,7 @@ impl ServerBuilder {
             inflight: Mutex::new(0),
             drained: Condvar::new(),
             counters: Arc::new(Counters::new()),
+            epoch: Instant::now(),
         });
         if let Some(l) = shared.listener.lock().as_ref() {
             shared.poller.add(l.as_fd(), TOKEN_LISTENER, LISTEN_FLAGS)?;
@@ -273,10 +292,16 @@ impl ServerBuilder {
                     .spawn(move || s.run())?,
             );
         }
+        let (sweep_stop, sweep_rx) = crossbeam_channel::bounded(1);
+        let s = shared.clone();
+        let sweeper = std::thread::Builder::new()
+            .name("pagerpc-sweep".into())
+            .spawn(move || s.sweep(sweep_rx))?;
         Ok(Server {
             shared,
             threads,
             local_addr,
+            sweeper: Some((sweeper, sweep_stop)),
         })
     }
 }
@@ -286,6 +311,7 @@ pub struct Server {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     local_addr: SocketAddr,
+    sweeper: Option<(JoinHandle<()>, ChanTx<()>)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -369,6 +395,10 @@ impl Server {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        if let Some((t, stop)) = self.sweeper.take() {
+            let _ = stop.send(());
+            let _ = t.join();
+        }
         clean
     }
 }
@@ -396,6 +426,7 @@ struct Shared {
     inflight: Mutex<usize>,
     drained: Condvar,
     counters: Arc<Counters>,
+    epoch: Instant,
 }
 
 struct Job {
@@ -415,6 +446,11 @@ struct Conn {
     sender: Mutex<Sender>,
     calls: Mutex<HashMap<u64, Arc<AtomicBool>>>,
     closed: AtomicBool,
+    /// Milliseconds since the server's epoch when the peer started the head
+    /// it has not finished; 0 when not inside a head.
+    head_since: AtomicU64,
+    /// Milliseconds since the server's epoch of the last frame received.
+    last_active: AtomicU64,
 }
 
 impl Conn {
@@ -527,6 +563,8 @@ impl Shared {
             sender: Mutex::new(Sender::new(fd.clone(), self.cfg.send.clone(), counters)),
             calls: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            head_since: AtomicU64::new(0),
+            last_active: AtomicU64::new(self.now_ms()),
             fd,
             peer,
         });
@@ -555,12 +593,14 @@ impl Shared {
     fn serve_conn(&self, conn: Arc<Conn>) {
         let mut mine: Option<Job> = None;
         let mut failure = None;
+        let mut got_frames = false;
         {
             let mut rx = conn.receiver.lock();
             let mut batch = 0;
             loop {
                 match rx.poll_frame() {
                     Ok(Some(frame)) => {
+                        got_frames = true;
                         if let Some(job) = self.classify(&conn, frame) {
                             if mine.is_none() {
                                 mine = Some(job);
@@ -574,6 +614,22 @@ impl Shared {
                         }
                     }
                     Ok(None) => break,
+                    Err(RecvError::ChecksumMismatch {
+                        head,
+                        expected,
+                        got,
+                    }) => {
+                        // The payload is discarded, never handed to a
+                        // handler; the stream is still in sync.
+                        if head.kind() == Kind::Request {
+                            conn.send(error_frame(
+                                head.call_id(),
+                                &Status::data_loss(format!(
+                                    "request payload failed its checksum (CRC32C {got:#010x}, expected {expected:#010x})"
+                                )),
+                            ));
+                        }
+                    }
                     Err(e) => {
                         failure = Some(e);
                         break;
@@ -585,6 +641,20 @@ impl Shared {
             }
             if failure.is_none() {
                 rx.wait_lowat();
+            }
+            let now = self.now_ms();
+            if got_frames {
+                conn.last_active.store(now, Ordering::Relaxed);
+            }
+            if rx.in_head() {
+                let _ = conn.head_since.compare_exchange(
+                    0,
+                    now.max(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            } else {
+                conn.head_since.store(0, Ordering::Relaxed);
             }
         }
         match failure {
@@ -617,7 +687,21 @@ impl Shared {
                     return None;
                 }
                 let cancelled = Arc::new(AtomicBool::new(false));
-                conn.calls.lock().insert(id, cancelled.clone());
+                {
+                    let mut calls = conn.calls.lock();
+                    if calls.len() >= self.cfg.max_inflight_per_conn {
+                        drop(calls);
+                        conn.send(error_frame(
+                            id,
+                            &Status::resource_exhausted(format!(
+                                "the connection already has {} calls in flight, the max_inflight_per_conn limit",
+                                self.cfg.max_inflight_per_conn
+                            )),
+                        ));
+                        return None;
+                    }
+                    calls.insert(id, cancelled.clone());
+                }
                 *self.inflight.lock() += 1;
                 Some(Job {
                     conn: conn.clone(),
@@ -748,22 +832,71 @@ impl Shared {
     }
 
     fn close_conn(&self, conn: &Arc<Conn>, why: Option<RecvError>) {
+        let notice = match &why {
+            Some(RecvError::Codec(e)) if !matches!(e, CodecError::Truncated { .. }) => Some(
+                Status::invalid_argument(format!("protocol error, closing: {e}")),
+            ),
+            _ => None,
+        };
+        self.close_with(conn, notice);
+    }
+
+    /// Closes a connection, first telling the peer why (an ERROR frame with
+    /// call id 0) if there is something to say.
+    fn close_with(&self, conn: &Arc<Conn>, notice: Option<Status>) {
         if conn.closed.swap(true, Ordering::SeqCst) {
             return;
         }
         self.poller.delete(conn.fd.as_fd());
         self.conns.lock().remove(&conn.token);
         conn.cancel_all();
-        if let Some(RecvError::Codec(e)) = &why {
-            if !matches!(e, CodecError::Truncated { .. }) {
-                // Tell the peer why before hanging up.
-                conn.send(error_frame(
-                    0,
-                    &Status::invalid_argument(format!("protocol error, closing: {e}")),
-                ));
-            }
+        if let Some(status) = notice {
+            conn.send(error_frame(0, &status));
         }
         sys::shutdown(conn.fd.as_fd());
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Closes connections that broke the header or idle timeouts. Runs on
+    /// its own thread until the server stops.
+    fn sweep(self: Arc<Self>, stop: ChanRx<()>) {
+        let timeouts = [self.cfg.header_timeout, self.cfg.idle_timeout];
+        let Some(shortest) = timeouts.iter().flatten().min().copied() else {
+            return;
+        };
+        let tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(tick) {
+            let now = self.now_ms();
+            let conns: Vec<Arc<Conn>> = self.conns.lock().values().cloned().collect();
+            for c in conns {
+                let head = c.head_since.load(Ordering::Relaxed);
+                if let Some(t) = self.cfg.header_timeout {
+                    if head != 0 && now.saturating_sub(head) > t.as_millis() as u64 {
+                        self.close_with(
+                            &c,
+                            Some(Status::deadline_exceeded(format!(
+                                "header_timeout: no complete frame header within {t:?}, closing"
+                            ))),
+                        );
+                        continue;
+                    }
+                }
+                if let Some(t) = self.cfg.idle_timeout {
+                    let idle = now.saturating_sub(c.last_active.load(Ordering::Relaxed));
+                    if head == 0 && c.calls.lock().is_empty() && idle > t.as_millis() as u64 {
+                        self.close_with(
+                            &c,
+                            Some(Status::unavailable(format!(
+                                "idle_timeout: no call for {t:?}, closing"
+                            ))),
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -127,6 +127,17 @@ pub enum RecvError {
     /// The deadline passed first. The receiver keeps its place; a later call
     /// resumes the same frame.
     TimedOut,
+    /// A frame arrived whole but its payload does not match the CRC32C in
+    /// its header. The payload was discarded; the stream is still in sync,
+    /// so the connection may go on.
+    ChecksumMismatch {
+        /// The frame's head (call id, kind, ...).
+        head: Box<FrameHead>,
+        /// The CRC32C the header declared.
+        expected: u32,
+        /// The CRC32C of the bytes received.
+        got: u32,
+    },
 }
 
 impl fmt::Display for RecvError {
@@ -136,6 +147,10 @@ impl fmt::Display for RecvError {
             RecvError::Codec(e) => write!(f, "bad frame from peer: {e}"),
             RecvError::Io(e) => write!(f, "receive failed: {e}"),
             RecvError::TimedOut => write!(f, "receive timed out"),
+            RecvError::ChecksumMismatch { expected, got, .. } => write!(
+                f,
+                "payload checksum mismatch: header says CRC32C {expected:#010x}, bytes give {got:#010x}"
+            ),
         }
     }
 }
@@ -145,6 +160,23 @@ impl std::error::Error for RecvError {}
 impl From<CodecError> for RecvError {
     fn from(e: CodecError) -> Self {
         RecvError::Codec(e)
+    }
+}
+
+/// Checks a whole frame's payload against the CRC32C in its header, if any.
+fn verify_checksum(frame: Frame) -> Result<Frame, RecvError> {
+    let Some(expected) = frame.head.header.payload_crc32c else {
+        return Ok(frame);
+    };
+    let got = crc32c::crc32c(&frame.payload);
+    if got == expected {
+        Ok(frame)
+    } else {
+        Err(RecvError::ChecksumMismatch {
+            head: Box::new(frame.head),
+            expected,
+            got,
+        })
     }
 }
 
@@ -328,6 +360,16 @@ impl Receiver {
         &self.counters
     }
 
+    /// Whether a frame's prefix or header has started but not finished
+    /// (a peer that dribbles a header is caught by this).
+    pub fn in_head(&self) -> bool {
+        match self.decoder.need() {
+            Need::Prefix(n) => n < pagerpc_core::PREFIX_LEN || self.start < self.end,
+            Need::Header { .. } => true,
+            Need::Payload { .. } | Need::Failed => false,
+        }
+    }
+
     /// Whether the receiver is between frames with nothing buffered.
     pub fn is_idle(&self) -> bool {
         self.decoder.at_boundary() && self.start == self.end
@@ -341,11 +383,18 @@ impl Receiver {
     /// [`RecvError::Closed`] at a clean end of stream, [`RecvError::Codec`]
     /// for bad or truncated frames (sticky: the connection is unusable), and
     /// [`RecvError::Io`] for socket failures.
+    ///
+    /// A frame whose payload fails its CRC32C (when the header carries one)
+    /// is returned as [`RecvError::ChecksumMismatch`] instead, and the
+    /// connection stays usable.
     pub fn poll_frame(&mut self) -> Result<Option<Frame>, RecvError> {
         if let Some(e) = &self.dead {
             return Err(RecvError::Codec(e.clone()));
         }
-        let r = self.poll_inner();
+        let r = self.poll_inner().and_then(|f| match f {
+            Some(frame) => verify_checksum(frame).map(Some),
+            None => Ok(None),
+        });
         if let Err(RecvError::Codec(e)) = &r {
             self.dead = Some(e.clone());
             self.partial = None;

@@ -1,0 +1,314 @@
+//! Integrity, limits and timeouts against misbehaving peers.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pagerpc::codec::{decode_stream, encode_head, CodecError, Flags, Header, Kind, Limits};
+use pagerpc::prost::Message;
+use pagerpc::proto::MetadataEntry;
+use pagerpc::{Client, ClientConfig, Code, Pages, Payload, Server, ServerConfig, Status};
+
+fn msg(k: &str) -> MetadataEntry {
+    MetadataEntry {
+        key: k.into(),
+        value: vec![],
+    }
+}
+
+fn request(id: u64, method: &str, payload_len: u64, crc: Option<u32>) -> Vec<u8> {
+    let h = Header {
+        call_id: id,
+        kind: Kind::Request as i32,
+        method: method.into(),
+        payload_crc32c: crc,
+        body: msg("x").encode_to_vec(),
+        ..Default::default()
+    };
+    let mut wire = Vec::new();
+    encode_head(&h, payload_len, Flags::NONE, &Limits::default(), &mut wire).unwrap();
+    wire
+}
+
+/// Reads frames from a raw connection until `n` arrived or it closes.
+fn read_frames(s: &mut TcpStream, n: usize, limit: Duration) -> Vec<pagerpc::codec::DecodedFrame> {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let end = Instant::now() + limit;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        let out = decode_stream(&buf, Limits::default(), &[]);
+        if out.frames.len() >= n || Instant::now() > end {
+            return out.frames;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return decode_stream(&buf, Limits::default(), &[]).frames,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            Err(_) => {}
+        }
+    }
+}
+
+fn counting_echo(seen: Arc<AtomicUsize>) -> pagerpc::ServerBuilder {
+    Server::builder().register("echo", move |_ctx, req: MetadataEntry, p: Pages| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, Status>((req, Payload::Pages(p)))
+    })
+}
+
+#[test]
+fn checksums_round_trip_and_corruption_is_refused() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let mut scfg = ServerConfig::default();
+    scfg.send.checksum = true;
+    let server = counting_echo(seen.clone())
+        .config(scfg)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let mut ccfg = ClientConfig::default();
+    ccfg.send.checksum = true;
+    let client = Client::connect_with(server.local_addr(), ccfg).unwrap();
+    let data = vec![7u8; 100_000];
+    let r = client
+        .call::<_, MetadataEntry>("echo", &msg("ok"), data.clone())
+        .unwrap();
+    assert_eq!(*r.payload, data[..]);
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+
+    // A request whose payload does not match its CRC32C: DataLoss for that
+    // call, the handler never sees it, and the connection goes on.
+    let mut raw = TcpStream::connect(server.local_addr()).unwrap();
+    let payload = vec![1u8; 5000];
+    let good = crc32c::crc32c(&payload);
+    let mut wire = request(1, "echo", payload.len() as u64, Some(good ^ 1));
+    wire.extend_from_slice(&payload);
+    wire.extend(request(2, "echo", payload.len() as u64, Some(good)));
+    wire.extend_from_slice(&payload);
+    raw.write_all(&wire).unwrap();
+    let frames = read_frames(&mut raw, 2, Duration::from_secs(10));
+    assert_eq!(frames.len(), 2);
+    let bad = frames.iter().find(|f| f.head.call_id() == 1).unwrap();
+    assert_eq!(bad.head.kind(), Kind::Error);
+    assert_eq!(bad.head.header.status_code, Code::DataLoss.as_u32());
+    assert!(
+        bad.head.header.status_message.contains("checksum"),
+        "{}",
+        bad.head.header.status_message
+    );
+    let ok = frames.iter().find(|f| f.head.call_id() == 2).unwrap();
+    assert_eq!(ok.head.kind(), Kind::Response);
+    assert_eq!(ok.payload, payload);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "the corrupted payload never reached the handler"
+    );
+}
+
+#[test]
+fn a_corrupted_response_fails_only_its_call() {
+    // A fake server that corrupts the first response's payload.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        for round in 0..2u32 {
+            let frames = read_frames(&mut s, 1, Duration::from_secs(10));
+            let id = frames[0].head.call_id();
+            let payload = vec![round as u8; 9000];
+            let crc = crc32c::crc32c(&payload) ^ u32::from(round == 0);
+            let h = Header {
+                call_id: id,
+                kind: Kind::Response as i32,
+                payload_crc32c: Some(crc),
+                body: msg("r").encode_to_vec(),
+                ..Default::default()
+            };
+            let mut wire = Vec::new();
+            encode_head(
+                &h,
+                payload.len() as u64,
+                Flags::NONE,
+                &Limits::default(),
+                &mut wire,
+            )
+            .unwrap();
+            wire.extend_from_slice(&payload);
+            s.write_all(&wire).unwrap();
+        }
+        s
+    });
+    let client = Client::connect(addr).unwrap();
+    let e = client
+        .call::<_, MetadataEntry>("m", &msg("a"), Payload::Empty)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e}");
+    assert!(e.message().contains("checksum"));
+    let r = client
+        .call::<_, MetadataEntry>("m", &msg("b"), Payload::Empty)
+        .unwrap();
+    assert_eq!(*r.payload, [1u8; 9000][..]);
+    drop(fake.join().unwrap());
+}
+
+#[test]
+fn inflight_limit_per_connection_is_enforced() {
+    let cfg = ServerConfig {
+        max_inflight_per_conn: 2,
+        threads: 4,
+        ..ServerConfig::default()
+    };
+    let server = Server::builder()
+        .config(cfg)
+        .register("slow", |_ctx, req: MetadataEntry, _p: Pages| {
+            std::thread::sleep(Duration::from_millis(500));
+            Ok::<_, Status>((req, Payload::Empty))
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let client = Client::connect(server.local_addr()).unwrap();
+    let calls: Vec<_> = (0..3)
+        .map(|i| {
+            client
+                .start_call(
+                    "slow",
+                    msg(&i.to_string()).encode_to_vec(),
+                    Payload::Empty,
+                    &Default::default(),
+                )
+                .unwrap()
+        })
+        .collect();
+    let results: Vec<_> = calls.into_iter().map(|c| c.wait()).collect();
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "{results:?}");
+    assert_eq!(refused[0].code(), Code::ResourceExhausted);
+    assert!(
+        refused[0].message().contains("max_inflight_per_conn"),
+        "{}",
+        refused[0].message()
+    );
+}
+
+#[test]
+fn a_slowloris_peer_is_dropped_by_the_header_timeout() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let cfg = ServerConfig {
+        header_timeout: Some(Duration::from_secs(2)),
+        ..ServerConfig::default()
+    };
+    let server = counting_echo(seen).config(cfg).bind("127.0.0.1:0").unwrap();
+    let mut slow = TcpStream::connect(server.local_addr()).unwrap();
+    slow.set_nodelay(true).unwrap();
+    let wire = request(1, "echo", 0, None);
+    let t0 = Instant::now();
+    let mut dropped = None;
+    for &b in &wire {
+        // One header byte per second.
+        if slow.write_all(&[b]).is_err() {
+            break;
+        }
+        let mut probe = [0u8; 512];
+        slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        match slow.read(&mut probe) {
+            Ok(n) => {
+                dropped = Some((t0.elapsed(), probe[..n].to_vec()));
+                break;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                dropped = Some((t0.elapsed(), Vec::new()));
+                break;
+            }
+        }
+        // Meanwhile the server keeps serving others.
+        let c = Client::connect(server.local_addr()).unwrap();
+        c.call::<_, MetadataEntry>("echo", &msg("other"), Payload::Empty)
+            .unwrap();
+    }
+    let (after, bytes) = dropped.expect("the slow peer was never dropped");
+    assert!(
+        after < Duration::from_secs(6),
+        "dropped only after {after:?}"
+    );
+    let frames = decode_stream(&bytes, Limits::default(), &[]).frames;
+    assert_eq!(
+        frames[0].head.header.status_code,
+        Code::DeadlineExceeded.as_u32()
+    );
+    assert!(frames[0]
+        .head
+        .header
+        .status_message
+        .contains("header_timeout"));
+}
+
+#[test]
+fn idle_connections_are_closed() {
+    let cfg = ServerConfig {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..ServerConfig::default()
+    };
+    let server = counting_echo(Arc::default())
+        .config(cfg)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let client = Client::connect(server.local_addr()).unwrap();
+    client
+        .call::<_, MetadataEntry>("echo", &msg("a"), Payload::Empty)
+        .unwrap();
+    let t0 = Instant::now();
+    while server.connections() > 0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        server.connections(),
+        0,
+        "the idle connection was not closed"
+    );
+    let e = client
+        .call::<_, MetadataEntry>("echo", &msg("b"), Payload::Empty)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("idle_timeout"), "{}", e.message());
+}
+
+#[test]
+fn lying_lengths_are_refused_with_the_limit_named() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let server = counting_echo(seen.clone()).bind("127.0.0.1:0").unwrap();
+    let mut raw = TcpStream::connect(server.local_addr()).unwrap();
+    let big = Limits {
+        max_payload_bytes: u64::MAX,
+        ..Limits::default()
+    };
+    let h = Header {
+        call_id: 9,
+        kind: Kind::Request as i32,
+        method: "echo".into(),
+        ..Default::default()
+    };
+    let mut wire = Vec::new();
+    encode_head(&h, 1 << 45, Flags::NONE, &big, &mut wire).unwrap();
+    raw.write_all(&wire).unwrap();
+    let frames = read_frames(&mut raw, 1, Duration::from_secs(10));
+    let m = &frames[0].head.header.status_message;
+    assert_eq!(
+        frames[0].head.header.status_code,
+        Code::InvalidArgument.as_u32()
+    );
+    let expect = CodecError::PayloadTooLarge {
+        limit: Limits::default().max_payload_bytes,
+        got: 1 << 45,
+    }
+    .to_string();
+    assert!(m.contains(&expect), "{m}");
+    assert_eq!(seen.load(Ordering::SeqCst), 0);
+}
