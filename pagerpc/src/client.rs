@@ -41,6 +41,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// TCP segment sizing (page-aligned segments on loopback by default).
     pub segments: SegmentAlign,
+    /// The pre-shared key of a server that requires authentication
+    /// (`ServerConfig::auth_key`); the handshake runs inside `connect`.
+    pub auth_key: Option<Arc<[u8]>>,
 }
 
 impl ClientConfig {
@@ -63,6 +66,7 @@ impl Default for ClientConfig {
             default_timeout: None,
             connect_timeout: Duration::from_secs(10),
             segments: SegmentAlign::Auto,
+            auth_key: None,
         }
     }
 }
@@ -167,7 +171,10 @@ impl Client {
     /// Wraps an already connected stream.
     ///
     /// # Errors
-    /// When the socket cannot be configured.
+    /// When the socket cannot be configured, or (with
+    /// [`ClientConfig::auth_key`]) the handshake fails: the server refused
+    /// the key, offered no challenge, or could not prove it holds the key
+    /// ([`std::io::ErrorKind::PermissionDenied`], with the reason).
     pub fn from_stream(stream: TcpStream, cfg: ClientConfig) -> std::io::Result<Client> {
         sys::prepare_stream(&stream, false)?;
         let peer = stream.peer_addr()?;
@@ -175,9 +182,14 @@ impl Client {
         let counters = Arc::new(Counters::new());
         let mut recv_cfg = cfg.recv.clone();
         recv_cfg.limits = cfg.limits;
+        let mut sender = Sender::new(fd.clone(), cfg.send.clone(), counters.clone());
+        let mut receiver = Receiver::new(fd.clone(), recv_cfg, counters.clone());
+        if let Some(key) = &cfg.auth_key {
+            authenticate(key, &mut sender, &mut receiver, cfg.connect_timeout)?;
+        }
         let shared = Shared {
-            sender: Mutex::new(Sender::new(fd.clone(), cfg.send.clone(), counters.clone())),
-            receiver: Mutex::new(Receiver::new(fd.clone(), recv_cfg, counters.clone())),
+            sender: Mutex::new(sender),
+            receiver: Mutex::new(receiver),
             fd,
             state: Mutex::new(State::default()),
             next_id: AtomicU64::new(1),
@@ -518,6 +530,13 @@ impl Shared {
                             }
                             self.deliver(fid, Err(status));
                         }
+                        Kind::Auth => {
+                            self.fail_all(Status::unauthenticated(
+                                "the server requires pre-shared-key authentication; set ClientConfig::auth_key",
+                            ));
+                            sys::shutdown(self.fd.as_fd());
+                            return;
+                        }
                         other => {
                             self.fail_all(Status::internal(format!(
                                 "protocol error: server sent a {other:?} frame"
@@ -599,5 +618,56 @@ impl Shared {
         };
         // Best effort: if the connection is gone, the server forgets the call anyway.
         let _ = self.sender.lock().send(&header, Payload::Empty);
+    }
+}
+
+/// Runs the client side of the pre-shared-key handshake (see `auth`).
+fn authenticate(
+    key: &[u8],
+    tx: &mut Sender,
+    rx: &mut Receiver,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let deadline = Some(Instant::now() + timeout);
+    let refused = |why: String| Error::new(ErrorKind::PermissionDenied, why);
+    let expect_auth = |rx: &mut Receiver, what: &str| -> std::io::Result<Vec<u8>> {
+        match rx.recv_frame(deadline) {
+            Ok(f) if f.head.kind() == Kind::Auth => Ok(f.head.header.body),
+            Ok(f) if f.head.kind() == Kind::Error => Err(refused(format!(
+                "authentication refused by the server: {}",
+                f.head.header.status_message
+            ))),
+            Ok(f) => Err(refused(format!(
+                "expected the server's {what}, got a {:?} frame",
+                f.head.kind()
+            ))),
+            Err(RecvError::TimedOut) => Err(Error::new(
+                ErrorKind::TimedOut,
+                format!("no {what} from the server (is it configured with a key?)"),
+            )),
+            Err(e) => Err(refused(format!("authentication failed: {e}"))),
+        }
+    };
+    let challenge = expect_auth(rx, "authentication challenge")?;
+    if challenge.len() != crate::auth::NONCE_LEN {
+        return Err(refused("malformed authentication challenge".into()));
+    }
+    let client_nonce = crate::auth::nonce()?;
+    let response = crate::auth::client_response(key, &challenge, &client_nonce);
+    let header = Header {
+        kind: Kind::Auth as i32,
+        body: response,
+        ..Default::default()
+    };
+    tx.send(&header, Payload::Empty)
+        .map_err(|e| refused(format!("sending the authentication response failed: {e}")))?;
+    let proof = expect_auth(rx, "authentication proof")?;
+    if crate::auth::verify_server(key, &challenge, &client_nonce, &proof) {
+        Ok(())
+    } else {
+        Err(refused(
+            "the server could not prove it holds the pre-shared key".into(),
+        ))
     }
 }

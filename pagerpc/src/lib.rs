@@ -24,6 +24,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod auth;
 mod client;
 mod error;
 pub mod netns;

@@ -38,6 +38,7 @@ use pagerpc_pages::{Pages, Payload};
 use pagerpc_receiver::{Frame, ReceivePath, Receiver, RecvConfig, RecvError};
 use pagerpc_sender::{OutFrame, SendConfig, Sender};
 
+use crate::auth;
 use crate::segments::SegmentAlign;
 use crate::sys::{self, Poller, Signal, CONN_FLAGS, EVENT_FLAGS, LISTEN_FLAGS};
 
@@ -86,6 +87,11 @@ pub struct ServerConfig {
     /// A connection with no call in flight and no frame received for this
     /// long is closed. Default 5 minutes. `None` disables it.
     pub idle_timeout: Option<Duration>,
+    /// A pre-shared key: every connection must prove it holds the same key
+    /// (HMAC-SHA256 challenge-response, see `docs/wire-format.md`) before
+    /// any request is dispatched; a peer that fails is told so
+    /// ([`Code::Unauthenticated`]) and disconnected. Default none.
+    pub auth_key: Option<Arc<[u8]>>,
 }
 
 impl ServerConfig {
@@ -111,6 +117,7 @@ impl Default for ServerConfig {
             max_inflight_per_conn: 1024,
             header_timeout: Some(Duration::from_secs(10)),
             idle_timeout: Some(Duration::from_secs(300)),
+            auth_key: None,
         }
     }
 }
@@ -451,6 +458,9 @@ struct Conn {
     head_since: AtomicU64,
     /// Milliseconds since the server's epoch of the last frame received.
     last_active: AtomicU64,
+    /// With a pre-shared key: the nonce this connection was challenged
+    /// with, until it has authenticated.
+    challenge: Mutex<Option<[u8; auth::NONCE_LEN]>>,
 }
 
 impl Conn {
@@ -565,6 +575,7 @@ impl Shared {
             closed: AtomicBool::new(false),
             head_since: AtomicU64::new(0),
             last_active: AtomicU64::new(self.now_ms()),
+            challenge: Mutex::new(None),
             fd,
             peer,
         });
@@ -583,6 +594,24 @@ impl Shared {
         }
         conns.insert(token, conn.clone());
         drop(conns);
+        if self.cfg.auth_key.is_some() {
+            let Ok(nonce) = auth::nonce() else {
+                self.close_with(
+                    &conn,
+                    Some(Status::internal("no randomness for the challenge")),
+                );
+                return;
+            };
+            *conn.challenge.lock() = Some(nonce);
+            conn.send(OutFrame {
+                header: Header {
+                    kind: Kind::Auth as i32,
+                    body: nonce.to_vec(),
+                    ..Default::default()
+                },
+                payload: Payload::Empty,
+            });
+        }
         if self.poller.add(conn.fd.as_fd(), token, CONN_FLAGS).is_err() {
             self.conns.lock().remove(&token);
         }
@@ -677,6 +706,39 @@ impl Shared {
     /// Turns a frame into a job (requests) or handles it on the spot.
     fn classify(&self, conn: &Arc<Conn>, frame: Frame) -> Option<Job> {
         let id = frame.head.call_id();
+        let challenge = *conn.challenge.lock();
+        if let (Some(nonce), Some(key)) = (challenge, &self.cfg.auth_key) {
+            // Nothing is dispatched before the peer proves it holds the key.
+            let refusal = if frame.head.kind() != Kind::Auth {
+                Some(format!(
+                    "this server requires pre-shared-key authentication; the client sent a {:?} frame instead",
+                    frame.head.kind()
+                ))
+            } else if let Some(client_nonce) =
+                auth::verify_client(key, &nonce, &frame.head.header.body)
+            {
+                let proof = auth::server_proof(key, &nonce, client_nonce);
+                *conn.challenge.lock() = None;
+                conn.send(OutFrame {
+                    header: Header {
+                        kind: Kind::Auth as i32,
+                        body: proof,
+                        ..Default::default()
+                    },
+                    payload: Payload::Empty,
+                });
+                None
+            } else {
+                Some(
+                    "authentication failed: the client's proof does not match the pre-shared key"
+                        .into(),
+                )
+            };
+            if let Some(why) = refusal {
+                self.close_with(conn, Some(Status::unauthenticated(why)));
+            }
+            return None;
+        }
         match frame.head.kind() {
             Kind::Request => {
                 if self.shutting_down.load(Ordering::SeqCst) {
@@ -734,7 +796,7 @@ impl Shared {
                 ));
                 None
             }
-            Kind::Response | Kind::Error | Kind::Pong | Kind::Unspecified => {
+            Kind::Response | Kind::Error | Kind::Pong | Kind::Auth | Kind::Unspecified => {
                 // Frames only a server sends: the peer is confused. Answer and
                 // carry on; this does not desynchronise the stream.
                 conn.send(error_frame(
