@@ -24,7 +24,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -87,6 +87,17 @@ pub struct ServerConfig {
     /// A connection with no call in flight and no frame received for this
     /// long is closed. Default 5 minutes. `None` disables it.
     pub idle_timeout: Option<Duration>,
+    /// Most payload bytes (rounded up to pages) the consumers of one
+    /// connection's requests may hold at once. Past it, the server stops
+    /// reading that connection (backpressure: the peer's sends block once
+    /// the socket buffers fill) until handlers or whoever kept the `Pages`
+    /// drop enough of them. Other connections are not affected.
+    /// Default 256 MiB. `None` disables it.
+    ///
+    /// # Memory cost
+    /// Up to this much per connection, plus one payload (the one whose
+    /// arrival crossed the cap), plus what sits in socket buffers.
+    pub max_held_bytes_per_conn: Option<usize>,
     /// A pre-shared key: every connection must prove it holds the same key
     /// (HMAC-SHA256 challenge-response, see `docs/wire-format.md`) before
     /// any request is dispatched; a peer that fails is told so
@@ -117,6 +128,7 @@ impl Default for ServerConfig {
             max_inflight_per_conn: 1024,
             header_timeout: Some(Duration::from_secs(10)),
             idle_timeout: Some(Duration::from_secs(300)),
+            max_held_bytes_per_conn: Some(256 << 20),
             auth_key: None,
         }
     }
@@ -350,6 +362,17 @@ impl Server {
         self.shared.counters.snapshot()
     }
 
+    /// Payload bytes (rounded up to pages) that consumers of each open
+    /// connection's requests still hold, summed.
+    pub fn held_payload_bytes(&self) -> usize {
+        self.shared
+            .conns
+            .lock()
+            .values()
+            .map(|c| c.held.load(Ordering::SeqCst))
+            .sum()
+    }
+
     /// Calls being handled now.
     pub fn inflight(&self) -> usize {
         *self.shared.inflight.lock()
@@ -423,8 +446,8 @@ struct Shared {
     listener: Mutex<Option<TcpListener>>,
     jobs_signal: Signal,
     stop_signal: Signal,
-    jobs_tx: ChanTx<Job>,
-    jobs_rx: ChanRx<Job>,
+    jobs_tx: ChanTx<Work>,
+    jobs_rx: ChanRx<Work>,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_conn: AtomicU64,
     handlers: HashMap<String, Arc<RawHandler>>,
@@ -461,6 +484,18 @@ struct Conn {
     /// With a pre-shared key: the nonce this connection was challenged
     /// with, until it has authenticated.
     challenge: Mutex<Option<[u8; auth::NONCE_LEN]>>,
+    /// Payload bytes of this connection's requests that consumers still hold.
+    held: AtomicUsize,
+    /// Reading is paused because `held` is over the cap.
+    paused: AtomicBool,
+}
+
+/// Work for a pool thread besides socket readiness.
+enum Work {
+    /// Run a call's handler.
+    Call(Job),
+    /// Read a connection again after its consumers released enough pages.
+    Resume(Arc<Conn>),
 }
 
 impl Conn {
@@ -516,11 +551,14 @@ impl Shared {
                     // Take one job at a time, and wake another idle thread
                     // while more are queued, so one blocking handler never
                     // holds up the jobs behind it.
-                    while let Ok(job) = self.jobs_rx.try_recv() {
+                    while let Ok(work) = self.jobs_rx.try_recv() {
                         if !self.jobs_rx.is_empty() {
                             self.jobs_signal.raise();
                         }
-                        self.run_job(job);
+                        match work {
+                            Work::Call(job) => self.run_job(job),
+                            Work::Resume(conn) => self.serve_conn(conn),
+                        }
                     }
                 }
                 t => {
@@ -576,6 +614,8 @@ impl Shared {
             head_since: AtomicU64::new(0),
             last_active: AtomicU64::new(self.now_ms()),
             challenge: Mutex::new(None),
+            held: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
             fd,
             peer,
         });
@@ -619,7 +659,7 @@ impl Shared {
 
     /// Reads every complete request the connection has, dispatches them, and
     /// runs the first one on this thread.
-    fn serve_conn(&self, conn: Arc<Conn>) {
+    fn serve_conn(self: &Arc<Self>, conn: Arc<Conn>) {
         let mut mine: Option<Job> = None;
         let mut failure = None;
         let mut got_frames = false;
@@ -627,14 +667,23 @@ impl Shared {
             let mut rx = conn.receiver.lock();
             let mut batch = 0;
             loop {
+                if conn.paused.load(Ordering::SeqCst) {
+                    break;
+                }
                 match rx.poll_frame() {
                     Ok(Some(frame)) => {
                         got_frames = true;
-                        if let Some(job) = self.classify(&conn, frame) {
+                        let job = self.classify(&conn, frame);
+                        if self.over_cap(&conn) {
+                            // Backpressure: stop reading this connection
+                            // until its consumers release pages.
+                            conn.paused.store(true, Ordering::SeqCst);
+                        }
+                        if let Some(job) = job {
                             if mine.is_none() {
                                 mine = Some(job);
                             } else {
-                                let _ = self.jobs_tx.send(job);
+                                let _ = self.jobs_tx.send(Work::Call(job));
                                 batch += 1;
                                 if batch % DISPATCH_BATCH == 0 {
                                     self.jobs_signal.raise();
@@ -687,6 +736,13 @@ impl Shared {
             }
         }
         match failure {
+            None if conn.paused.load(Ordering::SeqCst) => {
+                // Not re-armed: a release re-reads it. If pages were released
+                // between the check and now, resume here.
+                if !self.over_cap(&conn) && conn.paused.swap(false, Ordering::SeqCst) {
+                    self.resume(conn.clone());
+                }
+            }
             None => {
                 if self
                     .poller
@@ -704,7 +760,7 @@ impl Shared {
     }
 
     /// Turns a frame into a job (requests) or handles it on the spot.
-    fn classify(&self, conn: &Arc<Conn>, frame: Frame) -> Option<Job> {
+    fn classify(self: &Arc<Self>, conn: &Arc<Conn>, mut frame: Frame) -> Option<Job> {
         let id = frame.head.call_id();
         let challenge = *conn.challenge.lock();
         if let (Some(nonce), Some(key)) = (challenge, &self.cfg.auth_key) {
@@ -748,6 +804,7 @@ impl Shared {
                     ));
                     return None;
                 }
+                self.charge(conn, &mut frame.payload);
                 let cancelled = Arc::new(AtomicBool::new(false));
                 {
                     let mut calls = conn.calls.lock();
@@ -918,6 +975,48 @@ impl Shared {
         sys::shutdown(conn.fd.as_fd());
     }
 
+    /// Counts a request payload against its connection's cap until the
+    /// last handle to it is dropped.
+    fn charge(self: &Arc<Self>, conn: &Arc<Conn>, pages: &mut Pages) {
+        let Some(cap) = self.cfg.max_held_bytes_per_conn else {
+            return;
+        };
+        let bytes = pages.footprint();
+        if bytes == 0 {
+            return;
+        }
+        conn.held.fetch_add(bytes, Ordering::SeqCst);
+        let shared = Arc::downgrade(self);
+        let c = Arc::downgrade(conn);
+        let hook: pagerpc_pages::ReleaseHook = Box::new(move |n| {
+            let Some(conn) = c.upgrade() else { return };
+            let left = conn.held.fetch_sub(n, Ordering::SeqCst).saturating_sub(n);
+            if left <= cap && conn.paused.swap(false, Ordering::SeqCst) {
+                if let Some(s) = shared.upgrade() {
+                    s.resume(conn);
+                }
+            }
+        });
+        if let Err(hook) = pages.on_release(hook) {
+            // Not attachable (a fresh payload always is): do not count it.
+            hook(bytes);
+        }
+    }
+
+    fn over_cap(&self, conn: &Conn) -> bool {
+        self.cfg
+            .max_held_bytes_per_conn
+            .is_some_and(|cap| conn.held.load(Ordering::SeqCst) > cap)
+    }
+
+    /// Has a pool thread read a paused connection again.
+    fn resume(&self, conn: Arc<Conn>) {
+        if !conn.closed.load(Ordering::SeqCst) {
+            let _ = self.jobs_tx.send(Work::Resume(conn));
+            self.jobs_signal.raise();
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -948,7 +1047,12 @@ impl Shared {
                 }
                 if let Some(t) = self.cfg.idle_timeout {
                     let idle = now.saturating_sub(c.last_active.load(Ordering::Relaxed));
-                    if head == 0 && c.calls.lock().is_empty() && idle > t.as_millis() as u64 {
+                    let paused = c.paused.load(Ordering::SeqCst);
+                    if head == 0
+                        && !paused
+                        && c.calls.lock().is_empty()
+                        && idle > t.as_millis() as u64
+                    {
                         self.close_with(
                             &c,
                             Some(Status::unavailable(format!(

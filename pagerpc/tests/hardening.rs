@@ -401,3 +401,74 @@ fn peers_killed_mid_frame_never_deliver_partial_payloads() {
         whole + 20
     );
 }
+
+/// A consumer that holds pages stalls only its own connection, and the
+/// memory it holds stays under the cap; releasing the pages resumes it.
+#[test]
+fn backpressure_stalls_only_the_connection_whose_consumer_holds_pages() {
+    const CAP: usize = 4 << 20;
+    let kept: Arc<std::sync::Mutex<Vec<Pages>>> = Arc::default();
+    let k = kept.clone();
+    let server = Server::builder()
+        .config(ServerConfig {
+            max_held_bytes_per_conn: Some(CAP),
+            ..ServerConfig::default()
+        })
+        .register("hold", move |_ctx, req: MetadataEntry, p: Pages| {
+            k.lock().unwrap().push(p);
+            Ok::<_, Status>((req, Payload::Empty))
+        })
+        .register("echo", |_ctx, req: MetadataEntry, p: Pages| {
+            Ok::<_, Status>((req, Payload::Pages(p)))
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let greedy = Client::connect(server.local_addr()).unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let (g, d) = (greedy.clone(), done.clone());
+    let sender = std::thread::spawn(move || {
+        let calls: Vec<_> = (0..12)
+            .map(|i| {
+                g.start_call(
+                    "hold",
+                    msg(&i.to_string()).encode_to_vec(),
+                    vec![3u8; 1 << 20],
+                    &Default::default(),
+                )
+                .unwrap()
+            })
+            .collect();
+        for c in calls {
+            c.wait().unwrap();
+            d.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // The connection stalls once its consumer holds more than the cap.
+    std::thread::sleep(Duration::from_millis(500));
+    let stalled_at = done.load(Ordering::SeqCst);
+    assert!(stalled_at < 12, "nothing stalled");
+    let held = server.held_payload_bytes();
+    assert!(
+        held <= CAP + (1 << 20) + 4096,
+        "held {held} bytes, cap {CAP}"
+    );
+    // Other connections are served meanwhile.
+    let other = Client::connect(server.local_addr()).unwrap();
+    let r = other
+        .call::<_, MetadataEntry>("echo", &msg("o"), vec![1u8; 2 << 20])
+        .unwrap();
+    assert_eq!(r.payload.len(), 2 << 20);
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        stalled_at,
+        "the stalled connection stayed stalled"
+    );
+    // Releasing the pages resumes it.
+    let t0 = Instant::now();
+    while done.load(Ordering::SeqCst) < 12 && t0.elapsed() < Duration::from_secs(20) {
+        kept.lock().unwrap().clear();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sender.join().unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 12);
+}

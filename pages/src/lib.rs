@@ -71,9 +71,27 @@ pub enum Origin {
 /// until it is dropped, even after the connection is closed.
 #[derive(Clone)]
 pub struct Pages {
-    region: Option<Arc<Region>>,
+    region: Option<Arc<Held>>,
     len: usize,
     origin: Origin,
+}
+
+/// A callback run once when the last handle to a [`Pages`] is dropped,
+/// with the number of bytes the region occupied.
+pub type ReleaseHook = Box<dyn FnOnce(usize) + Send + Sync>;
+
+/// A region plus an optional hook run after it is released.
+struct Held {
+    region: Region,
+    on_release: Option<ReleaseHook>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(hook) = self.on_release.take() {
+            hook(self.region.capacity());
+        }
+    }
 }
 
 impl Pages {
@@ -114,9 +132,29 @@ impl Pages {
         // SAFETY: forwarded from this function's contract.
         let region = unsafe { Region::from_mapping(ptr, map_len) };
         Pages {
-            region: Some(Arc::new(region)),
+            region: Some(Arc::new(Held {
+                region,
+                on_release: None,
+            })),
             len,
             origin,
+        }
+    }
+
+    /// Runs `hook` once the last handle to these pages is dropped (after the
+    /// memory is released). Receivers use it to account for memory their
+    /// consumers hold. Returns the hook back if these pages are not the
+    /// only handle (or are empty), so the caller can release at once.
+    ///
+    /// # Errors
+    /// The hook, when it could not be attached.
+    pub fn on_release(&mut self, hook: ReleaseHook) -> Result<(), ReleaseHook> {
+        match self.region.as_mut().and_then(Arc::get_mut) {
+            Some(held) if held.on_release.is_none() => {
+                held.on_release = Some(hook);
+                Ok(())
+            }
+            _ => Err(hook),
         }
     }
 
@@ -144,7 +182,7 @@ impl Pages {
 
     /// Bytes of memory this value keeps alive (the region's size).
     pub fn footprint(&self) -> usize {
-        self.region.as_ref().map_or(0, |r| r.capacity())
+        self.region.as_ref().map_or(0, |r| r.region.capacity())
     }
 }
 
@@ -158,7 +196,7 @@ impl Deref for Pages {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match &self.region {
-            Some(r) => r.slice(self.len),
+            Some(r) => r.region.slice(self.len),
             None => &[],
         }
     }
@@ -265,7 +303,12 @@ impl PageBuf {
             Some(_) => Origin::Heap,
         };
         Pages {
-            region: self.region.map(Arc::new),
+            region: self.region.map(|region| {
+                Arc::new(Held {
+                    region,
+                    on_release: None,
+                })
+            }),
             len: self.len,
             origin,
         }
@@ -397,6 +440,28 @@ mod tests {
             drop(p);
             assert_eq!(q.len(), len, "a clone outlives the original");
         }
+    }
+
+    #[test]
+    fn release_hook_runs_once_after_the_last_handle() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let released = Arc::new(AtomicUsize::new(0));
+        let mut p = Pages::copy_from_slice(&[1u8; 100_000]).unwrap();
+        let r = released.clone();
+        assert!(p
+            .on_release(Box::new(move |n| {
+                r.fetch_add(n, Ordering::SeqCst);
+            }))
+            .is_ok());
+        let q = p.clone();
+        drop(p);
+        assert_eq!(released.load(Ordering::SeqCst), 0);
+        drop(q);
+        assert_eq!(released.load(Ordering::SeqCst), 102_400);
+        // A shared region refuses a hook.
+        let mut a = Pages::copy_from_slice(&[1u8; 10]).unwrap();
+        let _b = a.clone();
+        assert!(a.on_release(Box::new(|_| {})).is_err());
     }
 
     #[test]
