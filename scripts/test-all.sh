@@ -15,6 +15,10 @@ fi
 echo "== cargo test (workspace, release) =="
 cargo test --workspace --release
 
+echo "== soak (bounded; fails on leaked fds or mappings) =="
+cargo build --release -p pagerpc-bench
+target/release/pagerpc-bench soak --seconds "${SOAK_SECONDS:-20}"
+
 echo "== fuzz smoke run (every target, bounded) =="
 fuzz/run.sh "${FUZZ_SECONDS:-20}"
 

@@ -6,6 +6,8 @@
 //! - `concurrent`: many calls in flight on one connection.
 #![forbid(unsafe_code)]
 
+mod soak;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -99,6 +101,13 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         size: usize,
     },
+    /// A bounded mixed load with injected faults; reports calls, errors by
+    /// kind, RSS over time, and leaked fds and mappings (exit 1 on a leak).
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 180)]
+        seconds: u64,
+    },
     /// Internal: the sending process of `bulk`.
     #[command(hide = true)]
     BulkSend {
@@ -189,6 +198,7 @@ fn main() {
             size,
             warmup,
         } => pingpong(calls, size, warmup),
+        Cmd::Soak { seconds } => soak::soak(seconds),
         Cmd::Concurrent {
             inflight,
             calls,

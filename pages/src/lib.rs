@@ -19,10 +19,16 @@ use std::sync::Arc;
 
 use sys::Region;
 
-/// Payloads up to this size live in a page-aligned heap block instead of a
-/// mapping of their own: for small payloads the `mmap`/`munmap` pair costs
-/// more than the copy.
-pub const HEAP_MAX: usize = 64 * 1024;
+/// Payloads up to this size live in one page of a process-wide pool of
+/// 4 KiB pages (carved from 2 MiB mappings) instead of a mapping of their
+/// own: for small payloads an `mmap`/`munmap` pair costs more than the
+/// bytes. Larger payloads get anonymous mappings, recycled through a
+/// bounded cache (see [`set_cache_limit`]).
+///
+/// # Memory cost
+/// The pool grows to the largest number of small payloads alive at once
+/// (4 KiB each) and keeps that memory for reuse.
+pub const HEAP_MAX: usize = pagerpc_core::PAGE_SIZE;
 
 /// Sets how many bytes of dropped anonymous payload mappings the process
 /// keeps for reuse (default 64 MiB; 0 unmaps everything cached and turns
@@ -49,7 +55,8 @@ pub fn cached_bytes() -> usize {
 pub enum Origin {
     /// No bytes.
     Empty,
-    /// A page-aligned heap block (small payloads).
+    /// A page of the process-wide small-payload pool (payloads of at most
+    /// [`HEAP_MAX`] bytes).
     Heap,
     /// An anonymous mapping the bytes were copied into.
     Anonymous,
@@ -242,7 +249,7 @@ impl PageBuf {
     pub fn new(len: usize) -> io::Result<PageBuf> {
         let region = match len {
             0 => None,
-            n if n <= HEAP_MAX => Some(Region::heap(n)?),
+            n if n <= HEAP_MAX => Some(Region::small(n, true)?),
             n => Some(Region::anon(n)?),
         };
         Ok(PageBuf { region, len })
@@ -274,7 +281,7 @@ impl PageBuf {
     pub fn for_overwrite(len: usize) -> io::Result<PageBuf> {
         let region = match len {
             0 => None,
-            n if n <= HEAP_MAX => Some(Region::heap(n)?),
+            n if n <= HEAP_MAX => Some(Region::small(n, false)?),
             n => Some(Region::recycled(n)?),
         };
         Ok(PageBuf { region, len })

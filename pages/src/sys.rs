@@ -1,7 +1,6 @@
 //! Every system call and raw-memory operation of this crate, behind small
 //! safe wrappers.
 
-use std::alloc::{self, Layout};
 use std::collections::HashMap;
 use std::io;
 use std::ptr::NonNull;
@@ -22,9 +21,11 @@ pub(crate) enum Region {
         /// for another payload once dropped (socket mappings never are).
         recyclable: bool,
     },
-    /// A page-aligned heap block, for small payloads (an `mmap` plus
-    /// `munmap` costs more than the bytes).
-    Heap { ptr: NonNull<u8>, layout: Layout },
+    /// One 4 KiB page from the process-wide small-page pool, for payloads
+    /// of at most a page (an `mmap` plus `munmap` costs more than the
+    /// bytes, and glibc's `memalign` fragments its heaps when such blocks
+    /// are freed on another thread).
+    Slab { ptr: NonNull<u8> },
 }
 
 // SAFETY: a Region exclusively owns its memory; nothing else aliases it, so
@@ -75,14 +76,17 @@ impl Region {
         })
     }
 
-    /// A zero-filled, page-aligned heap block of `len` bytes (`len > 0`).
-    pub(crate) fn heap(len: usize) -> io::Result<Region> {
-        let layout = Layout::from_size_align(len.max(1), PAGE_SIZE)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(p).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        Ok(Region::Heap { ptr, layout })
+    /// One page from the small-page pool; its first `len` bytes are zeroed
+    /// if `zero` (the rest is never exposed). `len <= PAGE_SIZE`.
+    pub(crate) fn small(len: usize, zero: bool) -> io::Result<Region> {
+        assert!(len <= PAGE_SIZE);
+        let ptr = slab_take()?;
+        if zero {
+            // SAFETY: the page is ours (taken from the pool) and PAGE_SIZE
+            // bytes long.
+            unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
+        }
+        Ok(Region::Slab { ptr })
     }
 
     /// Takes ownership of an existing mapping.
@@ -100,7 +104,7 @@ impl Region {
 
     pub(crate) fn ptr(&self) -> NonNull<u8> {
         match self {
-            Region::Mapped { ptr, .. } | Region::Heap { ptr, .. } => *ptr,
+            Region::Mapped { ptr, .. } | Region::Slab { ptr } => *ptr,
         }
     }
 
@@ -108,7 +112,7 @@ impl Region {
     pub(crate) fn capacity(&self) -> usize {
         match self {
             Region::Mapped { map_len, .. } => *map_len,
-            Region::Heap { layout, .. } => layout.size(),
+            Region::Slab { .. } => PAGE_SIZE,
         }
     }
 
@@ -145,10 +149,7 @@ impl Drop for Region {
                 let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), map_len) };
                 debug_assert_eq!(rc, 0, "munmap: {}", io::Error::last_os_error());
             }
-            Region::Heap { ptr, layout } => {
-                // SAFETY: allocated by alloc_zeroed with this same layout.
-                unsafe { alloc::dealloc(ptr.as_ptr(), layout) }
-            }
+            Region::Slab { ptr } => slab_put(ptr),
         }
     }
 }
@@ -242,4 +243,46 @@ fn unmap(addr: usize, len: usize) {
     // removed from the cache before this call, so nothing else refers to it.
     let rc = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
     debug_assert_eq!(rc, 0, "munmap: {}", io::Error::last_os_error());
+}
+
+/// Free pages of the small-page pool, as addresses.
+static SLAB: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// The pool grows by this much at a time (one mapping).
+const SLAB_CHUNK: usize = 2 << 20;
+
+fn slab_take() -> io::Result<NonNull<u8>> {
+    let mut free = SLAB.lock().unwrap_or_else(|e| e.into_inner());
+    if free.is_empty() {
+        // SAFETY: a fresh anonymous mapping with no address hint touches no
+        // existing memory; the result is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SLAB_CHUNK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = p as usize;
+        free.extend(
+            (0..SLAB_CHUNK / PAGE_SIZE)
+                .rev()
+                .map(|i| base + i * PAGE_SIZE),
+        );
+    }
+    let addr = free
+        .pop()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+    NonNull::new(addr as *mut u8).ok_or_else(|| io::Error::other("null slab page"))
+}
+
+fn slab_put(ptr: NonNull<u8>) {
+    SLAB.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(ptr.as_ptr() as usize);
 }
