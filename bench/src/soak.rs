@@ -217,6 +217,11 @@ pub fn soak(seconds: u64) -> Res {
     // Recycled payload mappings are memory kept on purpose; drop them
     // before comparing.
     pagerpc::set_cache_limit(0);
+    // A pool thread may still be dropping the last connection it served.
+    let settle = Instant::now();
+    while (fds() > fds0 || maps() > maps0) && settle.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let (fds1, maps1) = (fds(), maps());
     let t = tally.lock().unwrap();
     println!("soak: calls completed:");
