@@ -472,3 +472,55 @@ fn backpressure_stalls_only_the_connection_whose_consumer_holds_pages() {
     sender.join().unwrap();
     assert_eq!(done.load(Ordering::SeqCst), 12);
 }
+
+/// 1000 trials the other way round: the server dies at a random offset
+/// inside its response's header or payload. The pending call fails with a
+/// clear error every time, and never returns a short payload.
+#[test]
+fn servers_killed_mid_response_fail_the_pending_call_clearly() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    const TRIALS: usize = 1000;
+    let fake = std::thread::spawn(move || {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..TRIALS {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (mut s, _) = listener.accept().unwrap();
+            let frames = read_frames(&mut s, 1, Duration::from_secs(10));
+            let id = frames[0].head.call_id();
+            let len = [4096usize, 5000, 70_000, 300_000][(x % 4) as usize];
+            let h = Header {
+                call_id: id,
+                kind: Kind::Response as i32,
+                body: msg("r").encode_to_vec(),
+                ..Default::default()
+            };
+            let mut wire = Vec::new();
+            encode_head(&h, len as u64, Flags::NONE, &Limits::default(), &mut wire).unwrap();
+            wire.resize(wire.len() + len, 0xcd);
+            // Die anywhere before the last byte.
+            let cut = ((x >> 8) % (wire.len() as u64 - 1)) as usize;
+            let _ = s.write_all(&wire[..cut]);
+        }
+    });
+    for trial in 0..TRIALS {
+        let c = Client::connect(addr).unwrap();
+        match c.call::<_, MetadataEntry>("m", &msg("q"), Payload::Empty) {
+            Ok(r) => panic!(
+                "trial {trial}: a cut response was delivered ({} bytes)",
+                r.payload.len()
+            ),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "trial {trial}: {e}");
+                assert!(
+                    e.message().contains("connection lost")
+                        || e.message().contains("closed by the server"),
+                    "trial {trial}: unclear error: {e}"
+                );
+            }
+        }
+    }
+    fake.join().unwrap();
+}
