@@ -342,7 +342,10 @@ impl SockRegion {
     }
 
     /// Hands the region to a `Pages` of `len` bytes.
-    pub(crate) fn into_pages(self, len: usize) -> pagerpc_pages::Pages {
+    pub(crate) fn into_pages(mut self, len: usize) -> pagerpc_pages::Pages {
+        // ManuallyDrop below skips every field's destructor: free the hole
+        // list first (forgetting it leaked a little heap per payload).
+        drop(std::mem::take(&mut self.holes));
         let me = std::mem::ManuallyDrop::new(self);
         // SAFETY: the region is a mapping of `map_len` bytes that this value
         // owned exclusively; ManuallyDrop hands that ownership to Pages,
