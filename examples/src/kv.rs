@@ -1,0 +1,811 @@
+//! An in-memory key-value server whose values are the page-aligned
+//! payloads it received.
+//!
+//! A PUT keeps the request's payload [`Pages`] as the value: no copy is made
+//! on the server, and with zero-copy receive the value's pages are the very
+//! pages the kernel mapped from the socket. A GET sends the kept pages back
+//! as they are (`Payload::Pages(value.clone())`, a reference-count bump),
+//! with `MSG_ZEROCOPY` when the server runs in zero-copy mode.
+//!
+//! | method | request | payload in | response | payload out |
+//! |---|---|---|---|---|
+//! | `kv.put` | [`PutRequest`] | the value | [`PutResponse`] | none |
+//! | `kv.get` | [`KeyRequest`] | none | [`GetResponse`] | the value |
+//! | `kv.del` | [`KeyRequest`] | none | [`DeleteResponse`] | none |
+//! | `kv.list` | [`ListRequest`] | none | [`ListResponse`] | none |
+//! | `kv.stats` | [`StatsRequest`] | none | [`StatsResponse`] | none |
+//!
+//! # Memory cap
+//! The store accounts `key.len() + value.len()` bytes per entry and never
+//! holds more than [`KvConfig::max_bytes`]. A PUT that would go over is
+//! refused with [`Code::ResourceExhausted`] naming the cap, and changes
+//! nothing. Replacing a key counts the new value minus the old one.
+//!
+//! A value received zero-copy is a mapping of the socket it came in on; it
+//! keeps that socket's file open (a few KiB of kernel memory) until the
+//! value is replaced or deleted.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pagerpc::{
+    CallError, Client, ClientConfig, Code, CountersSnapshot, PageBuf, Pages, Payload, Server,
+    ServerConfig, Status,
+};
+
+use crate::util::{self, human_bytes, human_latency, percentile};
+
+/// Method names.
+pub mod method {
+    /// Store a value.
+    pub const PUT: &str = "kv.put";
+    /// Fetch a value.
+    pub const GET: &str = "kv.get";
+    /// Delete a key.
+    pub const DELETE: &str = "kv.del";
+    /// List keys by prefix.
+    pub const LIST: &str = "kv.list";
+    /// Store and transfer statistics.
+    pub const STATS: &str = "kv.stats";
+}
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+/// Entries a LIST returns when the request sets no limit.
+pub const DEFAULT_LIST_LIMIT: u32 = 1000;
+
+/// `kv.put` request; the value is the payload.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PutRequest {
+    /// The key (1..=1024 bytes of UTF-8).
+    #[prost(string, tag = "1")]
+    pub key: String,
+}
+
+/// `kv.put` response.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PutResponse {
+    /// Whether the key had a value, now replaced.
+    #[prost(bool, tag = "1")]
+    pub replaced: bool,
+    /// Length of the replaced value (0 if none).
+    #[prost(uint64, tag = "2")]
+    pub old_len: u64,
+    /// Bytes the store accounts after the PUT.
+    #[prost(uint64, tag = "3")]
+    pub stored_bytes: u64,
+}
+
+/// A request naming one key (`kv.get`, `kv.del`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeyRequest {
+    /// The key.
+    #[prost(string, tag = "1")]
+    pub key: String,
+}
+
+/// `kv.get` response; the value is the payload.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GetResponse {
+    /// The value's length (also the payload's).
+    #[prost(uint64, tag = "1")]
+    pub len: u64,
+}
+
+/// `kv.del` response.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeleteResponse {
+    /// Whether the key existed.
+    #[prost(bool, tag = "1")]
+    pub existed: bool,
+    /// Bytes freed (key and value).
+    #[prost(uint64, tag = "2")]
+    pub freed: u64,
+}
+
+/// `kv.list` request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListRequest {
+    /// Only keys starting with this.
+    #[prost(string, tag = "1")]
+    pub prefix: String,
+    /// Most entries to return (0: [`DEFAULT_LIST_LIMIT`]).
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+}
+
+/// One listed key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListEntry {
+    /// The key.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// Its value's length.
+    #[prost(uint64, tag = "2")]
+    pub len: u64,
+}
+
+/// `kv.list` response.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListResponse {
+    /// Matching keys in byte order, at most `limit` of them.
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<ListEntry>,
+    /// Whether more keys match than were returned.
+    #[prost(bool, tag = "2")]
+    pub more: bool,
+}
+
+/// `kv.stats` request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatsRequest {}
+
+/// `kv.stats` response: the store and the server's transfer counters.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatsResponse {
+    /// Keys stored.
+    #[prost(uint64, tag = "1")]
+    pub keys: u64,
+    /// Bytes accounted (keys plus values).
+    #[prost(uint64, tag = "2")]
+    pub bytes: u64,
+    /// The memory cap.
+    #[prost(uint64, tag = "3")]
+    pub max_bytes: u64,
+    /// Memory the values occupy (page-rounded regions).
+    #[prost(uint64, tag = "4")]
+    pub memory: u64,
+    /// PUTs stored.
+    #[prost(uint64, tag = "5")]
+    pub puts: u64,
+    /// PUTs refused by the cap.
+    #[prost(uint64, tag = "6")]
+    pub puts_refused: u64,
+    /// GETs served (found or not).
+    #[prost(uint64, tag = "7")]
+    pub gets: u64,
+    /// DELETEs served.
+    #[prost(uint64, tag = "8")]
+    pub deletes: u64,
+    /// Payload bytes the server received (all methods).
+    #[prost(uint64, tag = "9")]
+    pub payload_bytes_received: u64,
+    /// Payload bytes the server sent.
+    #[prost(uint64, tag = "10")]
+    pub payload_bytes_sent: u64,
+    /// Received payload bytes mapped from the socket (zero-copy).
+    #[prost(uint64, tag = "11")]
+    pub bytes_mapped: u64,
+    /// Received payload bytes copied.
+    #[prost(uint64, tag = "12")]
+    pub bytes_copied: u64,
+    /// `MSG_ZEROCOPY` sends issued.
+    #[prost(uint64, tag = "13")]
+    pub zc_sends: u64,
+    /// `MSG_ZEROCOPY` sends the kernel reported as copied anyway.
+    #[prost(uint64, tag = "14")]
+    pub zc_send_copied: u64,
+}
+
+impl StatsResponse {
+    /// Percentage of received payload bytes that were mapped (0 when none).
+    pub fn mapped_percent(&self) -> f64 {
+        mapped_percent(self.bytes_mapped, self.bytes_copied)
+    }
+}
+
+fn mapped_percent(mapped: u64, copied: u64) -> f64 {
+    let total = mapped + copied;
+    if total == 0 {
+        0.0
+    } else {
+        100.0 * mapped as f64 / total as f64
+    }
+}
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct KvConfig {
+    /// The memory cap: most bytes (keys plus values) the store holds.
+    pub max_bytes: u64,
+    /// Zero-copy receive and `MSG_ZEROCOPY` send.
+    pub zerocopy: bool,
+    /// Server pool threads (`None`: pagerpc's default).
+    pub threads: Option<usize>,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig {
+            max_bytes: 1 << 30,
+            zerocopy: true,
+            threads: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    map: BTreeMap<String, Pages>,
+    bytes: u64,
+    memory: u64,
+}
+
+struct Store {
+    max_bytes: u64,
+    inner: Mutex<Inner>,
+    puts: AtomicU64,
+    puts_refused: AtomicU64,
+    gets: AtomicU64,
+    deletes: AtomicU64,
+    /// The running server, for its counters. Taken out before shutdown.
+    server: Mutex<Option<Server>>,
+}
+
+fn cost(key: &str, value: &Pages) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+impl Store {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panicking handler cannot leave the map half-updated (every
+        // update is one insert or remove plus counter arithmetic), so a
+        // poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_key(key: &str) -> Result<(), Status> {
+        if key.is_empty() {
+            return Err(Status::invalid_argument("the key is empty"));
+        }
+        if key.len() > MAX_KEY_LEN {
+            return Err(Status::invalid_argument(format!(
+                "the key is {} bytes long; the limit is {MAX_KEY_LEN}",
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn put(&self, key: String, value: Pages) -> Result<PutResponse, Status> {
+        Self::check_key(&key)?;
+        let add = cost(&key, &value);
+        let mut inner = self.lock();
+        let (old_cost, old_len, old_mem) = inner.map.get(&key).map_or((0, 0, 0), |v| {
+            (cost(&key, v), v.len() as u64, v.footprint() as u64)
+        });
+        let after = inner.bytes - old_cost + add;
+        if after > self.max_bytes {
+            let held = inner.bytes;
+            let keys = inner.map.len();
+            drop(inner);
+            self.puts_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::resource_exhausted(format!(
+                "PUT '{key}' refused: storing {} would bring the store to {after} bytes, \
+                 over its memory cap of {} bytes (--max-bytes {}); it holds {held} bytes in \
+                 {keys} keys, and nothing was changed",
+                human_bytes(value.len() as u64),
+                self.max_bytes,
+                self.max_bytes,
+            )));
+        }
+        inner.bytes = after;
+        inner.memory = inner.memory - old_mem + value.footprint() as u64;
+        let old = inner.map.insert(key, value);
+        drop(inner);
+        // The old value (maybe a socket mapping) is unmapped here, outside
+        // the lock.
+        drop(old);
+        self.puts.fetch_add(1, Ordering::Relaxed);
+        Ok(PutResponse {
+            replaced: old_cost > 0,
+            old_len,
+            stored_bytes: after,
+        })
+    }
+
+    fn get(&self, key: &str) -> Result<Pages, Status> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .map
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no key '{key}'")))
+    }
+
+    fn delete(&self, key: &str) -> DeleteResponse {
+        self.deletes.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        let Some(old) = inner.map.remove(key) else {
+            return DeleteResponse {
+                existed: false,
+                freed: 0,
+            };
+        };
+        let freed = cost(key, &old);
+        inner.bytes -= freed;
+        inner.memory -= old.footprint() as u64;
+        drop(inner);
+        drop(old);
+        DeleteResponse {
+            existed: true,
+            freed,
+        }
+    }
+
+    fn list(&self, req: &ListRequest) -> ListResponse {
+        let limit = if req.limit == 0 {
+            DEFAULT_LIST_LIMIT
+        } else {
+            req.limit
+        } as usize;
+        let inner = self.lock();
+        let mut it = inner
+            .map
+            .range(req.prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&req.prefix));
+        let entries: Vec<ListEntry> = it
+            .by_ref()
+            .take(limit)
+            .map(|(k, v)| ListEntry {
+                key: k.clone(),
+                len: v.len() as u64,
+            })
+            .collect();
+        let more = it.next().is_some();
+        ListResponse { entries, more }
+    }
+
+    fn stats(&self) -> StatsResponse {
+        let c = self
+            .server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Server::counters)
+            .unwrap_or_default();
+        let inner = self.lock();
+        StatsResponse {
+            keys: inner.map.len() as u64,
+            bytes: inner.bytes,
+            max_bytes: self.max_bytes,
+            memory: inner.memory,
+            puts: self.puts.load(Ordering::Relaxed),
+            puts_refused: self.puts_refused.load(Ordering::Relaxed),
+            gets: self.gets.load(Ordering::Relaxed),
+            deletes: self.deletes.load(Ordering::Relaxed),
+            payload_bytes_received: c.payload_bytes_received,
+            payload_bytes_sent: c.payload_bytes_sent,
+            bytes_mapped: c.bytes_mapped,
+            bytes_copied: c.bytes_copied(),
+            zc_sends: c.zc_sends,
+            zc_send_copied: c.zc_send_copied,
+        }
+    }
+}
+
+/// A running key-value server. Dropping it shuts it down.
+pub struct KvServer {
+    store: Arc<Store>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for KvServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl KvServer {
+    /// Binds `listen` and serves.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub fn start(listen: impl ToSocketAddrs, cfg: &KvConfig) -> io::Result<KvServer> {
+        let store = Arc::new(Store {
+            max_bytes: cfg.max_bytes,
+            inner: Mutex::new(Inner::default()),
+            puts: AtomicU64::new(0),
+            puts_refused: AtomicU64::new(0),
+            gets: AtomicU64::new(0),
+            deletes: AtomicU64::new(0),
+            server: Mutex::new(None),
+        });
+        let mut scfg = if cfg.zerocopy {
+            ServerConfig::zerocopy()
+        } else {
+            ServerConfig::default()
+        };
+        if let Some(t) = cfg.threads {
+            scfg.threads = t;
+        }
+        // The store keeps the received pages as its values, so the pages a
+        // connection's requests left behind never go away by themselves;
+        // pagerpc's per-connection cap on them would stop reading a
+        // connection for good once one client had stored that much. The
+        // store's own cap (`max_bytes`, across all connections) bounds the
+        // memory instead.
+        scfg.max_held_bytes_per_conn = None;
+        let (s1, s2, s3, s4, s5) = (
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            store.clone(),
+        );
+        let server = Server::builder()
+            .config(scfg)
+            .register(method::PUT, move |_ctx, req: PutRequest, pages: Pages| {
+                Ok((s1.put(req.key, pages)?, Payload::Empty))
+            })
+            .register(method::GET, move |_ctx, req: KeyRequest, _p: Pages| {
+                let v = s2.get(&req.key)?;
+                Ok((
+                    GetResponse {
+                        len: v.len() as u64,
+                    },
+                    Payload::Pages(v),
+                ))
+            })
+            .register(method::DELETE, move |_ctx, req: KeyRequest, _p: Pages| {
+                Ok::<_, Status>((s3.delete(&req.key), Payload::Empty))
+            })
+            .register(method::LIST, move |_ctx, req: ListRequest, _p: Pages| {
+                Ok::<_, Status>((s4.list(&req), Payload::Empty))
+            })
+            .register(method::STATS, move |_ctx, _req: StatsRequest, _p: Pages| {
+                Ok::<_, Status>((s5.stats(), Payload::Empty))
+            })
+            .bind(listen)?;
+        let addr = server.local_addr();
+        *store.server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+        Ok(KvServer { store, addr })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The same statistics `kv.stats` returns.
+    pub fn stats(&self) -> StatsResponse {
+        self.store.stats()
+    }
+
+    /// Stops accepting, finishes in-flight calls, closes every connection.
+    pub fn shutdown(self) {
+        // Drop does it.
+    }
+}
+
+impl Drop for KvServer {
+    fn drop(&mut self) {
+        // Take the server out first: a STATS handler locks this slot, and
+        // shutdown waits for handlers.
+        let server = self
+            .store
+            .server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(s) = server {
+            s.shutdown();
+        }
+    }
+}
+
+/// A typed client for the key-value server. Cheap to clone; clones share
+/// one connection.
+#[derive(Clone, Debug)]
+pub struct KvClient {
+    client: Client,
+}
+
+impl KvClient {
+    /// Connects to `addr`, in zero-copy mode if `zerocopy`.
+    ///
+    /// # Errors
+    /// When the connection fails.
+    pub fn connect(addr: impl ToSocketAddrs, zerocopy: bool) -> io::Result<KvClient> {
+        let cfg = if zerocopy {
+            ClientConfig::zerocopy()
+        } else {
+            ClientConfig::default()
+        };
+        Ok(KvClient {
+            client: Client::connect_with(addr, cfg)?,
+        })
+    }
+
+    /// The underlying pagerpc client.
+    pub fn inner(&self) -> &Client {
+        &self.client
+    }
+
+    /// Stores `value` under `key`. Send a [`PageBuf`] or [`Pages`] for a
+    /// zero-copy send.
+    ///
+    /// # Errors
+    /// [`Code::ResourceExhausted`] over the memory cap,
+    /// [`Code::InvalidArgument`] for a bad key, or a transport error.
+    pub fn put(&self, key: &str, value: impl Into<Payload>) -> Result<PutResponse, CallError> {
+        let req = PutRequest { key: key.into() };
+        Ok(self.client.call(method::PUT, &req, value)?.message)
+    }
+
+    /// Fetches the value of `key` (`Ok(None)` when there is none).
+    ///
+    /// # Errors
+    /// A transport error.
+    pub fn get(&self, key: &str) -> Result<Option<Pages>, CallError> {
+        let req = KeyRequest { key: key.into() };
+        match self
+            .client
+            .call::<_, GetResponse>(method::GET, &req, Payload::Empty)
+        {
+            Ok(r) => Ok(Some(r.payload)),
+            Err(e) if e.code() == Code::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `key`.
+    ///
+    /// # Errors
+    /// A transport error.
+    pub fn delete(&self, key: &str) -> Result<DeleteResponse, CallError> {
+        let req = KeyRequest { key: key.into() };
+        Ok(self
+            .client
+            .call(method::DELETE, &req, Payload::Empty)?
+            .message)
+    }
+
+    /// Lists up to `limit` keys starting with `prefix` (0: the server's
+    /// default limit).
+    ///
+    /// # Errors
+    /// A transport error.
+    pub fn list(&self, prefix: &str, limit: u32) -> Result<ListResponse, CallError> {
+        let req = ListRequest {
+            prefix: prefix.into(),
+            limit,
+        };
+        Ok(self
+            .client
+            .call(method::LIST, &req, Payload::Empty)?
+            .message)
+    }
+
+    /// The server's statistics.
+    ///
+    /// # Errors
+    /// A transport error.
+    pub fn stats(&self) -> Result<StatsResponse, CallError> {
+        Ok(self
+            .client
+            .call(method::STATS, &StatsRequest {}, Payload::Empty)?
+            .message)
+    }
+}
+
+/// Settings for [`bench()`].
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Concurrent clients, each with its own connection and thread.
+    pub clients: usize,
+    /// Bytes per value.
+    pub value_size: usize,
+    /// Operations in all (half PUTs, half GETs).
+    pub ops: u64,
+    /// Distinct keys per client (bounds the server memory the run uses).
+    pub keys_per_client: u64,
+    /// Zero-copy mode for the clients.
+    pub zerocopy: bool,
+    /// Draw a progress bar on stderr (only if it is a terminal).
+    pub progress: bool,
+}
+
+/// What [`bench()`] measured.
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    /// Settings used.
+    pub opts: BenchOptions,
+    /// Operations done.
+    pub ops: u64,
+    /// Wall time of the run (connections already open).
+    pub elapsed: Duration,
+    /// Median and 99th percentile latency over all operations.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// PUT latencies (p50, p99).
+    pub put: (Duration, Duration),
+    /// GET latencies (p50, p99).
+    pub get: (Duration, Duration),
+    /// Payload bytes the server received during the run.
+    pub server_received: u64,
+    /// Percentage of them it mapped (from STATS before and after).
+    pub server_mapped_percent: f64,
+    /// Payload bytes the clients received (GET values).
+    pub clients_received: u64,
+    /// Percentage of them the clients mapped.
+    pub clients_mapped_percent: f64,
+}
+
+impl BenchReport {
+    /// Operations per second.
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let o = &self.opts;
+        let mb = (self.server_received + self.clients_received) as f64 / 1e6;
+        write!(
+            f,
+            "kv bench: {} clients, {} B values, {} ops in {:.2} s: {:.0} ops/s, {:.1} MB/s; \
+             latency p50 {}, p99 {} (put p50 {} p99 {}, get p50 {} p99 {}); \
+             server received {:.1} MB, {:.1} % mmap'ed; clients received {:.1} MB, {:.1} % mmap'ed",
+            o.clients,
+            o.value_size,
+            self.ops,
+            self.elapsed.as_secs_f64(),
+            self.ops_per_sec(),
+            mb / self.elapsed.as_secs_f64().max(1e-9),
+            human_latency(self.p50),
+            human_latency(self.p99),
+            human_latency(self.put.0),
+            human_latency(self.put.1),
+            human_latency(self.get.0),
+            human_latency(self.get.1),
+            self.server_received as f64 / 1e6,
+            self.server_mapped_percent,
+            self.clients_received as f64 / 1e6,
+            self.clients_mapped_percent,
+        )
+    }
+}
+
+/// PUT and GET latencies of one bench client.
+type Latencies = (Vec<Duration>, Vec<Duration>);
+
+/// Runs a PUT/GET load against the server at `addr`: `clients` threads,
+/// each with its own connection, alternate a PUT and a GET of the same key
+/// over `keys_per_client` keys; the keys are deleted afterwards. The
+/// server's mapped share comes from its STATS before and after, so other
+/// traffic during the run counts too.
+///
+/// # Errors
+/// A message naming the failed operation.
+pub fn bench(addr: SocketAddr, opts: &BenchOptions) -> Result<BenchReport, String> {
+    if opts.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    let control = KvClient::connect(addr, opts.zerocopy)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let conns = (0..opts.clients)
+        .map(|_| KvClient::connect(addr, opts.zerocopy))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let mut value = PageBuf::new(opts.value_size).map_err(|e| e.to_string())?;
+    util::FastRng::new(opts.value_size as u64).fill(&mut value);
+    let value = value.freeze();
+    let run = format!(
+        "bench/{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let keys = opts.keys_per_client.max(1);
+    let bar = util::ops_bar(opts.ops, opts.progress, "kv bench");
+    let before = control
+        .stats()
+        .map_err(|e| format!("STATS: {}", util::call_error(&e)))?;
+    let client_before: Vec<CountersSnapshot> = conns.iter().map(|c| c.inner().counters()).collect();
+    let t0 = Instant::now();
+    let results: Vec<Result<Latencies, String>> = thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .iter()
+            .enumerate()
+            .map(|(ci, c)| {
+                let n = opts.ops / opts.clients as u64
+                    + u64::from((ci as u64) < opts.ops % opts.clients as u64);
+                let value = value.clone();
+                let bar = bar.clone();
+                let run = &run;
+                s.spawn(move || -> Result<Latencies, String> {
+                    let mut puts = Vec::with_capacity(n as usize / 2 + 1);
+                    let mut gets = Vec::with_capacity(n as usize / 2 + 1);
+                    for i in 0..n {
+                        let key = format!("{run}/{ci}/{}", (i / 2) % keys);
+                        let t = Instant::now();
+                        if i % 2 == 0 {
+                            c.put(&key, value.clone())
+                                .map_err(|e| format!("PUT {key}: {}", util::call_error(&e)))?;
+                            puts.push(t.elapsed());
+                        } else {
+                            let got = c
+                                .get(&key)
+                                .map_err(|e| format!("GET {key}: {}", util::call_error(&e)))?
+                                .ok_or_else(|| format!("GET {key}: missing"))?;
+                            gets.push(t.elapsed());
+                            if got.len() != value.len() {
+                                return Err(format!(
+                                    "GET {key}: {} bytes, expected {}",
+                                    got.len(),
+                                    value.len()
+                                ));
+                            }
+                        }
+                        bar.inc(1);
+                    }
+                    Ok((puts, gets))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a bench thread panicked".into()))
+            })
+            .collect()
+    });
+    let elapsed = t0.elapsed();
+    bar.finish_and_clear();
+    let after = control
+        .stats()
+        .map_err(|e| format!("STATS: {}", util::call_error(&e)))?;
+    let mut clients_received = 0;
+    let (mut cm, mut cc) = (0, 0);
+    for (c, b) in conns.iter().zip(&client_before) {
+        let d = c.inner().counters().since(b);
+        clients_received += d.payload_bytes_received;
+        cm += d.bytes_mapped;
+        cc += d.bytes_copied();
+    }
+    // Clean up the run's keys before reporting any failure.
+    for ci in 0..opts.clients {
+        for k in 0..keys {
+            let _ = control.delete(&format!("{run}/{ci}/{k}"));
+        }
+    }
+    let mut puts = Vec::new();
+    let mut gets = Vec::new();
+    for r in results {
+        let (p, g) = r?;
+        puts.extend(p);
+        gets.extend(g);
+    }
+    puts.sort_unstable();
+    gets.sort_unstable();
+    let mut all: Vec<Duration> = puts.iter().chain(&gets).copied().collect();
+    all.sort_unstable();
+    Ok(BenchReport {
+        opts: opts.clone(),
+        ops: all.len() as u64,
+        elapsed,
+        p50: percentile(&all, 50.0),
+        p99: percentile(&all, 99.0),
+        put: (percentile(&puts, 50.0), percentile(&puts, 99.0)),
+        get: (percentile(&gets, 50.0), percentile(&gets, 99.0)),
+        server_received: after.payload_bytes_received - before.payload_bytes_received,
+        server_mapped_percent: mapped_percent(
+            after.bytes_mapped - before.bytes_mapped,
+            after.bytes_copied - before.bytes_copied,
+        ),
+        clients_received,
+        clients_mapped_percent: mapped_percent(cm, cc),
+    })
+}

@@ -1,0 +1,486 @@
+//! The storage node on one machine: real files in a temp dir, real
+//! loopback sockets, `O_DIRECT` on the temp dir's filesystem.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{addr_in, sha256_file, spawn_and_wait_for, wait_until, write_random_file, TempDir};
+use pagerpc::{Client, ClientConfig, Code, Payload};
+use pagerpc_examples::storage::format::BlobHeader;
+use pagerpc_examples::storage::{
+    method, ClientOptions, NodeConfig, PutBegin, PutBeginResponse, PutChunk, PutChunkResponse,
+    PutCommit, StorageClient, StorageNode,
+};
+use pagerpc_examples::util::FastRng;
+
+fn node(dir: &std::path::Path) -> StorageNode {
+    StorageNode::start("127.0.0.1:0", NodeConfig::new(dir)).unwrap()
+}
+
+fn client(nodes: &[&StorageNode]) -> (StorageClient, Arc<Mutex<Vec<String>>>) {
+    let mut opts = ClientOptions::new(nodes.iter().map(|n| n.local_addr()).collect());
+    opts.progress = false;
+    let warnings = Arc::new(Mutex::new(Vec::new()));
+    let w = warnings.clone();
+    let c = StorageClient::new(opts).on_warning(move |m| w.lock().unwrap().push(m.to_owned()));
+    (c, warnings)
+}
+
+fn visible_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn one_gib_file_round_trips_with_the_same_sha256() {
+    let tmp = TempDir::new("gib");
+    let n = node(&tmp.join("node"));
+    assert!(
+        n.direct_io(),
+        "the temp dir's filesystem should take O_DIRECT"
+    );
+    let (c, warnings) = client(&[&n]);
+    let src = tmp.join("src.bin");
+    let dst = tmp.join("dst.bin");
+    let size = 1u64 << 30;
+    let want = write_random_file(&src, size, 1);
+    let put = c.put_file(&src, "big").unwrap();
+    assert_eq!(put.size, size);
+    assert_eq!(put.stored_on, vec![n.local_addr()]);
+    let get = c.get_to_file("big", &dst).unwrap();
+    assert_eq!(sha256_file(&dst), want, "SHA-256 of the copy");
+    assert_eq!(get.crc32c, put.crc32c);
+    assert!(warnings.lock().unwrap().is_empty(), "{warnings:?}");
+    let stats = n.stats().unwrap();
+    assert_eq!(
+        stats.direct_write_copies, 0,
+        "O_DIRECT wrote from the received pages"
+    );
+    println!(
+        "storage loopback: PUT 1 GiB in {:.2} s = {:.0} MiB/s, node mapped {:.1} %; GET in {:.2} s = \
+         {:.0} MiB/s, client mapped {:.1} %",
+        put.elapsed.as_secs_f64(),
+        put.bytes_per_sec() / (1 << 20) as f64,
+        put.node_mapped_percent(),
+        get.elapsed.as_secs_f64(),
+        get.bytes_per_sec() / (1 << 20) as f64,
+        get.mapped_percent()
+    );
+    fs::remove_file(&src).unwrap();
+    fs::remove_file(&dst).unwrap();
+}
+
+#[test]
+fn odd_sizes_round_trip_with_tails_and_small_chunks() {
+    let tmp = TempDir::new("odd");
+    let n = node(&tmp.join("node"));
+    let (c, _) = client(&[&n]);
+    let mut opts = c.options().clone();
+    opts.chunk_size = 64 << 10;
+    let c = StorageClient::new(opts);
+    let cs = 64u64 << 10;
+    for (i, size) in [
+        0,
+        1,
+        4095,
+        4096,
+        4097,
+        cs - 1,
+        cs,
+        cs + 1,
+        3 * cs + 123,
+        5 << 20,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let src = tmp.join(&format!("src{i}"));
+        let dst = tmp.join(&format!("dst{i}"));
+        let want = write_random_file(&src, size, i as u64);
+        let id = format!("odd-{i}");
+        c.put_file(&src, &id).unwrap();
+        let blob = fs::metadata(n.blob_path(&id)).unwrap().len();
+        assert_eq!(blob, 4096 + size, "header page + data, size {size}");
+        c.get_to_file(&id, &dst).unwrap();
+        assert_eq!(sha256_file(&dst), want, "size {size}");
+    }
+    let listed = c.list().unwrap();
+    assert_eq!(listed.len(), 10);
+    assert!(listed.iter().all(|b| b.problems.is_empty()));
+    // Replacing a blob publishes the new content whole.
+    let src = tmp.join("src-replace");
+    let want = write_random_file(&src, 200_000, 99);
+    c.put_file(&src, "odd-3").unwrap();
+    let dst = tmp.join("dst-replace");
+    c.get_to_file("odd-3", &dst).unwrap();
+    assert_eq!(sha256_file(&dst), want);
+    // Delete, then it is gone everywhere.
+    assert_eq!(c.delete("odd-3").unwrap(), vec![n.local_addr()]);
+    assert_eq!(
+        c.get_to_file("odd-3", &dst).unwrap_err().code,
+        Code::NotFound
+    );
+    assert_eq!(c.delete("odd-3").unwrap_err().code, Code::NotFound);
+    assert!(!visible_files(n.dir()).iter().any(|f| f.starts_with(".tmp")));
+}
+
+#[test]
+fn a_client_that_dies_mid_put_leaves_no_visible_blob() {
+    let tmp = TempDir::new("dead");
+    let dir = tmp.join("node");
+    let mut cfg = NodeConfig::new(&dir);
+    cfg.upload_timeout = Duration::from_millis(500);
+    let n = StorageNode::start("127.0.0.1:0", cfg).unwrap();
+
+    // 1. A client drops its connection after a few chunks of 8.
+    let cs = 1u64 << 20;
+    let raw = Client::connect_with(n.local_addr(), ClientConfig::zerocopy()).unwrap();
+    let begin: PutBeginResponse = raw
+        .call(
+            method::PUT_BEGIN,
+            &PutBegin {
+                id: "half".into(),
+                size: 8 * cs,
+                crc32c: None,
+                chunk_size: cs,
+                version: 1,
+            },
+            Payload::Empty,
+        )
+        .unwrap()
+        .message;
+    assert!(begin.credits >= 1);
+    for i in 0..3 {
+        let chunk = vec![i as u8; cs as usize];
+        raw.call::<_, PutChunkResponse>(
+            method::PUT_CHUNK,
+            &PutChunk {
+                upload: begin.upload,
+                offset: i * cs,
+                crc32c: Some(crc32c::crc32c(&chunk)),
+            },
+            chunk,
+        )
+        .unwrap();
+    }
+    let files = visible_files(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].starts_with(".tmp-half-"), "{files:?}");
+    drop(raw);
+    let (c, _) = client(&[&n]);
+    assert!(c.list().unwrap().is_empty(), "no blob is visible");
+    assert!(!n.blob_path("half").exists());
+    assert!(
+        wait_until(Duration::from_secs(5), || visible_files(&dir).is_empty()),
+        "the idle upload's temporary file is removed: {:?}",
+        visible_files(&dir)
+    );
+    assert_eq!(n.stats().unwrap().uploads_expired, 1);
+
+    // 2. A `storage-node put` process killed with SIGKILL mid-transfer.
+    let src = tmp.join("src.bin");
+    write_random_file(&src, 256 << 20, 5);
+    let before = n.counters().payload_bytes_received;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_storage-node"))
+        .args([
+            "--nodes",
+            &n.local_addr().to_string(),
+            "--chunk-size",
+            "64KiB",
+            "--quiet",
+            "put",
+            src.to_str().unwrap(),
+            "--id",
+            "killed",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || n
+            .counters()
+            .payload_bytes_received
+            > before + (1 << 20)),
+        "the child started sending"
+    );
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the put was killed before it finished");
+    assert!(c.list().unwrap().is_empty(), "no blob is visible");
+    assert!(!n.blob_path("killed").exists());
+    assert!(
+        wait_until(Duration::from_secs(5), || visible_files(&dir).is_empty()),
+        "temporary file removed: {:?}",
+        visible_files(&dir)
+    );
+
+    // 3. A node that died mid-upload removes the temporary files at startup.
+    drop(n);
+    fs::write(dir.join(".tmp-crashed-0123456789abcdef"), b"partial").unwrap();
+    let n = node(&dir);
+    assert_eq!(n.temps_removed_at_start(), 1);
+    assert!(visible_files(&dir).is_empty());
+}
+
+#[test]
+fn corrupting_one_byte_on_disk_makes_get_fail_its_checksum() {
+    let tmp = TempDir::new("corrupt");
+    let n = node(&tmp.join("node"));
+    let (c, _) = client(&[&n]);
+    let src = tmp.join("src.bin");
+    write_random_file(&src, 10 << 20, 3);
+    c.put_file(&src, "photo").unwrap();
+    let path = n.blob_path("photo");
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut hdr = vec![0u8; 4096];
+    f.read_exact_at(&mut hdr, 0).unwrap();
+    let header = BlobHeader::decode(&hdr).unwrap();
+    // Flip one byte in the middle of the second chunk.
+    let at = header.len() + (6 << 20) + 12345;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+    drop(f);
+
+    let dst = tmp.join("dst.bin");
+    let e = c.get_to_file("photo", &dst).unwrap_err();
+    assert_eq!(e.code, Code::DataLoss, "{e}");
+    assert!(
+        e.message.contains("corrupt")
+            && e.message.contains("chunk 1")
+            && e.message.contains("CRC32C"),
+        "the error says what failed: {e}"
+    );
+    println!("corrupt blob: {e}");
+    assert!(!dst.exists(), "no output file");
+    assert!(
+        !tmp.join("dst.bin.partial").exists(),
+        "no partial file left"
+    );
+    assert_eq!(n.stats().unwrap().corrupt_chunks_read, 1);
+
+    // A corrupt header is caught too, by its own checksum.
+    c.put_file(&src, "doc").unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(n.blob_path("doc"))
+        .unwrap();
+    f.write_all_at(&[0xff], 20).unwrap();
+    drop(f);
+    // A fresh node (no cached header) reads it from disk.
+    let dir = n.dir().to_owned();
+    drop(n);
+    let n = node(&dir);
+    let (c, _) = client(&[&n]);
+    let e = c.get_to_file("doc", &dst).unwrap_err();
+    assert_eq!(e.code, Code::DataLoss, "{e}");
+    assert!(e.message.contains("header"), "{e}");
+    let listed = c.list().unwrap();
+    let doc = listed.iter().find(|b| b.info.id == "doc").unwrap();
+    assert_eq!(doc.problems.len(), 1, "ls flags the corrupt copy");
+}
+
+#[test]
+fn checksum_mismatches_are_refused_and_discarded() {
+    let tmp = TempDir::new("crc");
+    let dir = tmp.join("node");
+    let n = node(&dir);
+    let raw = Client::connect(n.local_addr()).unwrap();
+    let cs = 64u64 << 10;
+    let data: Vec<u8> = {
+        let mut v = vec![0u8; (cs + 100) as usize];
+        FastRng::new(1).fill(&mut v);
+        v
+    };
+    let begin = |id: &str| -> PutBeginResponse {
+        raw.call(
+            method::PUT_BEGIN,
+            &PutBegin {
+                id: id.into(),
+                size: data.len() as u64,
+                crc32c: None,
+                chunk_size: cs,
+                version: 1,
+            },
+            Payload::Empty,
+        )
+        .unwrap()
+        .message
+    };
+    let chunk = |upload: u64, off: u64, crc: Option<u32>| {
+        let end = (off + cs).min(data.len() as u64) as usize;
+        raw.call::<_, PutChunkResponse>(
+            method::PUT_CHUNK,
+            &PutChunk {
+                upload,
+                offset: off,
+                crc32c: crc,
+            },
+            data[off as usize..end].to_vec(),
+        )
+    };
+    // A chunk whose CRC does not match its bytes is refused.
+    let up = begin("a").upload;
+    let e = chunk(up, 0, Some(12345)).unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss);
+    assert!(e.message().contains("CRC32C"), "{}", e.message());
+    // A commit with the wrong whole-blob CRC is refused and discarded.
+    chunk(up, 0, None).unwrap();
+    chunk(up, cs, None).unwrap();
+    let e = raw
+        .call::<_, pagerpc_examples::storage::BlobInfo>(
+            method::PUT_COMMIT,
+            &PutCommit {
+                upload: up,
+                crc32c: Some(crc32c::crc32c(&data) ^ 1),
+            },
+            Payload::Empty,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss);
+    assert!(e.message().contains("discarded"), "{}", e.message());
+    assert!(visible_files(&dir).is_empty(), "{:?}", visible_files(&dir));
+    // A commit with chunks missing is refused, and the upload can go on.
+    let up = begin("b").upload;
+    chunk(up, 0, None).unwrap();
+    let commit = PutCommit {
+        upload: up,
+        crc32c: Some(crc32c::crc32c(&data)),
+    };
+    let e = raw
+        .call::<_, pagerpc_examples::storage::BlobInfo>(method::PUT_COMMIT, &commit, Payload::Empty)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    chunk(up, cs, None).unwrap();
+    let info = raw
+        .call::<_, pagerpc_examples::storage::BlobInfo>(method::PUT_COMMIT, &commit, Payload::Empty)
+        .unwrap()
+        .message;
+    assert_eq!(info.size, data.len() as u64);
+    assert!(n.blob_path("b").exists());
+    // Bad ids and chunk sizes are refused up front.
+    let e = raw
+        .call::<_, PutBeginResponse>(
+            method::PUT_BEGIN,
+            &PutBegin {
+                id: "../etc".into(),
+                size: 1,
+                crc32c: None,
+                chunk_size: cs,
+                version: 1,
+            },
+            Payload::Empty,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = raw
+        .call::<_, PutBeginResponse>(
+            method::PUT_BEGIN,
+            &PutBegin {
+                id: "x".into(),
+                size: 1,
+                crc32c: None,
+                chunk_size: 5000,
+                version: 1,
+            },
+            Payload::Empty,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[test]
+fn credits_shrink_as_transfers_are_added() {
+    let tmp = TempDir::new("credits");
+    let mut cfg = NodeConfig::new(tmp.join("node"));
+    cfg.max_credits = 8;
+    cfg.memory_budget = 32 << 20;
+    let n = StorageNode::start("127.0.0.1:0", cfg).unwrap();
+    let raw = Client::connect(n.local_addr()).unwrap();
+    let mut credits = Vec::new();
+    for i in 0..4 {
+        let r: PutBeginResponse = raw
+            .call(
+                method::PUT_BEGIN,
+                &PutBegin {
+                    id: format!("c{i}"),
+                    size: 1 << 30,
+                    crc32c: None,
+                    chunk_size: 4 << 20,
+                    version: 1,
+                },
+                Payload::Empty,
+            )
+            .unwrap()
+            .message;
+        credits.push(r.credits);
+    }
+    // 32 MiB of 4 MiB chunks: 8 for the first transfer, 4 each for two,
+    // then 2, never below 1.
+    assert_eq!(credits, vec![8, 4, 2, 2]);
+}
+
+#[test]
+fn command_line_serve_put_get_ls_rm() {
+    let tmp = TempDir::new("cli");
+    let dir = tmp.join("node");
+    let (mut server, line) = spawn_and_wait_for(
+        env!("CARGO_BIN_EXE_storage-node"),
+        &[
+            "serve",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "serving",
+    );
+    assert!(line.contains("O_DIRECT"), "{line}");
+    let addr = addr_in(&line);
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_storage-node"))
+            .args(["--nodes", &addr])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let src = tmp.join("report.pdf");
+    let want = write_random_file(&src, 9_000_001, 8);
+    let (ok, _, err) = run(&["put", src.to_str().unwrap()]);
+    assert!(ok && err.contains("stored 'report.pdf'"), "{err}");
+    let dst = tmp.join("copy.pdf");
+    let (ok, _, err) = run(&["get", "report.pdf", "-o", dst.to_str().unwrap()]);
+    assert!(ok && err.contains("ok"), "{err}");
+    assert_eq!(sha256_file(&dst), want);
+    let (ok, out, _) = run(&["ls"]);
+    assert!(
+        ok && out.contains("9000001") && out.contains("report.pdf"),
+        "{out}"
+    );
+    let (ok, out, _) = run(&["stats"]);
+    assert!(ok && out.contains("1 blobs"), "{out}");
+    let (ok, _, err) = run(&["rm", "report.pdf"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["get", "report.pdf", "-o", dst.to_str().unwrap()]);
+    assert!(!ok && err.contains("no blob 'report.pdf'"), "{err}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
