@@ -347,24 +347,17 @@ impl SockRegion {
         // list first (forgetting it leaked a little heap per payload).
         drop(std::mem::take(&mut self.holes));
         let me = std::mem::ManuallyDrop::new(self);
-        // SAFETY: the region is a mapping of `map_len` bytes that this value
-        // owned exclusively; ManuallyDrop hands that ownership to Pages,
-        // which unmaps it once. Every byte below `len` was mapped or written.
-        unsafe {
-            pagerpc_pages::Pages::from_mapping(
-                me.ptr,
-                len,
-                me.map_len,
-                pagerpc_pages::Origin::Socket,
-            )
-        }
+        // SAFETY: ManuallyDrop gives up this value's ownership of the
+        // mapping (it will not unmap it); every byte below `len` was mapped
+        // or written.
+        unsafe { hand_to_pages(me.ptr, len, me.map_len) }
     }
 }
 
 impl Drop for SockRegion {
     fn drop(&mut self) {
         // SAFETY: we own this mapping and nothing refers to it any more.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+        unsafe { unmap(self.ptr, self.map_len) };
     }
 }
 
@@ -503,23 +496,42 @@ impl ConsumeRegion {
     /// Hands the region to a `Pages` of `len` bytes.
     pub(crate) fn into_pages(self, len: usize) -> pagerpc_pages::Pages {
         let me = std::mem::ManuallyDrop::new(self);
-        // SAFETY: the region is a mapping of `map_len` bytes this value owned
-        // exclusively; ManuallyDrop hands that ownership to Pages, which
-        // unmaps it once. Every byte below `len` was mapped or written.
-        unsafe {
-            pagerpc_pages::Pages::from_mapping(
-                me.ptr,
-                len,
-                me.map_len,
-                pagerpc_pages::Origin::Socket,
-            )
-        }
+        // SAFETY: ManuallyDrop gives up this value's ownership of the
+        // mapping (it will not unmap it); every byte below `len` was mapped
+        // or written.
+        unsafe { hand_to_pages(me.ptr, len, me.map_len) }
     }
 }
 
 impl Drop for ConsumeRegion {
     fn drop(&mut self) {
         // SAFETY: we own this mapping and nothing refers to it any more.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+        unsafe { unmap(self.ptr, self.map_len) };
     }
+}
+
+/// Hands an owned payload mapping to a `Pages` of `len` bytes, which unmaps
+/// it when its last handle is dropped.
+///
+/// # Safety
+/// `(ptr, map_len)` must be a mapping the caller owns exclusively and will
+/// neither use nor unmap again, readable in full, with every byte below
+/// `len` initialized.
+unsafe fn hand_to_pages(
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    map_len: usize,
+) -> pagerpc_pages::Pages {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { pagerpc_pages::Pages::from_mapping(ptr, len, map_len, pagerpc_pages::Origin::Socket) }
+}
+
+/// Unmaps an owned payload mapping.
+///
+/// # Safety
+/// `(ptr, map_len)` must be a mapping the caller owns and nothing refers to.
+unsafe fn unmap(ptr: std::ptr::NonNull<u8>, map_len: usize) {
+    // SAFETY: forwarded from this function's contract; munmap only fails
+    // for bad arguments.
+    unsafe { libc::munmap(ptr.as_ptr().cast(), map_len) };
 }
