@@ -15,6 +15,9 @@ fi
 echo "== cargo test (workspace, release) =="
 cargo test --workspace --release
 
+echo "== the README's main command (smaller transfer) =="
+cargo run --release -q -p pagerpc-bench -- bulk --size-kib 1024 --total-mib 256
+
 echo "== soak (bounded; fails on leaked fds or mappings) =="
 cargo build --release -p pagerpc-bench
 target/release/pagerpc-bench soak --seconds "${SOAK_SECONDS:-20}"
