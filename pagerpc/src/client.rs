@@ -309,7 +309,7 @@ impl Client {
             }
             st.pending.insert(id, Slot::new());
         }
-        let sent = self.shared.sender.lock().send(&header, payload);
+        let sent = self.shared.sender.lock().send(header, payload);
         if let Err(e) = sent {
             self.shared.state.lock().pending.remove(&id);
             let status = match &e.kind {
@@ -347,7 +347,7 @@ impl Client {
             ..Default::default()
         };
         self.shared.state.lock().pending.insert(id, Slot::new());
-        if let Err(e) = self.shared.sender.lock().send(&header, Payload::Empty) {
+        if let Err(e) = self.shared.sender.lock().send(header, Payload::Empty) {
             self.shared.state.lock().pending.remove(&id);
             return Err(CallError::new(Status::unavailable(format!(
                 "ping failed: {e}"
@@ -617,7 +617,7 @@ impl Shared {
             ..Default::default()
         };
         // Best effort: if the connection is gone, the server forgets the call anyway.
-        let _ = self.sender.lock().send(&header, Payload::Empty);
+        let _ = self.sender.lock().send(header, Payload::Empty);
     }
 }
 
@@ -660,7 +660,7 @@ fn authenticate(
         body: response,
         ..Default::default()
     };
-    tx.send(&header, Payload::Empty)
+    tx.send(header, Payload::Empty)
         .map_err(|e| refused(format!("sending the authentication response failed: {e}")))?;
     let proof = expect_auth(rx, "authentication proof")?;
     if crate::auth::verify_server(key, &challenge, &client_nonce, &proof) {

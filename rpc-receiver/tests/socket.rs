@@ -105,7 +105,7 @@ fn partial_writes_with_a_tiny_send_buffer() {
     let mut rx = receiver(b);
     let payload = pattern(8 << 20, 9);
     let expect = payload.clone();
-    let t = std::thread::spawn(move || tx.send(&req(1), Payload::Vec(payload)).map(|_| ()));
+    let t = std::thread::spawn(move || tx.send(req(1), Payload::Vec(payload)).map(|_| ()));
     // Read slowly at first, so the sender sees EAGAIN and partial writes.
     std::thread::sleep(Duration::from_millis(100));
     let f = rx.recv_frame(deadline()).unwrap();
@@ -234,7 +234,7 @@ fn a_refused_send_hands_the_payload_back_and_writes_nothing() {
     let mut bad = req(1);
     bad.method = "x".repeat(1000);
     let payload = pattern(10_000, 2);
-    let err = tx.send(&bad, Payload::Vec(payload.clone())).unwrap_err();
+    let err = tx.send(bad, Payload::Vec(payload.clone())).unwrap_err();
     assert!(matches!(
         err.kind,
         SendErrorKind::Codec(CodecError::MethodNameTooLong {
@@ -248,7 +248,7 @@ fn a_refused_send_hands_the_payload_back_and_writes_nothing() {
         other => panic!("{other:?}"),
     }
     // Nothing reached the wire: the next frame is the first one seen.
-    tx.send(&req(2), Payload::Empty).unwrap();
+    tx.send(req(2), Payload::Empty).unwrap();
     assert_eq!(rx.recv_frame(deadline()).unwrap().head.call_id(), 2);
 }
 
@@ -265,9 +265,9 @@ fn small_frame_after_large_payload_with_blocking_reads() {
         Arc::new(Counters::new()),
     );
     let t = std::thread::spawn(move || {
-        tx.send(&req(1), Payload::Vec(pattern(3 << 20, 1))).unwrap();
+        tx.send(req(1), Payload::Vec(pattern(3 << 20, 1))).unwrap();
         std::thread::sleep(Duration::from_millis(200));
-        tx.send(&req(2), Payload::Vec(pattern(10, 2))).unwrap();
+        tx.send(req(2), Payload::Vec(pattern(10, 2))).unwrap();
         tx
     });
     assert_eq!(rx.recv_frame(None).unwrap().payload.len(), 3 << 20);

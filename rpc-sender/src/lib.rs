@@ -363,11 +363,8 @@ impl Sender {
     /// [`SendErrorKind::TimedOut`] if the socket failed (the stream is then
     /// broken when `partial` is set), [`SendErrorKind::Broken`] after an
     /// earlier partial failure.
-    pub fn send(&mut self, header: &Header, payload: Payload) -> Result<(), SendError> {
-        self.send_batch(vec![OutFrame {
-            header: header.clone(),
-            payload,
-        }])
+    pub fn send(&mut self, header: Header, payload: Payload) -> Result<(), SendError> {
+        self.send_batch(vec![OutFrame { header, payload }])
     }
 
     /// Sends several frames, coalescing small ones into as few `sendmsg`

@@ -55,13 +55,13 @@ fn payload_is_held_until_its_completion_arrives() {
     // Fill the window with copied bytes, then queue a zero-copy payload
     // behind them.
     let filler = vec![1u8; 1 << 20];
-    tx.send(&header(1), Payload::Vec(filler)).unwrap();
+    tx.send(header(1), Payload::Vec(filler)).unwrap();
     let mut buf = PageBuf::new(1 << 20).unwrap();
     for (i, x) in buf.iter_mut().enumerate() {
         *x = (i % 253) as u8;
     }
     let pages = buf.freeze();
-    tx.send(&header(2), Payload::Pages(pages.clone())).unwrap();
+    tx.send(header(2), Payload::Pages(pages.clone())).unwrap();
     assert_eq!(counters.snapshot().zc_sends, 1);
 
     // Not transmitted, so not completed: the sender must still hold it.
