@@ -296,6 +296,11 @@ impl Store {
         }
         inner.bytes = after;
         inner.memory = inner.memory - old_mem + value.footprint() as u64;
+        // The store keeps these pages for good and bounds them with its own
+        // cap (`max_bytes`, across all connections): take them out of the
+        // server's per-connection count, which would otherwise stop reading
+        // a connection once one client had stored that much.
+        value.detach_accounting();
         let old = inner.map.insert(key, value);
         drop(inner);
         // The old value (maybe a socket mapping) is unmapped here, outside
@@ -426,13 +431,6 @@ impl KvServer {
         if let Some(t) = cfg.threads {
             scfg.threads = t;
         }
-        // The store keeps the received pages as its values, so the pages a
-        // connection's requests left behind never go away by themselves;
-        // pagerpc's per-connection cap on them would stop reading a
-        // connection for good once one client had stored that much. The
-        // store's own cap (`max_bytes`, across all connections) bounds the
-        // memory instead.
-        scfg.max_held_bytes_per_conn = None;
         let (s1, s2, s3, s4, s5) = (
             store.clone(),
             store.clone(),

@@ -91,7 +91,9 @@ pub struct ServerConfig {
     /// connection's requests may hold at once. Past it, the server stops
     /// reading that connection (backpressure: the peer's sends block once
     /// the socket buffers fill) until handlers or whoever kept the `Pages`
-    /// drop enough of them. Other connections are not affected.
+    /// drop enough of them. Other connections are not affected. A consumer
+    /// that keeps payloads for good (a store) calls
+    /// [`Pages::detach_accounting`] on them and bounds that memory itself.
     /// Default 256 MiB. `None` disables it.
     ///
     /// # Memory cost

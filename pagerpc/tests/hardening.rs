@@ -524,3 +524,39 @@ fn servers_killed_mid_response_fail_the_pending_call_clearly() {
     }
     fake.join().unwrap();
 }
+
+/// A consumer that keeps payloads for good and says so
+/// (`Pages::detach_accounting`) is not held back by the cap.
+#[test]
+fn detached_pages_do_not_count_against_the_cap() {
+    const CAP: usize = 4 << 20;
+    let kept: Arc<std::sync::Mutex<Vec<Pages>>> = Arc::default();
+    let k = kept.clone();
+    let server = Server::builder()
+        .config(ServerConfig {
+            max_held_bytes_per_conn: Some(CAP),
+            ..ServerConfig::default()
+        })
+        .register("store", move |_ctx, req: MetadataEntry, p: Pages| {
+            p.detach_accounting();
+            k.lock().unwrap().push(p);
+            Ok::<_, Status>((req, Payload::Empty))
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let c = Client::connect(server.local_addr()).unwrap();
+    let opts = pagerpc::CallOptions {
+        timeout: Some(Duration::from_secs(10)),
+        ..Default::default()
+    };
+    for i in 0..12 {
+        c.call_with::<_, MetadataEntry>("store", &msg(&i.to_string()), vec![5u8; 1 << 20], &opts)
+            .unwrap_or_else(|e| panic!("call {i} stalled or failed: {e}"));
+    }
+    assert_eq!(server.held_payload_bytes(), 0);
+    assert!(kept
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|p| p.len() == 1 << 20 && p[0] == 5));
+}

@@ -15,7 +15,7 @@ use std::fmt;
 use std::io;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use sys::Region;
 
@@ -87,15 +87,21 @@ pub struct Pages {
 /// with the number of bytes the region occupied.
 pub type ReleaseHook = Box<dyn FnOnce(usize) + Send + Sync>;
 
-/// A region plus an optional hook run after it is released.
+/// A region plus an optional hook run after it is released (or earlier,
+/// by [`Pages::detach_accounting`]).
 struct Held {
     region: Region,
-    on_release: Option<ReleaseHook>,
+    on_release: Mutex<Option<ReleaseHook>>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if let Some(hook) = self.on_release.take() {
+        let hook = self
+            .on_release
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(hook) = hook {
             hook(self.region.capacity());
         }
     }
@@ -141,7 +147,7 @@ impl Pages {
         Pages {
             region: Some(Arc::new(Held {
                 region,
-                on_release: None,
+                on_release: Mutex::new(None),
             })),
             len,
             origin,
@@ -157,11 +163,34 @@ impl Pages {
     /// The hook, when it could not be attached.
     pub fn on_release(&mut self, hook: ReleaseHook) -> Result<(), ReleaseHook> {
         match self.region.as_mut().and_then(Arc::get_mut) {
-            Some(held) if held.on_release.is_none() => {
-                held.on_release = Some(hook);
+            Some(held) => {
+                let slot = held.on_release.get_mut().unwrap_or_else(|e| e.into_inner());
+                if slot.is_some() {
+                    return Err(hook);
+                }
+                *slot = Some(hook);
                 Ok(())
             }
-            _ => Err(hook),
+            None => Err(hook),
+        }
+    }
+
+    /// Declares that these pages are kept for good (a store that keeps
+    /// received values, say): the release hook runs now instead of at the
+    /// last drop, so whatever counted them against the connection they
+    /// came from (the server's `max_held_bytes_per_conn`) stops counting
+    /// them, and that connection is not held back by them. The memory stays
+    /// valid until the last handle is dropped, as always; the keeper is
+    /// responsible for bounding it. Does nothing without a hook.
+    pub fn detach_accounting(&self) {
+        let Some(held) = &self.region else { return };
+        let hook = held
+            .on_release
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(hook) = hook {
+            hook(held.region.capacity());
         }
     }
 
@@ -313,7 +342,7 @@ impl PageBuf {
             region: self.region.map(|region| {
                 Arc::new(Held {
                     region,
-                    on_release: None,
+                    on_release: Mutex::new(None),
                 })
             }),
             len: self.len,
@@ -465,6 +494,20 @@ mod tests {
         assert_eq!(released.load(Ordering::SeqCst), 0);
         drop(q);
         assert_eq!(released.load(Ordering::SeqCst), 102_400);
+        // Detaching runs the hook at once, and only once.
+        let seen = Arc::new(AtomicUsize::new(0));
+        let mut d = Pages::copy_from_slice(&[2u8; 10]).unwrap();
+        let s2 = seen.clone();
+        d.on_release(Box::new(move |n| {
+            s2.fetch_add(n, Ordering::SeqCst);
+        }))
+        .ok()
+        .unwrap();
+        d.detach_accounting();
+        assert_eq!(seen.load(Ordering::SeqCst), 4096);
+        assert_eq!(*d, [2u8; 10][..], "the memory stays valid");
+        drop(d);
+        assert_eq!(seen.load(Ordering::SeqCst), 4096);
         // A shared region refuses a hook.
         let mut a = Pages::copy_from_slice(&[1u8; 10]).unwrap();
         let _b = a.clone();
