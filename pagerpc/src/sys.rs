@@ -42,10 +42,46 @@ pub(crate) struct Poller {
     ep: Epoll,
 }
 
-/// Flags for a connection: readable, one thread at a time.
-pub(crate) const CONN_FLAGS: EpollFlags = EpollFlags::EPOLLIN
-    .union(EpollFlags::EPOLLRDHUP)
-    .union(EpollFlags::EPOLLONESHOT);
+/// What a connection waits for: one thread at a time (`EPOLLONESHOT`);
+/// `EPOLLERR` (zero-copy completions, socket errors) and `EPOLLHUP` are
+/// always reported.
+pub(crate) fn conn_interest(read: bool, write: bool) -> EpollFlags {
+    // EPOLLRDHUP only with EPOLLIN: a peer's FIN stays reported, and a
+    // connection that is not reading must not be woken by it again and
+    // again.
+    let mut f = EpollFlags::EPOLLONESHOT;
+    if read {
+        f |= EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+    }
+    if write {
+        f |= EpollFlags::EPOLLOUT;
+    }
+    f
+}
+
+/// One readiness event, with what the kernel reported.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ready {
+    pub(crate) token: u64,
+    /// Bytes (or the peer's FIN) to read.
+    pub(crate) readable: bool,
+    /// Room in the send buffer.
+    pub(crate) writable: bool,
+    /// Something on the error queue (zero-copy completions) or a pending
+    /// socket error; reported until it is read.
+    pub(crate) error: bool,
+    /// Both directions are shut (reset, or closed both ways).
+    pub(crate) hangup: bool,
+}
+
+/// Takes the socket's pending error (`SO_ERROR`), if any, clearing it.
+pub(crate) fn take_socket_error(fd: BorrowedFd<'_>) -> Option<io::Error> {
+    match getsockopt(&fd, sockopt::SocketError) {
+        Ok(0) => None,
+        Ok(e) => Some(io::Error::from_raw_os_error(e)),
+        Err(e) => Some(io_err(e)),
+    }
+}
 /// Flags for the listener: one waiter woken per connection.
 pub(crate) const LISTEN_FLAGS: EpollFlags = EpollFlags::EPOLLIN.union(EpollFlags::EPOLLONESHOT);
 /// Flags for an eventfd: level-triggered readable.
@@ -79,8 +115,9 @@ impl Poller {
         let _ = self.ep.delete(fd);
     }
 
-    /// Waits for one event; returns its token, or `None` on timeout.
-    pub(crate) fn wait_one(&self, timeout: Option<Duration>) -> io::Result<Option<u64>> {
+    /// Waits for one event; returns it with its flags, or `None` on
+    /// timeout.
+    pub(crate) fn wait_one(&self, timeout: Option<Duration>) -> io::Result<Option<Ready>> {
         let mut evs = [EpollEvent::empty()];
         let t = match timeout {
             None => EpollTimeout::NONE,
@@ -89,7 +126,18 @@ impl Poller {
         loop {
             match self.ep.wait(&mut evs, t) {
                 Ok(0) => return Ok(None),
-                Ok(_) => return Ok(Some(evs[0].data())),
+                Ok(_) => {
+                    let f = evs[0].events();
+                    return Ok(Some(Ready {
+                        token: evs[0].data(),
+                        readable: f.intersects(
+                            EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP,
+                        ),
+                        writable: f.contains(EpollFlags::EPOLLOUT),
+                        error: f.contains(EpollFlags::EPOLLERR),
+                        hangup: f.contains(EpollFlags::EPOLLHUP),
+                    }));
+                }
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => return Err(io_err(e)),
             }
@@ -125,6 +173,30 @@ impl Signal {
     pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// The soft limit on open files (`RLIMIT_NOFILE`).
+pub(crate) fn fd_limit() -> Option<usize> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
+}
+
+/// Whether an `accept()` error means the process or system is out of
+/// descriptors (or memory for them), so accepting again at once would only
+/// fail again.
+pub(crate) fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+    )
+}
+
+mod libc_errno {
+    pub(super) const EMFILE: i32 = nix::Error::EMFILE as i32;
+    pub(super) const ENFILE: i32 = nix::Error::ENFILE as i32;
+    pub(super) const ENOBUFS: i32 = nix::Error::ENOBUFS as i32;
+    pub(super) const ENOMEM: i32 = nix::Error::ENOMEM as i32;
 }
 
 /// Whether the kernel adds the 12-byte TCP timestamp option to segments.

@@ -1,5 +1,6 @@
 //! The sans-IO heart of pagerpc: the frame codec, its limits and errors, the
-//! receive state machine, status codes, and transfer counters.
+//! receive state machine, status codes, transfer counters, and the
+//! bookkeeping of `MSG_ZEROCOPY` completions.
 //!
 //! Nothing in this crate performs a system call. The send and receive halves
 //! (`pagerpc-sender`, `pagerpc-receiver`) drive it from real sockets; tests,
@@ -9,6 +10,7 @@
 //! `docs/wire-format.md` and [`prefix`].
 #![forbid(unsafe_code)]
 
+pub mod conn;
 pub mod counters;
 pub mod decoder;
 pub mod error;
@@ -17,6 +19,7 @@ pub mod limits;
 pub mod prefix;
 pub mod reader;
 pub mod status;
+pub mod zc_tracker;
 
 pub use counters::{CopyReason, Counters, CountersSnapshot};
 pub use decoder::{decode_stream, DecodedFrame, FrameDecoder, Need, Section, StreamOutcome};
@@ -26,6 +29,7 @@ pub use limits::Limits;
 pub use pagerpc_proto::{Header, Kind, MetadataEntry};
 pub use prefix::{Flags, Prefix, MAGIC, PREFIX_LEN, VERSION};
 pub use status::{Code, Status};
+pub use zc_tracker::{ZcIds, ZcTracker};
 
 /// The page size pagerpc aligns payloads to. Payload chunks are sent in
 /// multiples of this size so that a receiver can map them.

@@ -239,6 +239,8 @@ pub struct Receiver {
     /// "nothing more" instead, saving a syscall that would say `EAGAIN`.
     /// Readiness is level-triggered, so nothing is missed.
     drained: bool,
+    /// Grows with every byte read or placed (see [`Receiver::progress`]).
+    progress: u64,
     /// The `SO_RCVLOWAT` currently set (1 = the kernel default).
     lowat: i32,
     /// The largest mark for the current payload (a quarter of the receive
@@ -284,6 +286,7 @@ impl Receiver {
             partial: None,
             counters,
             drained: false,
+            progress: 0,
             lowat: 1,
             lowat_cap: 0,
             block: false,
@@ -368,6 +371,13 @@ impl Receiver {
             Need::Header { .. } => true,
             Need::Payload { .. } | Need::Failed => false,
         }
+    }
+
+    /// A counter that grows whenever bytes of the peer's arrive (read into
+    /// the buffer, or placed into a payload): an event loop compares it
+    /// between turns to tell a slow peer from a stalled one.
+    pub fn progress(&self) -> u64 {
+        self.progress
     }
 
     /// Whether the receiver is between frames with nothing buffered.
@@ -680,6 +690,7 @@ impl Receiver {
 
     /// Records `n` more payload bytes placed; delivers the frame when done.
     fn payload_progress(&mut self, n: usize) -> Result<Step, RecvError> {
+        self.progress += n as u64;
         let Some(p) = self.partial.as_mut() else {
             return Ok(Step::Progress);
         };
@@ -866,6 +877,7 @@ impl Receiver {
             Ok(0) => Err(self.eof()),
             Ok(n) => {
                 self.end += n;
+                self.progress += n as u64;
                 self.drained = n < asked;
                 Ok(true)
             }

@@ -185,3 +185,28 @@ pub(crate) fn wait_errqueue(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result
 pub(crate) fn set_cork(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_CORK, on.into())
 }
+
+/// Aborts a TCP connection at once: `connect()` to `AF_UNSPEC` runs the
+/// kernel's `tcp_disconnect()`, which drops the send queue (so the kernel
+/// lets go of every page sent with `MSG_ZEROCOPY` and reports their
+/// completions) and resets the connection, even while other descriptors
+/// or mappings still refer to the socket.
+pub(crate) fn abort(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: sockaddr is plain data; all-zero with family AF_UNSPEC is the
+    // documented way to dissolve a connection.
+    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+    sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    // SAFETY: `sa` is a valid sockaddr of the size passed, alive for the call.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &sa,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

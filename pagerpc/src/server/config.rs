@@ -1,0 +1,124 @@
+//! Server settings.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pagerpc_core::Limits;
+use pagerpc_receiver::RecvConfig;
+use pagerpc_sender::SendConfig;
+
+use crate::segments::SegmentAlign;
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Limits for incoming frames.
+    pub limits: Limits,
+    /// Send settings (inline threshold, clients' limits, zero-copy).
+    pub send: SendConfig,
+    /// Receive settings (backend, read buffer).
+    pub recv: RecvConfig,
+    /// Pool threads doing I/O and running handlers. Default: the number of
+    /// CPUs, at least 2.
+    pub threads: usize,
+    /// Most connections open at once; further ones are refused with a
+    /// [`Code::ResourceExhausted`](crate::Code) error frame. Default 1024,
+    /// lowered to fit the process's open-file limit (`RLIMIT_NOFILE`, less
+    /// 64 descriptors for everything else) when that is lower.
+    ///
+    /// # Memory cost
+    /// Each connection holds its read buffer (`recv.read_buf`, 64 KiB by
+    /// default) plus the payloads it is receiving, plus up to
+    /// `max_outbound_bytes_per_conn` of queued responses.
+    pub max_connections: usize,
+    /// TCP segment sizing, applied to the listener (page-aligned segments
+    /// when bound to loopback, by default).
+    pub segments: SegmentAlign,
+    /// Most calls in flight on one connection; a request beyond it is
+    /// answered with [`Code::ResourceExhausted`](crate::Code) naming this
+    /// limit, without running a handler. Default 1024.
+    ///
+    /// # Memory cost
+    /// Each call in flight holds its request payload until its handler
+    /// returns: up to this many payloads per connection.
+    pub max_inflight_per_conn: usize,
+    /// Most response bytes queued for one connection and not yet taken by
+    /// its socket. Once reached, the server stops reading that connection's
+    /// requests and runs none of its queued calls until the peer reads
+    /// (backpressure); a peer that reads nothing for `progress_timeout` is
+    /// closed. Other connections are not affected. Default 16 MiB.
+    ///
+    /// # Memory cost
+    /// Up to this much per connection, plus one response per pool thread
+    /// (the responses of handlers already running when it filled).
+    pub max_outbound_bytes_per_conn: usize,
+    /// Time a peer has to finish a frame's prefix and header once it has
+    /// started one; a slower peer (one that dribbles a header) is sent an
+    /// error and disconnected. Default 10 s. `None` disables it.
+    pub header_timeout: Option<Duration>,
+    /// Time a peer may make no progress at all while it owes us the rest of
+    /// a frame, or while responses are queued for it that it does not read;
+    /// it is then disconnected. A slow peer that keeps moving is never cut
+    /// off, however long a transfer takes. Default 30 s. `None` disables
+    /// it.
+    pub progress_timeout: Option<Duration>,
+    /// A connection with no call in flight, nothing queued and no frame
+    /// received for this long is closed. Default 5 minutes. `None`
+    /// disables it.
+    pub idle_timeout: Option<Duration>,
+    /// With [`auth_key`](Self::auth_key): time a new connection has to
+    /// authenticate before it is closed. Default 10 s.
+    pub handshake_timeout: Option<Duration>,
+    /// Most payload bytes (rounded up to pages) the consumers of one
+    /// connection's requests may hold at once. Past it, the server stops
+    /// reading that connection (backpressure: the peer's sends block once
+    /// the socket buffers fill) until handlers or whoever kept the `Pages`
+    /// drop enough of them. Other connections are not affected. A consumer
+    /// that keeps payloads for good (a store) calls
+    /// [`Pages::detach_accounting`](crate::Pages::detach_accounting) on them
+    /// and bounds that memory itself. Default 256 MiB. `None` disables it.
+    ///
+    /// # Memory cost
+    /// Up to this much per connection, plus one payload (the one whose
+    /// arrival crossed the cap), plus what sits in socket buffers.
+    pub max_held_bytes_per_conn: Option<usize>,
+    /// A pre-shared key: every connection must prove it holds the same key
+    /// (HMAC-SHA256 challenge-response, see `docs/wire-format.md`) before
+    /// any request is dispatched; a peer that fails is told so
+    /// ([`Code::Unauthenticated`](crate::Code)) and disconnected. Default
+    /// none.
+    pub auth_key: Option<Arc<[u8]>>,
+}
+
+impl ServerConfig {
+    /// Settings for zero-copy both ways: `TCP_ZEROCOPY_RECEIVE` receives
+    /// and `MSG_ZEROCOPY` sends.
+    pub fn zerocopy() -> ServerConfig {
+        let mut c = ServerConfig::default();
+        c.send.zerocopy = true;
+        c.recv.backend = pagerpc_receiver::Backend::ZeroCopy;
+        c
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            limits: Limits::default(),
+            send: SendConfig::default(),
+            recv: RecvConfig::default(),
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            max_connections: crate::sys::fd_limit()
+                .map_or(1024, |n| n.saturating_sub(64).clamp(1, 1024)),
+            segments: SegmentAlign::Auto,
+            max_inflight_per_conn: 1024,
+            max_outbound_bytes_per_conn: 16 << 20,
+            header_timeout: Some(Duration::from_secs(10)),
+            progress_timeout: Some(Duration::from_secs(30)),
+            idle_timeout: Some(Duration::from_secs(300)),
+            handshake_timeout: Some(Duration::from_secs(10)),
+            max_held_bytes_per_conn: Some(256 << 20),
+            auth_key: None,
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! One server connection: its socket halves, its protocol state, and who
+//! may do its I/O.
+//!
+//! Exactly one pool thread at a time *owns* a connection's I/O: the one
+//! that claimed it (`claim`) for a readiness event, a timeout mark or a
+//! resume. Events that arrive for a connection while it is owned are
+//! posted to the owner, which handles them before letting go; letting go
+//! re-arms the connection (`EPOLLONESHOT`) with what it waits for now:
+//! `EPOLLIN` unless reading is paused by backpressure, `EPOLLOUT` while
+//! responses are queued. Threads that finish a handler queue their
+//! response and flush what the socket takes without waiting; what is
+//! left goes out on `EPOLLOUT`.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use pagerpc_core::conn::{IoSnapshot, ServerConn};
+use pagerpc_receiver::{Frame, ReceivePath, Receiver};
+use pagerpc_sender::{Flush, OutFrame, Sender};
+
+use crate::auth;
+use crate::sys::{self, Poller};
+
+/// What a connection's owner is asked to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Events {
+    /// Read requests.
+    pub(crate) read: bool,
+    /// Flush queued responses.
+    pub(crate) write: bool,
+    /// Reap zero-copy completions / take the socket's error.
+    pub(crate) error: bool,
+    /// The peer is gone both ways.
+    pub(crate) hangup: bool,
+    /// A timeout may have passed (posted by the sweeper).
+    pub(crate) timeout: bool,
+}
+
+impl Events {
+    fn merge(&mut self, o: Events) {
+        self.read |= o.read;
+        self.write |= o.write;
+        self.error |= o.error;
+        self.hangup |= o.hangup;
+        self.timeout |= o.timeout;
+    }
+
+    fn any(&self) -> bool {
+        self.read || self.write || self.error || self.hangup || self.timeout
+    }
+}
+
+/// A call waiting to run.
+pub(crate) struct Job {
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) frame: Frame,
+    pub(crate) received: Instant,
+    pub(crate) cancelled: Arc<AtomicBool>,
+}
+
+/// Protocol state, behind one lock.
+pub(crate) struct Core {
+    /// The sans-IO state machine: calls, auth, timeouts.
+    pub(crate) sm: ServerConn<Arc<AtomicBool>>,
+    /// With a pre-shared key: the nonce this connection was challenged
+    /// with, until it has authenticated.
+    pub(crate) challenge: Option<[u8; auth::NONCE_LEN]>,
+    /// The I/O state as of the owner's last turn.
+    pub(crate) io: IoSnapshot,
+    /// Calls read but not run because the outbound queue is full.
+    pub(crate) deferred: Vec<Job>,
+    /// Bytes the receiver had read at the owner's last turn.
+    pub(crate) bytes_read: u64,
+}
+
+#[derive(Default)]
+struct Owner {
+    busy: bool,
+    posted: Events,
+}
+
+pub(crate) struct Conn {
+    pub(crate) token: u64,
+    pub(crate) path: ReceivePath,
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) receiver: Mutex<Receiver>,
+    sender: Mutex<Sender>,
+    /// Frames queued by threads that found the sender in use; its holder
+    /// writes them before letting go.
+    outbox: Mutex<Vec<OutFrame>>,
+    pub(crate) core: Mutex<Core>,
+    owner: Mutex<Owner>,
+    /// Response bytes queued in the sender (a copy, for lock-free checks).
+    pub(crate) queued_out: AtomicUsize,
+    pub(crate) outbound_max: usize,
+    pub(crate) closed: AtomicBool,
+    /// Payload bytes of this connection's requests that consumers still hold.
+    pub(crate) held: AtomicUsize,
+    /// Reading is paused because `held` is over the cap.
+    pub(crate) held_paused: AtomicBool,
+    /// The sweeper posted a timeout check not yet handled.
+    pub(crate) timeout_posted: AtomicBool,
+}
+
+impl Conn {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        token: u64,
+        fd: Arc<OwnedFd>,
+        peer: SocketAddr,
+        receiver: Receiver,
+        sender: Sender,
+        sm: ServerConn<Arc<AtomicBool>>,
+        outbound_max: usize,
+    ) -> Conn {
+        Conn {
+            token,
+            path: receiver.path(),
+            fd,
+            peer,
+            receiver: Mutex::new(receiver),
+            sender: Mutex::new(sender),
+            outbox: Mutex::new(Vec::new()),
+            core: Mutex::new(Core {
+                sm,
+                challenge: None,
+                io: IoSnapshot::default(),
+                deferred: Vec::new(),
+                bytes_read: 0,
+            }),
+            owner: Mutex::new(Owner::default()),
+            queued_out: AtomicUsize::new(0),
+            outbound_max,
+            closed: AtomicBool::new(false),
+            held: AtomicUsize::new(0),
+            held_paused: AtomicBool::new(false),
+            timeout_posted: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the peer is not taking the responses queued for it.
+    pub(crate) fn outbound_full(&self) -> bool {
+        self.queued_out.load(Ordering::SeqCst) >= self.outbound_max
+    }
+
+    /// Whether the owner should read requests now.
+    fn wants_read(&self) -> bool {
+        !self.closed.load(Ordering::SeqCst)
+            && !self.held_paused.load(Ordering::SeqCst)
+            && !self.outbound_full()
+    }
+
+    /// Takes ownership of the connection's I/O for `ev`; if another thread
+    /// owns it, hands `ev` to that thread and returns `false`.
+    pub(crate) fn claim(&self, ev: Events) -> bool {
+        let mut o = self.owner.lock();
+        if o.busy {
+            o.posted.merge(ev);
+            false
+        } else {
+            o.busy = true;
+            true
+        }
+    }
+
+    /// Lets go of the connection, unless events were posted meanwhile
+    /// (then returns them, and the caller keeps ownership). Re-arms the
+    /// socket with what it waits for now.
+    pub(crate) fn release(&self, poller: &Poller) -> Option<Events> {
+        let mut o = self.owner.lock();
+        if o.posted.any() {
+            return Some(std::mem::take(&mut o.posted));
+        }
+        o.busy = false;
+        self.arm(poller);
+        None
+    }
+
+    /// Asks for `ev` to be handled: by the owner if there is one, else by
+    /// re-arming the socket so that a pool thread is woken.
+    pub(crate) fn post(&self, poller: &Poller, ev: Events) {
+        let mut o = self.owner.lock();
+        if o.busy {
+            o.posted.merge(ev);
+        } else {
+            self.arm(poller);
+        }
+    }
+
+    fn arm(&self, poller: &Poller) {
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let write = self.queued_out.load(Ordering::SeqCst) > 0;
+        let flags = sys::conn_interest(self.wants_read(), write);
+        if poller.rearm(self.fd.as_fd(), self.token, flags).is_err() {
+            // Gone from the poller (closing): nothing to wait for.
+        }
+    }
+
+    /// Queues a frame and writes what the socket takes now, unless
+    /// another thread is writing (it takes this frame along). Never waits.
+    /// Returns whether the connection must be woken for `EPOLLOUT` or
+    /// because the queue fell below its budget.
+    pub(crate) fn send(&self, frame: OutFrame, now: Instant) -> SendOutcome {
+        self.outbox.lock().push(frame);
+        self.flush(now)
+    }
+
+    /// Writes queued frames as far as the socket takes them.
+    pub(crate) fn flush(&self, now: Instant) -> SendOutcome {
+        let mut outcome = SendOutcome::default();
+        loop {
+            let Some(mut tx) = self.sender.try_lock() else {
+                return outcome;
+            };
+            let batch = std::mem::take(&mut *self.outbox.lock());
+            let was_full = self.outbound_full();
+            let before = tx.queued_bytes();
+            if !batch.is_empty() {
+                // Replies were checked against the client's limits, so a
+                // failure here is the socket's (the sender is broken).
+                if tx.enqueue(batch).is_err() {
+                    outcome.failed = true;
+                }
+            }
+            let r = tx.flush();
+            let after = tx.queued_bytes();
+            self.queued_out.store(after, Ordering::SeqCst);
+            drop(tx);
+            match r {
+                Ok(Flush::Done) => {}
+                Ok(Flush::Blocked) => outcome.blocked = true,
+                Err(_) => outcome.failed = true,
+            }
+            if after < before.max(1) || (before == 0 && after > 0) {
+                self.core.lock().sm.on_sent(now);
+            }
+            if was_full && !self.outbound_full() {
+                outcome.drained = true;
+            }
+            if self.outbox.lock().is_empty() {
+                return outcome;
+            }
+        }
+    }
+
+    /// Reads zero-copy completions; when there were none, takes the
+    /// socket's pending error, if any.
+    pub(crate) fn reap(&self) -> Option<std::io::Error> {
+        let reaped = self.sender.lock().reap_completions();
+        match reaped {
+            Ok(n) if n > 0 => None,
+            Ok(_) => sys::take_socket_error(self.fd.as_fd()),
+            Err(e) => Some(e),
+        }
+    }
+
+    /// Closes the socket: aborts it (reset; the kernel drops queued data
+    /// and lets go of zero-copy pages) when `abort` or when data is still
+    /// queued, else shuts it down.
+    pub(crate) fn shut(&self, abort: bool) {
+        let mut tx = self.sender.lock();
+        if abort || tx.has_queued() || tx.zerocopy_stats().pending_payloads > 0 {
+            tx.abort();
+        } else {
+            sys::shutdown(self.fd.as_fd());
+        }
+        self.queued_out.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What a flush found.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SendOutcome {
+    /// Bytes remain queued: wait for `EPOLLOUT`.
+    pub(crate) blocked: bool,
+    /// The queue fell below its budget: reading and deferred calls resume.
+    pub(crate) drained: bool,
+    /// The socket failed.
+    pub(crate) failed: bool,
+}

@@ -1,0 +1,342 @@
+//! The RPC server.
+//!
+//! # Threads
+//! One pool of `threads` threads does both I/O and handler work. Every pool
+//! thread waits on one shared epoll instance. Connections are armed with
+//! `EPOLLONESHOT`, and one thread at a time owns a connection's I/O
+//! ([`conn`]); readiness keeps its flags: `EPOLLERR` reaps zero-copy
+//! completions, `EPOLLOUT` flushes queued responses, `EPOLLIN` reads. No
+//! pool thread ever waits on a peer: sends are non-blocking, and a peer
+//! that does not read its responses gets no more of its requests read or
+//! run (backpressure) until it does, or is closed by the progress timeout.
+//!
+//! The thread that reads a batch of requests (at most 64, then the
+//! connection goes to the back of the queue) runs the first one itself
+//! (no hand-off on the latency path) and puts the others on a crossbeam
+//! channel, raising an eventfd that wakes idle pool threads to take them.
+//! Each connection's protocol state (call table, auth, timeouts) is the
+//! sans-IO [`pagerpc_core::conn::ServerConn`]; a sweeper thread asks it
+//! which timeouts passed and only marks those connections; their owner
+//! closes them.
+//!
+//! A handler that blocks holds its pool thread; size the pool for the
+//! number of handlers that may block at once, plus one.
+//!
+//! # Shutdown
+//! [`Server::shutdown`] stops accepting, answers new requests with
+//! [`Code::Unavailable`](crate::Code::Unavailable), waits for in-flight calls to finish, then closes
+//! every connection.
+
+mod config;
+mod conn;
+mod context;
+mod pool;
+mod reply;
+mod sweep;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver as ChanRx, Sender as ChanTx};
+use parking_lot::{Condvar, Mutex};
+use prost::Message;
+
+use pagerpc_core::{Counters, Status};
+use pagerpc_pages::{Pages, Payload};
+
+use crate::sys::{self, Poller, Signal, EVENT_FLAGS, LISTEN_FLAGS};
+
+pub use config::ServerConfig;
+use conn::{Conn, Events, Job};
+use context::RawHandler;
+pub use context::{Context, Reply};
+
+const TOKEN_LISTENER: u64 = 0;
+const TOKEN_JOBS: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+const FIRST_CONN_TOKEN: u64 = 16;
+/// Requests read from one connection in one turn; then other connections
+/// and queued calls get their turn, so a client that keeps sending cannot
+/// keep a thread reading forever.
+const DISPATCH_BATCH: usize = 64;
+
+/// Collects handlers and settings, then binds a [`Server`].
+pub struct ServerBuilder {
+    cfg: ServerConfig,
+    handlers: HashMap<String, Arc<RawHandler>>,
+}
+
+impl Default for ServerBuilder {
+    fn default() -> Self {
+        ServerBuilder::new()
+    }
+}
+
+impl ServerBuilder {
+    /// A builder with default settings and no handlers.
+    pub fn new() -> ServerBuilder {
+        ServerBuilder {
+            cfg: ServerConfig::default(),
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// Replaces the settings.
+    pub fn config(mut self, cfg: ServerConfig) -> ServerBuilder {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Registers a typed handler for `method`. It gets the decoded request
+    /// and the request payload, and returns a response message and payload,
+    /// or a status. A request that does not decode as `Req` is answered with
+    /// [`Code::InvalidArgument`](crate::Code::InvalidArgument) without calling the handler.
+    pub fn register<Req, Resp, F>(self, method: &str, f: F) -> ServerBuilder
+    where
+        Req: Message + Default,
+        Resp: Message,
+        F: Fn(&Context, Req, Pages) -> Result<(Resp, Payload), Status> + Send + Sync + 'static,
+    {
+        self.register_raw(method, move |ctx, body, pages| {
+            let req = Req::decode(body).map_err(|e| {
+                Status::invalid_argument(format!("undecodable request message: {e}"))
+            })?;
+            let (resp, payload) = f(ctx, req, pages)?;
+            Ok(Reply {
+                body: resp.encode_to_vec(),
+                payload,
+                metadata: Vec::new(),
+            })
+        })
+    }
+
+    /// Registers a handler that sees the request body as raw bytes and
+    /// controls the reply's metadata.
+    pub fn register_raw<F>(mut self, method: &str, f: F) -> ServerBuilder
+    where
+        F: Fn(&Context, &[u8], Pages) -> Result<Reply, Status> + Send + Sync + 'static,
+    {
+        self.handlers.insert(method.to_owned(), Arc::new(f));
+        self
+    }
+
+    /// Binds `addr`, starts the pool, and serves.
+    ///
+    /// # Errors
+    /// When the address cannot be bound or the pool cannot start.
+    pub fn bind(self, addr: impl ToSocketAddrs) -> io::Result<Server> {
+        let mut last = None;
+        for a in addr.to_socket_addrs()? {
+            match sys::listen_with_mss(&a, self.cfg.segments.mss_for(&a)) {
+                Ok(l) => return self.serve(l),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("address resolved to nothing")))
+    }
+
+    /// Serves on an already bound listener.
+    ///
+    /// # Errors
+    /// When the pool cannot start.
+    pub fn serve(self, listener: TcpListener) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            poller: Poller::new()?,
+            listener: Mutex::new(Some(listener)),
+            jobs_signal: Signal::new()?,
+            stop_signal: Signal::new()?,
+            jobs_tx,
+            jobs_rx,
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(FIRST_CONN_TOKEN),
+            handlers: self.handlers,
+            cfg: self.cfg,
+            shutting_down: AtomicBool::new(false),
+            inflight: Mutex::new(0),
+            drained: Condvar::new(),
+            counters: Arc::new(Counters::new()),
+            accept_paused: AtomicBool::new(false),
+        });
+        if let Some(l) = shared.listener.lock().as_ref() {
+            shared.poller.add(l.as_fd(), TOKEN_LISTENER, LISTEN_FLAGS)?;
+        }
+        shared
+            .poller
+            .add(shared.jobs_signal.as_fd(), TOKEN_JOBS, EVENT_FLAGS)?;
+        shared
+            .poller
+            .add(shared.stop_signal.as_fd(), TOKEN_STOP, EVENT_FLAGS)?;
+        let mut threads = Vec::new();
+        for i in 0..shared.cfg.threads.max(1) {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("pagerpc-{i}"))
+                    .spawn(move || s.run())?,
+            );
+        }
+        let (sweep_stop, sweep_rx) = crossbeam_channel::bounded(1);
+        let s = shared.clone();
+        let sweeper = std::thread::Builder::new()
+            .name("pagerpc-sweep".into())
+            .spawn(move || s.sweep(sweep_rx))?;
+        Ok(Server {
+            shared,
+            threads,
+            local_addr,
+            sweeper: Some((sweeper, sweep_stop)),
+        })
+    }
+}
+
+/// A running server. Dropping it shuts it down gracefully.
+pub struct Server {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    local_addr: SocketAddr,
+    sweeper: Option<(JoinHandle<()>, ChanTx<()>)>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl Server {
+    /// A builder.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::new()
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.conns.lock().len()
+    }
+
+    /// Transfer counters summed over every connection this server has had.
+    pub fn counters(&self) -> pagerpc_core::CountersSnapshot {
+        self.shared.counters.snapshot()
+    }
+
+    /// Payload bytes (rounded up to pages) that consumers of each open
+    /// connection's requests still hold, summed.
+    pub fn held_payload_bytes(&self) -> usize {
+        self.shared
+            .conns
+            .lock()
+            .values()
+            .map(|c| c.held.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Calls being handled now.
+    pub fn inflight(&self) -> usize {
+        *self.shared.inflight.lock()
+    }
+
+    /// Stops accepting, lets in-flight calls finish, then closes every
+    /// connection and joins the pool.
+    pub fn shutdown(mut self) {
+        self.stop(None);
+    }
+
+    /// As [`shutdown`](Self::shutdown), but gives in-flight calls at most
+    /// `grace`; calls still running then are cancelled and their callers
+    /// see the connection close. Returns whether every call finished.
+    pub fn shutdown_timeout(mut self, grace: Duration) -> bool {
+        self.stop(Some(grace))
+    }
+
+    fn stop(&mut self, grace: Option<Duration>) -> bool {
+        let s = &self.shared;
+        s.shutting_down.store(true, Ordering::SeqCst);
+        if let Some(l) = s.listener.lock().take() {
+            s.poller.delete(l.as_fd());
+        }
+        let deadline = grace.map(|g| Instant::now() + g);
+        let mut n = s.inflight.lock();
+        while *n > 0 {
+            match deadline {
+                Some(d) => {
+                    if s.drained.wait_until(&mut n, d).timed_out() {
+                        break;
+                    }
+                }
+                None => s.drained.wait(&mut n),
+            }
+        }
+        let clean = *n == 0;
+        drop(n);
+        // Cancel what is still running and close every connection before
+        // joining the pool: a handler that honours is_cancelled() then
+        // returns, and its caller sees the connection close.
+        let conns: Vec<_> = s.conns.lock().drain().map(|(_, c)| c).collect();
+        for c in &conns {
+            s.close(c, None, false, "shutdown");
+        }
+        s.stop_signal.raise();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some((t, stop)) = self.sweeper.take() {
+            let _ = stop.send(());
+            let _ = t.join();
+        }
+        clean
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop(None);
+        }
+    }
+}
+
+struct Shared {
+    poller: Poller,
+    listener: Mutex<Option<TcpListener>>,
+    jobs_signal: Signal,
+    stop_signal: Signal,
+    jobs_tx: ChanTx<Work>,
+    jobs_rx: ChanRx<Work>,
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_conn: AtomicU64,
+    handlers: HashMap<String, Arc<RawHandler>>,
+    cfg: ServerConfig,
+    shutting_down: AtomicBool,
+    inflight: Mutex<usize>,
+    drained: Condvar,
+    counters: Arc<Counters>,
+    /// `accept()` ran out of descriptors; the sweeper re-arms the listener.
+    accept_paused: AtomicBool,
+}
+
+/// Work for a pool thread besides socket readiness.
+enum Work {
+    /// Run a call's handler.
+    Call(Job),
+    /// Own a connection for these events (resume reading, check timeouts,
+    /// continue a batch).
+    Conn(Arc<Conn>, Events),
+    /// Accept again after running out of descriptors.
+    Accept,
+}

@@ -1,0 +1,653 @@
+//! The pool threads: readiness events, reading requests, running calls.
+
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pagerpc_core::conn::{ConnConfig, IoSnapshot, Refusal, ServerConn, Timeout};
+use pagerpc_core::{CodecError, Counters, Kind, Status};
+use pagerpc_pages::Pages;
+use pagerpc_receiver::{Frame, Receiver, RecvError};
+use pagerpc_sender::Sender;
+
+use super::conn::{Conn, Events, Job};
+use super::context::Context;
+use super::reply::{control_frame, error_frame, response_frame};
+use super::{Shared, Work, DISPATCH_BATCH, TOKEN_JOBS, TOKEN_LISTENER, TOKEN_STOP};
+use crate::auth;
+use crate::sys;
+
+impl Shared {
+    pub(crate) fn run(self: Arc<Self>) {
+        loop {
+            let ready = match self.poller.wait_one(None) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(_) => return,
+            };
+            match ready.token {
+                TOKEN_STOP => return,
+                TOKEN_LISTENER => self.accept_all(),
+                TOKEN_JOBS => {
+                    self.jobs_signal.clear();
+                    // Take one job at a time, and wake another idle thread
+                    // while more are queued, so one blocking handler never
+                    // holds up the jobs behind it.
+                    while let Ok(work) = self.jobs_rx.try_recv() {
+                        if !self.jobs_rx.is_empty() {
+                            self.jobs_signal.raise();
+                        }
+                        match work {
+                            Work::Call(job) => self.run_job(job),
+                            Work::Conn(conn, ev) => self.drive(&conn, ev),
+                            Work::Accept => self.rearm_listener(),
+                        }
+                    }
+                }
+                t => {
+                    let conn = self.conns.lock().get(&t).cloned();
+                    if let Some(conn) = conn {
+                        let ev = Events {
+                            read: ready.readable,
+                            write: ready.writable,
+                            error: ready.error,
+                            hangup: ready.hangup,
+                            timeout: false,
+                        };
+                        self.drive(&conn, ev);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands work for a connection to a pool thread.
+    pub(crate) fn post_work(&self, conn: &Arc<Conn>, ev: Events) {
+        if !conn.closed.load(Ordering::SeqCst) {
+            let _ = self.jobs_tx.send(Work::Conn(conn.clone(), ev));
+            self.jobs_signal.raise();
+        }
+    }
+
+    /// Owns the connection for `ev` (and whatever is posted meanwhile),
+    /// then runs the first call read, if any.
+    pub(crate) fn drive(self: &Arc<Self>, conn: &Arc<Conn>, ev: Events) {
+        if conn.claim(ev) {
+            self.drive_owned(conn, ev);
+        }
+    }
+
+    /// As [`drive`](Self::drive), for a thread that already owns `conn`.
+    fn drive_owned(self: &Arc<Self>, conn: &Arc<Conn>, ev: Events) {
+        let mut ev = ev;
+        let mut mine = None;
+        loop {
+            if !conn.closed.load(Ordering::SeqCst) {
+                self.turn(conn, ev, &mut mine);
+            }
+            match conn.release(&self.poller) {
+                Some(more) => ev = more,
+                None => break,
+            }
+        }
+        if let Some(job) = mine {
+            self.run_job(job);
+        }
+    }
+
+    /// One turn of the owner: completions, writes, timeouts, reads.
+    fn turn(self: &Arc<Self>, conn: &Arc<Conn>, ev: Events, mine: &mut Option<Job>) {
+        let now = Instant::now();
+        if ev.error {
+            if let Some(e) = conn.reap() {
+                self.close(conn, None, true, &format!("socket error: {e}"));
+                return;
+            }
+        }
+        if ev.write || conn.queued_out.load(Ordering::SeqCst) > 0 {
+            let out = conn.flush(now);
+            if out.failed {
+                self.close(conn, None, true, "send failed");
+                return;
+            }
+            if out.drained {
+                self.undefer(conn);
+            }
+        }
+        if ev.timeout {
+            conn.timeout_posted.store(false, Ordering::SeqCst);
+            let fired = {
+                let mut core = conn.core.lock();
+                core.io.queued_out = conn.queued_out.load(Ordering::SeqCst);
+                let io = core.io;
+                core.sm.handle_timeout(now, &io)
+            };
+            if let Some(t) = fired {
+                let status = match t {
+                    Timeout::Idle { .. } => Status::unavailable(format!("{t}, closing")),
+                    _ => Status::deadline_exceeded(format!("{t}, closing")),
+                };
+                let abort = matches!(t, Timeout::SendStalled { .. });
+                self.close(conn, Some(status), abort, "timeout");
+                return;
+            }
+        }
+        if ev.hangup && !ev.read {
+            self.close(conn, None, true, "peer hung up");
+            return;
+        }
+        if ev.read || ev.hangup {
+            self.read(conn, now, mine);
+        }
+    }
+
+    /// Reads up to a batch of frames, classifying each.
+    fn read(self: &Arc<Self>, conn: &Arc<Conn>, now: Instant, mine: &mut Option<Job>) {
+        let mut failure = None;
+        let mut frames = 0;
+        let mut dispatched = 0;
+        let mut more = false;
+        let mut rx = conn.receiver.lock();
+        loop {
+            if conn.held_paused.load(Ordering::SeqCst) || conn.outbound_full() {
+                break;
+            }
+            if frames == DISPATCH_BATCH {
+                // Fairness: let other connections and queued calls run
+                // before reading more of this one.
+                more = true;
+                break;
+            }
+            match rx.poll_frame() {
+                Ok(Some(frame)) => {
+                    frames += 1;
+                    if let Some(job) = self.classify(conn, frame, now) {
+                        if self.over_held_cap(conn) {
+                            // Backpressure: stop reading this connection
+                            // until its consumers release pages (a release
+                            // that came first is caught by the re-check).
+                            conn.held_paused.store(true, Ordering::SeqCst);
+                            if !self.over_held_cap(conn) {
+                                conn.held_paused.store(false, Ordering::SeqCst);
+                            }
+                        }
+                        if mine.is_none() {
+                            *mine = Some(job);
+                        } else {
+                            let _ = self.jobs_tx.send(Work::Call(job));
+                            dispatched += 1;
+                        }
+                    }
+                    if conn.closed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(RecvError::ChecksumMismatch {
+                    head,
+                    expected,
+                    got,
+                }) => {
+                    // The payload is discarded, never handed to a handler;
+                    // the stream is still in sync.
+                    frames += 1;
+                    if head.kind() == Kind::Request {
+                        self.send(
+                            conn,
+                            error_frame(
+                                head.call_id(),
+                                &Status::data_loss(format!(
+                                    "request payload failed its checksum (CRC32C {got:#010x}, expected {expected:#010x})"
+                                )),
+                            ),
+                        );
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if dispatched > 0 {
+            self.jobs_signal.raise();
+        }
+        if failure.is_none() {
+            rx.wait_lowat();
+        }
+        let read_now = rx.progress();
+        let io = IoSnapshot {
+            in_head: rx.in_head(),
+            in_frame: !rx.is_idle(),
+            read_paused: conn.held_paused.load(Ordering::SeqCst) || conn.outbound_full(),
+            queued_out: conn.queued_out.load(Ordering::SeqCst),
+        };
+        drop(rx);
+        {
+            let mut core = conn.core.lock();
+            if read_now != core.bytes_read || frames > 0 {
+                core.bytes_read = read_now;
+                core.sm.on_received(now, frames);
+            }
+            core.sm.on_head(now, io.in_head);
+            core.io = io;
+        }
+        if more {
+            self.post_work(
+                conn,
+                Events {
+                    read: true,
+                    ..Events::default()
+                },
+            );
+        }
+        if let Some(e) = failure {
+            let notice = match &e {
+                RecvError::Codec(c) if !matches!(c, CodecError::Truncated { .. }) => Some(
+                    Status::invalid_argument(format!("protocol error, closing: {c}")),
+                ),
+                _ => None,
+            };
+            self.close(conn, notice, false, "read failed");
+        }
+    }
+
+    /// Queues a frame for the peer and makes sure it goes out.
+    pub(crate) fn send(&self, conn: &Arc<Conn>, frame: pagerpc_sender::OutFrame) {
+        let out = conn.send(frame, Instant::now());
+        if out.failed {
+            // Nothing more can be sent: the owner sees the socket close.
+            sys::shutdown(conn.fd.as_fd());
+        }
+        if out.drained {
+            self.undefer(conn);
+        }
+        if out.blocked || out.drained {
+            conn.post(
+                &self.poller,
+                Events {
+                    write: true,
+                    ..Events::default()
+                },
+            );
+        }
+    }
+
+    /// Turns a frame into a job (requests) or handles it on the spot.
+    fn classify(self: &Arc<Self>, conn: &Arc<Conn>, mut frame: Frame, now: Instant) -> Option<Job> {
+        let id = frame.head.call_id();
+        let challenge = conn.core.lock().challenge;
+        if let (Some(nonce), Some(key)) = (challenge, &self.cfg.auth_key) {
+            // Nothing is dispatched before the peer proves it holds the key.
+            let refusal = if frame.head.kind() != Kind::Auth {
+                Some(format!(
+                    "this server requires pre-shared-key authentication; the client sent a {:?} frame instead",
+                    frame.head.kind()
+                ))
+            } else if let Some(client_nonce) =
+                auth::verify_client(key, &nonce, &frame.head.header.body)
+            {
+                let proof = auth::server_proof(key, &nonce, client_nonce);
+                {
+                    let mut core = conn.core.lock();
+                    core.challenge = None;
+                    core.sm.authenticated();
+                }
+                self.send(conn, control_frame(0, Kind::Auth, proof));
+                None
+            } else {
+                Some(
+                    "authentication failed: the client's proof does not match the pre-shared key"
+                        .into(),
+                )
+            };
+            if let Some(why) = refusal {
+                self.close(conn, Some(Status::unauthenticated(why)), false, "auth");
+            }
+            return None;
+        }
+        match frame.head.kind() {
+            Kind::Request => {
+                if self.shutting_down.load(Ordering::SeqCst) {
+                    self.send(
+                        conn,
+                        error_frame(id, &Status::unavailable("server is shutting down")),
+                    );
+                    return None;
+                }
+                let cancelled = Arc::new(AtomicBool::new(false));
+                let admitted = conn.core.lock().sm.admit(id, cancelled.clone());
+                if let Err(r) = admitted {
+                    let status = match r {
+                        Refusal::TooManyInflight { .. } => {
+                            Status::resource_exhausted(r.to_string())
+                        }
+                        Refusal::NotAuthenticated => Status::unauthenticated(r.to_string()),
+                        _ => Status::invalid_argument(format!("request refused: {r}")),
+                    };
+                    // A refused id-0 request is answered on id 0, which the
+                    // client reads as a connection-level error: close.
+                    if id == 0 {
+                        self.close(conn, Some(status), false, "call id 0");
+                    } else {
+                        self.send(conn, error_frame(id, &status));
+                    }
+                    return None;
+                }
+                self.charge(conn, &mut frame.payload);
+                *self.inflight.lock() += 1;
+                Some(Job {
+                    conn: conn.clone(),
+                    frame,
+                    received: now,
+                    cancelled,
+                })
+            }
+            Kind::Cancel => {
+                if let Some(flag) = conn.core.lock().sm.cancel(id) {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                None
+            }
+            Kind::Ping => {
+                self.send(conn, control_frame(id, Kind::Pong, Vec::new()));
+                None
+            }
+            Kind::StreamChunk | Kind::StreamEnd => {
+                self.send(
+                    conn,
+                    error_frame(
+                        id,
+                        &Status::unimplemented("streams are not supported by this server"),
+                    ),
+                );
+                None
+            }
+            Kind::Response | Kind::Error | Kind::Pong | Kind::Auth | Kind::Unspecified => {
+                // Frames only a server sends: the peer is confused. Answer and
+                // carry on; this does not desynchronise the stream.
+                self.send(
+                    conn,
+                    error_frame(
+                        id,
+                        &Status::invalid_argument(format!(
+                            "a client may not send {:?} frames",
+                            frame.head.kind()
+                        )),
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    pub(crate) fn run_job(&self, job: Job) {
+        if job.conn.outbound_full() && !job.conn.closed.load(Ordering::SeqCst) {
+            // The peer is not reading its responses: run none of its calls
+            // until it does (the queue draining puts this one back).
+            let conn = job.conn.clone();
+            conn.core.lock().deferred.push(job);
+            if !conn.outbound_full() {
+                self.undefer(&conn);
+            }
+            return;
+        }
+        let Job {
+            conn,
+            frame,
+            received,
+            cancelled,
+        } = job;
+        let h = frame.head.header;
+        let deadline = (h.deadline_us > 0).then(|| received + Duration::from_micros(h.deadline_us));
+        let result = if cancelled.load(Ordering::Relaxed) || conn.closed.load(Ordering::SeqCst) {
+            None
+        } else if deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(Err(Status::deadline_exceeded(
+                "deadline passed before the handler ran",
+            )))
+        } else if let Some(handler) = self.handlers.get(&h.method) {
+            let ctx = Context {
+                call_id: h.call_id,
+                method: h.method,
+                deadline,
+                metadata: h.metadata,
+                cancelled: cancelled.clone(),
+                peer: conn.peer,
+                path: conn.path,
+            };
+            let out = catch_unwind(AssertUnwindSafe(|| handler(&ctx, &h.body, frame.payload)))
+                .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
+            if cancelled.load(Ordering::Relaxed) {
+                None
+            } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(Err(Status::deadline_exceeded(
+                    "deadline passed while the handler ran",
+                )))
+            } else {
+                Some(out)
+            }
+        } else {
+            Some(Err(Status::unimplemented(format!(
+                "unknown method '{}'",
+                h.method
+            ))))
+        };
+        if let Some(result) = result {
+            if !conn.closed.load(Ordering::SeqCst) {
+                self.send(
+                    &conn,
+                    response_frame(h.call_id, result, &self.cfg.send.limits),
+                );
+            }
+        }
+        self.finish_call(&conn, h.call_id);
+    }
+
+    fn finish_call(&self, conn: &Conn, call_id: u64) {
+        conn.core.lock().sm.finish(call_id);
+        let mut n = self.inflight.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.drained.notify_all();
+        }
+    }
+
+    /// Puts calls deferred by a full outbound queue back to run.
+    fn undefer(&self, conn: &Arc<Conn>) {
+        let jobs = std::mem::take(&mut conn.core.lock().deferred);
+        if jobs.is_empty() {
+            return;
+        }
+        for job in jobs {
+            let _ = self.jobs_tx.send(Work::Call(job));
+        }
+        self.jobs_signal.raise();
+    }
+
+    /// Closes a connection, first telling the peer why (an ERROR frame with
+    /// call id 0) if there is something to say. With `abort`, or when the
+    /// peer is not taking what is queued, the connection is reset, so the
+    /// kernel lets go of queued data (and zero-copy pages) at once.
+    pub(crate) fn close(&self, conn: &Arc<Conn>, notice: Option<Status>, abort: bool, _why: &str) {
+        if let Some(status) = &notice {
+            // Best effort, never waiting: if the socket takes it now, the
+            // peer learns why.
+            let _ = conn.send(error_frame(0, status), Instant::now());
+        }
+        if conn.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.poller.delete(conn.fd.as_fd());
+        self.conns.lock().remove(&conn.token);
+        let deferred = {
+            let mut core = conn.core.lock();
+            for flag in core.sm.tokens() {
+                flag.store(true, Ordering::Relaxed);
+            }
+            std::mem::take(&mut core.deferred)
+        };
+        for job in deferred {
+            self.finish_call(conn, job.frame.head.call_id());
+        }
+        conn.shut(abort);
+    }
+
+    fn accept_all(self: &Arc<Self>) {
+        let guard = self.listener.lock();
+        let Some(listener) = guard.as_ref() else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => self.add_conn(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if sys::is_fd_exhaustion(&e) => {
+                    // Out of descriptors: the backlog stays full, so
+                    // re-arming now would wake us again at once (a busy
+                    // loop). The sweeper re-arms the listener shortly.
+                    self.accept_paused.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+        if !self.shutting_down.load(Ordering::SeqCst) {
+            let _ = self
+                .poller
+                .rearm(listener.as_fd(), TOKEN_LISTENER, sys::LISTEN_FLAGS);
+        }
+    }
+
+    pub(crate) fn rearm_listener(&self) {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(l) = self.listener.lock().as_ref() {
+            let _ = self
+                .poller
+                .rearm(l.as_fd(), TOKEN_LISTENER, sys::LISTEN_FLAGS);
+        }
+    }
+
+    fn add_conn(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        if sys::prepare_stream(&stream, true).is_err() {
+            return;
+        }
+        let fd = Arc::new(OwnedFd::from(stream));
+        let counters = Arc::new(Counters::with_parent(self.counters.clone()));
+        let mut recv_cfg = self.cfg.recv.clone();
+        recv_cfg.limits = self.cfg.limits;
+        let token = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let receiver = Receiver::new(fd.clone(), recv_cfg, counters.clone());
+        let sender = Sender::new(fd.clone(), self.cfg.send.clone(), counters);
+        let mut cc = ConnConfig::default();
+        cc.max_inflight = self.cfg.max_inflight_per_conn;
+        cc.outbound_max_bytes = self.cfg.max_outbound_bytes_per_conn;
+        cc.header_timeout = self.cfg.header_timeout;
+        cc.progress_timeout = self.cfg.progress_timeout;
+        cc.idle_timeout = self.cfg.idle_timeout;
+        cc.handshake_timeout = self.cfg.handshake_timeout;
+        cc.auth_required = self.cfg.auth_key.is_some();
+        let sm = ServerConn::new(cc, Instant::now());
+        let conn = Arc::new(Conn::new(
+            token,
+            fd,
+            peer,
+            receiver,
+            sender,
+            sm,
+            self.cfg.max_outbound_bytes_per_conn,
+        ));
+        let mut conns = self.conns.lock();
+        if conns.len() >= self.cfg.max_connections {
+            drop(conns);
+            let _ = conn.send(
+                error_frame(
+                    0,
+                    &Status::resource_exhausted(format!(
+                        "server is at its max_connections limit of {}",
+                        self.cfg.max_connections
+                    )),
+                ),
+                Instant::now(),
+            );
+            conn.closed.store(true, Ordering::SeqCst);
+            conn.shut(false);
+            return;
+        }
+        conns.insert(token, conn.clone());
+        drop(conns);
+        if self.cfg.auth_key.is_some() {
+            let Ok(nonce) = auth::nonce() else {
+                self.close(
+                    &conn,
+                    Some(Status::internal("no randomness for the challenge")),
+                    false,
+                    "auth",
+                );
+                return;
+            };
+            conn.core.lock().challenge = Some(nonce);
+            let _ = conn.send(control_frame(0, Kind::Auth, nonce.to_vec()), Instant::now());
+        }
+        // Registered while owned, so the first readiness event waits for
+        // the release below.
+        if !conn.claim(Events::default()) {
+            return;
+        }
+        if self
+            .poller
+            .add(conn.fd.as_fd(), token, sys::conn_interest(true, false))
+            .is_err()
+        {
+            self.close(&conn, None, false, "epoll add");
+        }
+        self.drive_owned(&conn, Events::default());
+    }
+
+    /// Counts a request payload against its connection's cap until the
+    /// last handle to it is dropped.
+    fn charge(self: &Arc<Self>, conn: &Arc<Conn>, pages: &mut Pages) {
+        let Some(cap) = self.cfg.max_held_bytes_per_conn else {
+            return;
+        };
+        let bytes = pages.footprint();
+        if bytes == 0 {
+            return;
+        }
+        conn.held.fetch_add(bytes, Ordering::SeqCst);
+        let shared = Arc::downgrade(self);
+        let c = Arc::downgrade(conn);
+        let hook: pagerpc_pages::ReleaseHook = Box::new(move |n| {
+            let Some(conn) = c.upgrade() else { return };
+            let left = conn.held.fetch_sub(n, Ordering::SeqCst).saturating_sub(n);
+            if left <= cap && conn.held_paused.swap(false, Ordering::SeqCst) {
+                if let Some(s) = shared.upgrade() {
+                    s.post_work(
+                        &conn,
+                        Events {
+                            read: true,
+                            ..Events::default()
+                        },
+                    );
+                }
+            }
+        });
+        if let Err(hook) = pages.on_release(hook) {
+            // Not attachable (a fresh payload always is): do not count it.
+            hook(bytes);
+        }
+    }
+
+    fn over_held_cap(&self, conn: &Conn) -> bool {
+        self.cfg
+            .max_held_bytes_per_conn
+            .is_some_and(|cap| conn.held.load(Ordering::SeqCst) > cap)
+    }
+}
