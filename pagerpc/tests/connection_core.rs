@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use pagerpc::codec::{decode_stream, encode_head, DecodedFrame, Flags, Header, Kind, Limits};
 use pagerpc::proto::MetadataEntry;
-use pagerpc::{
-    CallOptions, Client, ClientConfig, Code, PageBuf, Pages, Payload, Server, ServerConfig, Status,
-};
+use pagerpc::{Client, Code, PageBuf, Pages, Payload, Server, ServerConfig, Status};
 
 use common::wait_until;
 
