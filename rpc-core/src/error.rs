@@ -81,6 +81,20 @@ pub enum CodecError {
         /// The raw enum value.
         got: i32,
     },
+    /// A 32-bit integer field of the header (`kind`, `status_code`,
+    /// `payload_crc32c`) arrived as a varint whose value does not fit the
+    /// field's type. prost would silently truncate it (a `kind` of
+    /// 2^32 + 1 would read as `REQUEST`), so it is refused instead.
+    FieldOutOfRange {
+        /// The header field's name as in `pagerpc.proto`.
+        field: &'static str,
+        /// The largest value the field takes: `i32::MAX` for an `int32`
+        /// field (whose negative values, sign-extended to 64 bits, are
+        /// in range too), `u32::MAX` for a `uint32` field.
+        limit: u64,
+        /// The raw 64-bit varint value seen.
+        got: u64,
+    },
     /// A request frame has an empty method name.
     MissingMethod,
     /// The input ended inside a frame.
@@ -125,6 +139,10 @@ impl fmt::Display for CodecError {
             ),
             MalformedHeader { reason } => write!(f, "malformed header: {reason}"),
             UnknownKind { got } => write!(f, "unknown frame kind {got}"),
+            FieldOutOfRange { field, limit, got } => write!(
+                f,
+                "header field {field} carries the varint value {got}, which does not fit its 32-bit type (limit {limit})"
+            ),
             MissingMethod => write!(f, "request frame without a method name"),
             Truncated {
                 section,

@@ -74,13 +74,111 @@ pub fn validate_header(header: &Header, limits: &Limits) -> Result<(), CodecErro
 ///
 /// # Errors
 /// [`CodecError::MalformedHeader`] if the bytes are not a protobuf `Header`,
-/// and the errors of [`validate_header`].
+/// [`CodecError::FieldOutOfRange`] if a 32-bit field's varint does not fit
+/// its type, and the errors of [`validate_header`].
 pub fn decode_header(bytes: &[u8], limits: &Limits) -> Result<Header, CodecError> {
     let header = Header::decode(bytes).map_err(|e| CodecError::MalformedHeader {
         reason: e.to_string(),
     })?;
+    // Before validate_header: a truncated kind must be reported by its raw
+    // value, not as the (possibly valid) value prost truncated it to.
+    check_narrow_varints(bytes)?;
     validate_header(&header, limits)?;
     Ok(header)
+}
+
+/// The header's 32-bit integer fields, which prost decodes by truncating the
+/// 64-bit varint: (field number, name, largest value, signed `int32`).
+const NARROW_FIELDS: [(u64, &str, u64, bool); 3] = [
+    (2, "kind", i32::MAX as u64, true),
+    (4, "status_code", u32::MAX as u64, false),
+    (8, "payload_crc32c", u32::MAX as u64, false),
+];
+
+/// Walks the top-level fields of encoded header bytes and refuses a varint
+/// in one of [`NARROW_FIELDS`] whose value does not fit the field's type.
+///
+/// An `int32` value fits when it is at most `i32::MAX` or is a negative
+/// `int32` sign-extended to 64 bits (the 10-byte encoding protobuf uses for
+/// negative values); a `uint32` value fits when it is at most `u32::MAX`.
+/// Every occurrence of a field is checked, not only the last one prost keeps.
+/// Fields inside groups and length-delimited fields (nested messages) are
+/// not top-level and are skipped, as prost skips them.
+///
+/// # Errors
+/// [`CodecError::FieldOutOfRange`] with the raw value, or
+/// [`CodecError::MalformedHeader`] if the bytes are not well-formed protobuf
+/// (prost has already refused those, so this is only a safety net).
+fn check_narrow_varints(mut bytes: &[u8]) -> Result<(), CodecError> {
+    let malformed = |what: &str| CodecError::MalformedHeader {
+        reason: format!("header field walk: {what}"),
+    };
+    let mut group_depth = 0usize;
+    while !bytes.is_empty() {
+        let key = read_varint(&mut bytes).ok_or_else(|| malformed("bad field key"))?;
+        let (number, wire_type) = (key >> 3, key & 7);
+        let skip = match wire_type {
+            0 => {
+                let value = read_varint(&mut bytes).ok_or_else(|| malformed("bad varint"))?;
+                if group_depth == 0 {
+                    if let Some(&(_, field, limit, signed)) =
+                        NARROW_FIELDS.iter().find(|f| f.0 == number)
+                    {
+                        let negative_int32 = signed && value >= i64::from(i32::MIN) as u64;
+                        if value > limit && !negative_int32 {
+                            return Err(CodecError::FieldOutOfRange {
+                                field,
+                                limit,
+                                got: value,
+                            });
+                        }
+                    }
+                }
+                0
+            }
+            1 => 8,
+            2 => read_varint(&mut bytes).ok_or_else(|| malformed("bad length"))?,
+            3 => {
+                group_depth += 1;
+                0
+            }
+            4 => {
+                group_depth = group_depth
+                    .checked_sub(1)
+                    .ok_or_else(|| malformed("unmatched end group"))?;
+                0
+            }
+            5 => 4,
+            _ => return Err(malformed("invalid wire type")),
+        };
+        let skip = usize::try_from(skip)
+            .ok()
+            .filter(|&n| n <= bytes.len())
+            .ok_or_else(|| malformed("field runs past the end"))?;
+        bytes = &bytes[skip..];
+    }
+    if group_depth != 0 {
+        return Err(malformed("unterminated group"));
+    }
+    Ok(())
+}
+
+/// Reads one protobuf varint (at most 10 bytes, the 10th at most 1) from
+/// the front of `bytes` and advances past it. `None` if it is cut short or
+/// overflows 64 bits.
+fn read_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        if i == 9 && b > 1 {
+            return None;
+        }
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            *bytes = &bytes[i + 1..];
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// Appends the prefix and header of a frame to `out`, ready to be written.
@@ -185,6 +283,53 @@ mod tests {
         // A field header announcing a length-delimited field longer than the input.
         let err = decode_header(&[0x1a, 0x7f, b'a'], &l).unwrap_err();
         assert!(matches!(err, CodecError::MalformedHeader { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn varint_reader() {
+        let mut b: &[u8] = &[0x81, 0x80, 0x80, 0x80, 0x10, 0xAA];
+        assert_eq!(read_varint(&mut b), Some((1 << 32) + 1));
+        assert_eq!(b, &[0xAA]);
+        let mut b: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert_eq!(read_varint(&mut b), Some(u64::MAX));
+        assert!(b.is_empty());
+        // An 11th byte, a 10th byte over 1, and a cut-short varint.
+        assert_eq!(read_varint(&mut &[0xff; 11][..]), None);
+        assert_eq!(
+            read_varint(&mut &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..]),
+            None
+        );
+        assert_eq!(read_varint(&mut &[0x80][..]), None);
+    }
+
+    #[test]
+    fn narrow_field_walk_skips_other_wire_types() {
+        // call_id (varint), a fixed64 field 10, a fixed32 field 11, method
+        // (len-delimited), then kind = 2^31 (out of range for int32).
+        let mut b = vec![0x08, 0x05, 10 << 3 | 1];
+        b.extend_from_slice(&[0x10; 8]); // fixed64 bytes that look like kind keys
+        b.push(11 << 3 | 5);
+        b.extend_from_slice(&[0x10; 4]);
+        b.extend_from_slice(&[0x1a, 0x02, 0x10, 0xff]);
+        assert_eq!(check_narrow_varints(&b), Ok(()));
+        b.extend_from_slice(&[0x10, 0x80, 0x80, 0x80, 0x80, 0x08]);
+        assert_eq!(
+            check_narrow_varints(&b),
+            Err(CodecError::FieldOutOfRange {
+                field: "kind",
+                limit: i32::MAX as u64,
+                got: 1 << 31
+            })
+        );
+        // Unbalanced groups are malformed.
+        assert!(matches!(
+            check_narrow_varints(&[20 << 3 | 3]),
+            Err(CodecError::MalformedHeader { .. })
+        ));
+        assert!(matches!(
+            check_narrow_varints(&[20 << 3 | 4]),
+            Err(CodecError::MalformedHeader { .. })
+        ));
     }
 
     #[test]

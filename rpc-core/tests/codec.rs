@@ -249,3 +249,148 @@ fn lying_payload_length_costs_nothing() {
         })
     );
 }
+
+/// Appends `v` as a protobuf varint (minimal encoding).
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Header bytes with `call_id` 1, the given raw varint `fields` (tag, value)
+/// in order, and method `"m"`, built by hand so that values prost's encoder
+/// could never produce reach the decoder.
+fn raw_header(fields: &[(u32, u64)]) -> Vec<u8> {
+    let mut h = vec![0x08, 0x01];
+    for &(tag, v) in fields {
+        put_varint(&mut h, u64::from(tag << 3));
+        put_varint(&mut h, v);
+    }
+    h.extend_from_slice(&[0x1a, 0x01, b'm']);
+    h
+}
+
+fn wire_of(header: &[u8]) -> Vec<u8> {
+    let prefix = Prefix {
+        flags: Flags::NONE,
+        header_len: header.len() as u32,
+        payload_len: 0,
+    };
+    let mut wire = prefix.encode().to_vec();
+    wire.extend_from_slice(header);
+    wire
+}
+
+/// Regression: prost truncates an `int32` varint to its low 32 bits, so a
+/// `kind` of 2^32 + 1 used to be accepted as `REQUEST`.
+#[test]
+fn out_of_range_kind_varint_is_refused() {
+    let limits = Limits::default();
+    let int32_limit = i32::MAX as u64;
+
+    // kind = 1 (REQUEST) is fine.
+    let ok = decode_stream(&wire_of(&raw_header(&[(2, 1)])), limits, &[]);
+    assert_eq!(ok.error, None);
+    assert_eq!(ok.frames.len(), 1);
+    assert_eq!(ok.frames[0].head.kind(), Kind::Request);
+
+    for got in [(1u64 << 32) + 1, 1 << 31, u64::from(u32::MAX), 1 << 40] {
+        let out = decode_stream(&wire_of(&raw_header(&[(2, got)])), limits, &[]);
+        assert!(out.frames.is_empty(), "kind {got} was accepted");
+        assert_eq!(
+            out.error,
+            Some(CodecError::FieldOutOfRange {
+                field: "kind",
+                limit: int32_limit,
+                got
+            }),
+            "kind {got}"
+        );
+    }
+
+    // An out-of-range kind followed by a valid one: prost keeps the last,
+    // the out-of-range one is still refused.
+    let out = decode_stream(
+        &wire_of(&raw_header(&[(2, (1 << 32) + 1), (2, 1)])),
+        limits,
+        &[],
+    );
+    assert_eq!(
+        out.error,
+        Some(CodecError::FieldOutOfRange {
+            field: "kind",
+            limit: int32_limit,
+            got: (1 << 32) + 1
+        })
+    );
+
+    // A negative int32, sign-extended to ten bytes, is in range: it is an
+    // unknown kind, as before.
+    let out = decode_stream(&wire_of(&raw_header(&[(2, -1i64 as u64)])), limits, &[]);
+    assert_eq!(out.error, Some(CodecError::UnknownKind { got: -1 }));
+}
+
+/// Regression: `status_code` and `payload_crc32c` are `uint32`; prost
+/// truncated them silently.
+#[test]
+fn out_of_range_uint32_varints_are_refused() {
+    let limits = Limits::default();
+    let u32_limit = u64::from(u32::MAX);
+    let ok = decode_stream(
+        &wire_of(&raw_header(&[(2, 1), (4, u32_limit), (8, u32_limit)])),
+        limits,
+        &[],
+    );
+    assert_eq!(ok.error, None);
+    assert_eq!(ok.frames[0].head.header.status_code, u32::MAX);
+    assert_eq!(ok.frames[0].head.header.payload_crc32c, Some(u32::MAX));
+
+    for (tag, field) in [(4, "status_code"), (8, "payload_crc32c")] {
+        let got = (1u64 << 32) + 7;
+        let out = decode_stream(&wire_of(&raw_header(&[(2, 1), (tag, got)])), limits, &[]);
+        assert!(out.frames.is_empty(), "{field} {got} was accepted");
+        assert_eq!(
+            out.error,
+            Some(CodecError::FieldOutOfRange {
+                field,
+                limit: u32_limit,
+                got
+            })
+        );
+    }
+}
+
+/// The range check walks only top-level fields: a field numbered 2 inside an
+/// unknown group (which prost skips) is not the header's `kind`, while a
+/// top-level `kind` after the group is still checked.
+#[test]
+fn range_check_skips_unknown_groups() {
+    let limits = Limits::default();
+    // Field 20: start group (wire type 3), inner field 2 = 2^32 + 1,
+    // end group (wire type 4).
+    let mut group = Vec::new();
+    put_varint(&mut group, (20 << 3) | 3);
+    group.extend_from_slice(&[0x10]);
+    put_varint(&mut group, (1 << 32) + 1);
+    put_varint(&mut group, (20 << 3) | 4);
+
+    let mut h = raw_header(&[(2, 1)]);
+    h.extend_from_slice(&group);
+    let out = decode_stream(&wire_of(&h), limits, &[]);
+    assert_eq!(out.error, None);
+    assert_eq!(out.frames[0].head.kind(), Kind::Request);
+
+    let mut h = group.clone();
+    h.extend_from_slice(&raw_header(&[(2, (1 << 32) + 3)]));
+    let out = decode_stream(&wire_of(&h), limits, &[]);
+    assert_eq!(
+        out.error,
+        Some(CodecError::FieldOutOfRange {
+            field: "kind",
+            limit: i32::MAX as u64,
+            got: (1 << 32) + 3
+        })
+    );
+}
