@@ -742,6 +742,14 @@ impl Receiver {
                 self.counters.mapped(chunk as u64);
                 self.payload_progress(chunk)
             }
+            // The failed mapping left a hole that could not be re-reserved
+            // without replacing whatever occupies it now: the region can
+            // neither map nor copy there. Abandon the payload (the region
+            // unmaps only what is still its own) and fail.
+            Err(e) if region.lost() => {
+                self.partial = None;
+                Err(RecvError::Io(e))
+            }
             Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) => Ok(Step::Blocked),
                 Some(libc::EIO) => Err(self.eof()),
@@ -801,7 +809,22 @@ impl Receiver {
         match region.zerocopy(fd.as_fd(), p.filled, want, zc.flags, struct_len) {
             Ok(out) if out.mapped > 0 => {
                 self.counters.mapped(out.mapped as u64);
-                self.payload_progress(out.mapped)
+                let step = self.payload_progress(out.mapped)?;
+                let Some(errno) = out.err else {
+                    return Ok(step);
+                };
+                // The kernel mapped and consumed these bytes, then reported
+                // a socket error (and cleared it). They are accounted above,
+                // so the payload's offsets stay true and the region, which
+                // holds them, unmaps them when dropped. The connection is
+                // broken: fail with its error instead of carrying on (the
+                // old code dropped the bytes from the accounting and, for
+                // errors it did not treat as fatal, copied what followed
+                // them into their place). The payload, partial or just
+                // completed, is dropped, never delivered.
+                drop(step);
+                self.partial = None;
+                Err(RecvError::Io(io::Error::from_raw_os_error(errno)))
             }
             Ok(out) if out.skip > 0 => {
                 // The kernel cannot map what is at the head of the queue: a

@@ -57,6 +57,39 @@ unsafe fn map_anon(
     std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))
 }
 
+/// Maps anonymous private read-write memory at exactly `[at, at+len)`,
+/// but only where nothing is mapped (`MAP_FIXED_NOREPLACE`): it never
+/// replaces a mapping, so it is safe whoever owns the range now.
+///
+/// # Errors
+/// `EEXIST` (`ErrorKind::AlreadyExists`) if any page of the range is
+/// mapped; then nothing was mapped. Other `mmap` errors as they come.
+fn map_anon_noreplace(at: std::ptr::NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: MAP_FIXED_NOREPLACE only creates a new mapping in address
+    // space nothing occupies (or fails): no existing memory is touched.
+    let p = unsafe {
+        libc::mmap(
+            at.as_ptr().cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if p != at.as_ptr().cast() {
+        // A kernel before 4.17 ignores the flag and takes `at` as a mere
+        // hint: it mapped elsewhere because something occupies `at`.
+        // SAFETY: `p` is the mapping just created here; nothing refers to it.
+        unsafe { libc::munmap(p, len) };
+        return Err(io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    Ok(())
+}
+
 /// How a `recv` may wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Wait {
@@ -160,6 +193,39 @@ pub(crate) struct ZcOut {
     pub(crate) skip: usize,
     /// Bytes left in the receive queue (0 if the kernel is too old to say).
     pub(crate) inq: usize,
+    /// A socket error (an errno) the kernel reported with this call (the
+    /// `err` field, Linux 5.9+: a pending `sk_err`, which the call consumed).
+    /// Only set together with `mapped > 0`: the kernel mapped and consumed
+    /// those bytes first, so they are part of the stream and must be
+    /// accounted before the error is acted on. With nothing mapped the
+    /// error comes back as `Err` instead.
+    pub(crate) err: Option<i32>,
+}
+
+/// What the kernel's answer to one successful `TCP_ZEROCOPY_RECEIVE` call
+/// (`zc`, of which `struct_len` bytes were exchanged) means.
+///
+/// The kernel fills `err` with a pending socket error (`sock_error()`, which
+/// clears it) after `tcp_zerocopy_receive()` succeeded, and that succeeds
+/// whenever it mapped anything: `length > 0` and `err != 0` come together
+/// (a reset that arrived right behind the data). The mapped bytes are
+/// already consumed from the socket and sit in the region, so they are
+/// reported (`mapped`, with the error in `err`) rather than dropped: the
+/// caller accounts them, then fails. Dropping them lost them from the
+/// payload's accounting, and a caller that carried on (copying the rest)
+/// filled the payload with the bytes that followed them instead.
+fn zc_outcome(zc: &TcpZerocopyReceive, struct_len: usize) -> io::Result<ZcOut> {
+    let err = (struct_len >= 24 && zc.err != 0).then(|| -zc.err.min(-1));
+    let out = ZcOut {
+        mapped: zc.length as usize,
+        skip: zc.recv_skip_hint as usize,
+        inq: if struct_len >= 20 { zc.inq as usize } else { 0 },
+        err,
+    };
+    match err {
+        Some(errno) if out.mapped == 0 => Err(io::Error::from_raw_os_error(errno)),
+        _ => Ok(out),
+    }
 }
 
 /// A payload region: pages `[0, socket_end)` are a mapping of the socket
@@ -225,8 +291,25 @@ impl SockRegion {
             };
             if q == libc::MAP_FAILED {
                 let e = io::Error::last_os_error();
-                // SAFETY: the reservation is ours and nothing refers to it.
-                unsafe { libc::munmap(p, map_len) };
+                // A failed MAP_FIXED file mapping may have left
+                // [p, p+aligned) unmapped (Linux 6.12+ does when the file's
+                // ->mmap() fails), and another thread may have mapped
+                // something there since: re-reserve it without replacing
+                // anything. If that fails, something occupies it that may
+                // not be ours: give that range up (at worst leaking our own
+                // untouched reservation) and unmap only the tail.
+                let head = std::ptr::NonNull::new(p.cast::<u8>())
+                    .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+                let (from, len) = match map_anon_noreplace(head, aligned) {
+                    Ok(()) => (0, map_len),
+                    Err(_) => (aligned, map_len - aligned),
+                };
+                if len > 0 {
+                    // SAFETY: [p+from, p+from+len) is our reservation (the
+                    // tail, untouched by the failed mapping, and the head
+                    // only if re-reserved just now); nothing refers to it.
+                    unsafe { libc::munmap(p.cast::<u8>().add(from).cast(), len) };
+                }
                 return Err(e);
             }
             p
@@ -279,14 +362,7 @@ impl SockRegion {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        if struct_len >= 24 && zc.err != 0 {
-            return Err(io::Error::from_raw_os_error(-zc.err.min(-1)));
-        }
-        Ok(ZcOut {
-            mapped: zc.length as usize,
-            skip: zc.recv_skip_hint as usize,
-            inq: if struct_len >= 20 { zc.inq as usize } else { 0 },
-        })
+        zc_outcome(&zc, struct_len)
     }
 
     /// Turns the socket part from `offset` (page-aligned) on into anonymous
@@ -416,6 +492,11 @@ pub(crate) struct ConsumeRegion {
     /// Everything below this offset has been mapped or written; everything
     /// from it on is still the anonymous reservation.
     front: usize,
+    /// A range `[from, to)` that a failed mapping took out of the region and
+    /// that could not be re-reserved without replacing whatever occupies it
+    /// now. It is no longer ours: never mapped over, written or unmapped by
+    /// this region, which is unusable from then on.
+    lost: Option<(usize, usize)>,
 }
 
 // SAFETY: the region exclusively owns its mappings; moving it between
@@ -432,27 +513,39 @@ impl ConsumeRegion {
             ptr,
             map_len,
             front: 0,
+            lost: None,
         })
     }
 
     /// Maps (and so consumes) the next `len` received bytes (a page
     /// multiple) at `offset`, which must be the region's front. All or
-    /// nothing: on `EINVAL`/`EAGAIN`/`EIO` nothing is consumed and the
-    /// reservation is untouched.
+    /// nothing: on `EINVAL`/`EAGAIN`/`EIO` nothing is consumed, and the
+    /// range is anonymous reservation again.
+    ///
+    /// # Errors
+    /// The `mmap` error. If the failed mapping left a hole that cannot be
+    /// re-reserved (see [`lost`](Self::lost)), that error instead, and the
+    /// region is unusable.
     pub(crate) fn map_next(
         &mut self,
         fd: BorrowedFd<'_>,
         offset: usize,
         len: usize,
     ) -> io::Result<()> {
+        if let Some((from, to)) = self.lost {
+            return Err(io::Error::other(format!(
+                "payload region lost its pages {from}..{to} to another mapping"
+            )));
+        }
         assert!(offset == self.front && offset.is_multiple_of(pagerpc_core::PAGE_SIZE));
         assert!(len.is_multiple_of(pagerpc_core::PAGE_SIZE) && offset + len <= self.map_len);
         // SAFETY: [ptr+offset, ptr+offset+len) lies inside our reservation,
         // past every byte already handed out or written; MAP_FIXED replaces
-        // exactly those anonymous pages. On failure the kernel leaves the
-        // old mapping in place (all-or-nothing, checked before the VMA is
-        // inserted) or, if the new VMA failed after the old one was
-        // removed, the range is unmapped; we re-reserve it below.
+        // exactly those anonymous pages. On failure the kernel may leave
+        // the old mapping in place (errors before the range is taken apart)
+        // or leave the range unmapped (Linux 6.12+ whenever the socket's
+        // ->mmap() fails, as EINVAL/EAGAIN/EIO do); we re-reserve it below,
+        // without MAP_FIXED.
         let p = unsafe {
             libc::mmap(
                 self.ptr.as_ptr().add(offset).cast(),
@@ -465,24 +558,58 @@ impl ConsumeRegion {
         };
         if p == libc::MAP_FAILED {
             let e = io::Error::last_os_error();
-            self.rereserve(offset, len)?;
+            self.rereserve(offset, len).map_err(|re| {
+                io::Error::new(
+                    re.kind(),
+                    format!(
+                        "consuming mmap() failed ({e}) and its range \
+                         {offset}..{} could not be re-reserved ({re})",
+                        offset + len
+                    ),
+                )
+            })?;
             return Err(e);
         }
         self.front = offset + len;
         Ok(())
     }
 
-    /// Makes sure `[offset, offset+len)` is anonymous writable memory again
-    /// (a failed MAP_FIXED may have left a hole).
+    /// Makes sure `[offset, offset+len)` (past the front, where a mapping
+    /// just failed) is anonymous writable memory again.
+    ///
+    /// Only a hole is filled (`MAP_FIXED_NOREPLACE`): a failed `MAP_FIXED`
+    /// may have unmapped the range, and another thread's `mmap` may have
+    /// been placed there since; `MAP_FIXED` here replaced that mapping
+    /// under its owner. `EEXIST` means some page of the range is mapped:
+    /// our reservation if the kernel left it in place, or someone else's
+    /// mapping. The two cannot be told apart, so the range is given up
+    /// ([`lost`](Self::lost)): at worst our untouched reservation leaks
+    /// (address space only; the connection fails anyway), never someone
+    /// else's memory is replaced or unmapped.
+    ///
+    /// # Errors
+    /// Why the range could not be re-reserved; the region is then lost.
     fn rereserve(&mut self, offset: usize, len: usize) -> io::Result<()> {
-        // SAFETY: the range is inside our reservation, past the front, so
-        // nothing refers to it.
-        unsafe { map_anon(std::ptr::NonNull::new(self.ptr.as_ptr().add(offset)), len) }.map(|_| ())
+        // SAFETY: `offset + len <= map_len` (checked by the caller), so the
+        // pointer stays inside our address range.
+        let at = unsafe { self.ptr.add(offset) };
+        map_anon_noreplace(at, len).inspect_err(|_| self.lost = Some((offset, offset + len)))
+    }
+
+    /// Whether a failed mapping cost the region a range it could not get
+    /// back: it is unusable, and the payload must be abandoned.
+    pub(crate) fn lost(&self) -> bool {
+        self.lost.is_some()
     }
 
     /// The writable bytes `[offset, offset+len)` at or past the front.
     pub(crate) fn writable(&mut self, offset: usize, len: usize) -> &mut [u8] {
         assert!(offset >= self.front && offset + len <= self.map_len);
+        assert!(
+            self.lost
+                .is_none_or(|(from, to)| offset + len <= from || offset >= to),
+            "copy into pages the region lost"
+        );
         // SAFETY: the range is anonymous memory past the front, owned
         // exclusively by this region (`&mut self`).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) }
@@ -495,6 +622,9 @@ impl ConsumeRegion {
 
     /// Hands the region to a `Pages` of `len` bytes.
     pub(crate) fn into_pages(self, len: usize) -> pagerpc_pages::Pages {
+        // Unreachable: every page below `len` was mapped or written, which
+        // a lost range forbids.
+        assert!(self.lost.is_none(), "a region with lost pages handed out");
         let me = std::mem::ManuallyDrop::new(self);
         // SAFETY: ManuallyDrop gives up this value's ownership of the
         // mapping (it will not unmap it); every byte below `len` was mapped
@@ -505,8 +635,22 @@ impl ConsumeRegion {
 
 impl Drop for ConsumeRegion {
     fn drop(&mut self) {
-        // SAFETY: we own this mapping and nothing refers to it any more.
-        unsafe { unmap(self.ptr, self.map_len) };
+        let Some((from, to)) = self.lost else {
+            // SAFETY: we own this mapping and nothing refers to it any more.
+            unsafe { unmap(self.ptr, self.map_len) };
+            return;
+        };
+        // Unmap around the lost range, which may be someone else's now.
+        if from > 0 {
+            // SAFETY: [0, from) is ours (mapped or reserved, never lost) and
+            // nothing refers to it any more.
+            unsafe { unmap(self.ptr, from) };
+        }
+        if to < self.map_len {
+            // SAFETY: as above for [to, map_len); `to < map_len`, so the
+            // pointer is inside the region.
+            unsafe { unmap(self.ptr.add(to), self.map_len - to) };
+        }
     }
 }
 
@@ -534,4 +678,156 @@ unsafe fn unmap(ptr: std::ptr::NonNull<u8>, map_len: usize) {
     // SAFETY: forwarded from this function's contract; munmap only fails
     // for bad arguments.
     unsafe { libc::munmap(ptr.as_ptr().cast(), map_len) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagerpc_core::PAGE_SIZE;
+    use std::os::fd::AsFd;
+
+    /// Regression: the kernel reports a pending socket error in `err`
+    /// together with the bytes it has already mapped and consumed
+    /// (`length > 0`). Those bytes must not be dropped from the accounting.
+    #[test]
+    fn zerocopy_error_after_mapping_keeps_the_mapped_bytes() {
+        let zc = TcpZerocopyReceive {
+            length: 3 * PAGE_SIZE as u32,
+            inq: 100,
+            err: -libc::ECONNRESET,
+            ..Default::default()
+        };
+        let out = zc_outcome(&zc, 64).expect("mapped bytes are reported, not dropped");
+        assert_eq!(out.mapped, 3 * PAGE_SIZE);
+        assert_eq!(out.inq, 100);
+        assert_eq!(out.err, Some(libc::ECONNRESET));
+
+        // Nothing mapped: the error alone.
+        let zc = TcpZerocopyReceive {
+            err: -libc::ETIMEDOUT,
+            ..Default::default()
+        };
+        let e = zc_outcome(&zc, 64).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT));
+
+        // A struct too short to carry `err`: whatever is there is ignored.
+        let zc = TcpZerocopyReceive {
+            length: PAGE_SIZE as u32,
+            err: -libc::ECONNRESET,
+            ..Default::default()
+        };
+        let out = zc_outcome(&zc, 20).unwrap();
+        assert_eq!((out.mapped, out.err), (PAGE_SIZE, None));
+
+        // No error.
+        let zc = TcpZerocopyReceive {
+            length: PAGE_SIZE as u32,
+            recv_skip_hint: 7,
+            ..Default::default()
+        };
+        let out = zc_outcome(&zc, 64).unwrap();
+        assert_eq!((out.mapped, out.skip, out.err), (PAGE_SIZE, 7, None));
+    }
+
+    /// Maps one anonymous page exactly at `at`, never replacing anything,
+    /// and fills it with `byte`.
+    fn foreign_page_at(at: *mut u8, byte: u8) {
+        // SAFETY: MAP_FIXED_NOREPLACE maps only into unmapped address space
+        // (or fails); nothing refers to the new page yet.
+        let p = unsafe {
+            libc::mmap(
+                at.cast(),
+                PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p.cast::<u8>(), at, "{}", io::Error::last_os_error());
+        // SAFETY: the page was just mapped read-write and is ours.
+        unsafe { std::ptr::write_bytes(at, byte, PAGE_SIZE) };
+    }
+
+    /// Whether the page at `at` is mapped (`mincore` fails with `ENOMEM`
+    /// on an unmapped page).
+    fn is_mapped(at: *mut u8) -> bool {
+        let mut vec = 0u8;
+        // SAFETY: `vec` has room for the one page asked about; mincore only
+        // inspects the address space.
+        unsafe { libc::mincore(at.cast(), PAGE_SIZE, &mut vec) == 0 }
+    }
+
+    /// Regression: when a failed consuming `mmap()` left a hole in the
+    /// region (Linux 6.12+ leaves one whenever the socket's `->mmap()`
+    /// fails) and another thread's mapping landed in it, re-reserving the
+    /// range with `MAP_FIXED` replaced that mapping (its contents turned to
+    /// zeros) and dropping the region unmapped it.
+    #[test]
+    fn rereserve_never_replaces_a_mapping_in_the_hole() {
+        let mut region = ConsumeRegion::new(4 * PAGE_SIZE).unwrap();
+        let base = region.ptr.as_ptr();
+        // SAFETY: inside the region.
+        let hole = unsafe { base.add(PAGE_SIZE) };
+        // The hole a failed MAP_FIXED leaves...
+        // SAFETY: page 1 of our own reservation, past the front; nothing
+        // refers to it.
+        assert_eq!(unsafe { libc::munmap(hole.cast(), PAGE_SIZE) }, 0);
+        // ... and someone else's page in it.
+        foreign_page_at(hole, 0xAB);
+
+        let err = region
+            .rereserve(PAGE_SIZE, PAGE_SIZE)
+            .expect_err("re-reserving over another mapping must fail");
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        // SAFETY: the foreign page is still mapped read-write (checked by
+        // this very read not faulting, and by the value).
+        let seen = unsafe { std::ptr::read_volatile(hole) };
+        assert_eq!(seen, 0xAB, "the other mapping was replaced");
+        assert_eq!(region.lost, Some((PAGE_SIZE, 2 * PAGE_SIZE)));
+
+        // The region gives the range up: no mapping, no writing there.
+        let udp = cursed_udp();
+        let e = region.map_next(udp.as_fd(), 0, PAGE_SIZE).unwrap_err();
+        assert!(e.to_string().contains("lost"), "{e}");
+
+        drop(region);
+        assert!(
+            is_mapped(hole),
+            "dropping the region unmapped the other mapping"
+        );
+        // SAFETY: still mapped (checked just above).
+        assert_eq!(unsafe { std::ptr::read_volatile(hole) }, 0xAB);
+        // The region's own pages are gone.
+        assert!(!is_mapped(base));
+        // SAFETY: inside the former region.
+        assert!(!is_mapped(unsafe { base.add(2 * PAGE_SIZE) }));
+        // SAFETY: the foreign page is this test's own; nothing refers to it.
+        assert_eq!(unsafe { libc::munmap(hole.cast(), PAGE_SIZE) }, 0);
+    }
+
+    /// A UDP socket: its `mmap()` fails in the socket's `->mmap()` (ENODEV),
+    /// after the kernel has taken the target range apart.
+    fn cursed_udp() -> std::net::UdpSocket {
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap()
+    }
+
+    /// The ordinary failure path still works: a mapping that fails in the
+    /// file's `->mmap()` leaves a hole, which is re-reserved, so the pages
+    /// can be copied into and the region stays usable.
+    #[test]
+    fn failed_consume_map_leaves_a_usable_region() {
+        let mut region = ConsumeRegion::new(3 * PAGE_SIZE).unwrap();
+        let udp = cursed_udp();
+        let e = region.map_next(udp.as_fd(), 0, 2 * PAGE_SIZE).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
+        assert_eq!(region.lost, None);
+        let w = region.writable(0, 3 * PAGE_SIZE);
+        w.fill(0x5A);
+        assert!(w.iter().all(|&b| b == 0x5A));
+        region.advance(3 * PAGE_SIZE);
+        let pages = region.into_pages(3 * PAGE_SIZE - 10);
+        assert_eq!(pages.len(), 3 * PAGE_SIZE - 10);
+        assert!(pages.iter().all(|&b| b == 0x5A));
+    }
 }
