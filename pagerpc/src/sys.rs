@@ -175,6 +175,14 @@ impl Signal {
     }
 }
 
+/// The machine's memory (`MemTotal` in /proc/meminfo), in bytes.
+pub(crate) fn mem_total() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// The soft limit on open files (`RLIMIT_NOFILE`).
 pub(crate) fn fd_limit() -> Option<usize> {
     nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -264,4 +272,59 @@ pub(crate) fn listen_with_mss(addr: &SocketAddr, mss: Option<u32>) -> io::Result
 /// The MSS a connected socket uses (`TCP_MAXSEG`).
 pub(crate) fn current_mss(fd: BorrowedFd<'_>) -> io::Result<u32> {
     getsockopt(&fd, sockopt::TcpMaxSeg).map_err(io_err)
+}
+
+/// What [`wait_send_ready`] saw (all `false` on timeout or interruption).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SendReady {
+    /// Bytes (or the peer's FIN) to read; only reported when asked for.
+    pub(crate) readable: bool,
+    /// Room in the send buffer, or the send side is shut (a write then
+    /// fails at once).
+    pub(crate) writable: bool,
+    /// Something on the error queue (zero-copy completions) or a pending
+    /// socket error.
+    pub(crate) error: bool,
+    /// `wake` is readable.
+    pub(crate) woken: bool,
+}
+
+/// Waits until `sock` is writable, or readable (only when `read`), or
+/// reports an error, or `wake` (an eventfd) is raised, or `timeout` passes
+/// (`None`: no limit; rounded up to whole milliseconds). An interrupted
+/// wait returns as a timeout does, so the caller re-checks its deadline.
+pub(crate) fn wait_send_ready(
+    sock: BorrowedFd<'_>,
+    read: bool,
+    wake: BorrowedFd<'_>,
+    timeout: Option<Duration>,
+) -> io::Result<SendReady> {
+    let mut events = PollFlags::POLLOUT;
+    if read {
+        events |= PollFlags::POLLIN;
+    }
+    let mut fds = [
+        PollFd::new(sock, events),
+        PollFd::new(wake, PollFlags::POLLIN),
+    ];
+    let t = match timeout {
+        None => PollTimeout::NONE,
+        Some(d) => {
+            let ms = d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+        }
+    };
+    match poll(&mut fds, t) {
+        Ok(0) | Err(nix::Error::EINTR) => return Ok(SendReady::default()),
+        Ok(_) => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let s = fds[0].revents().unwrap_or(PollFlags::empty());
+    let w = fds[1].revents().unwrap_or(PollFlags::empty());
+    Ok(SendReady {
+        readable: read && s.intersects(PollFlags::POLLIN | PollFlags::POLLHUP),
+        writable: s.intersects(PollFlags::POLLOUT | PollFlags::POLLHUP),
+        error: s.contains(PollFlags::POLLERR),
+        woken: w.contains(PollFlags::POLLIN),
+    })
 }

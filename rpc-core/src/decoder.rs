@@ -94,6 +94,13 @@ impl FrameDecoder {
         &self.limits
     }
 
+    /// Changes the limits. They apply from the next prefix on; a frame
+    /// whose prefix was already checked keeps the limits it was checked
+    /// against. A server tightens them until a peer authenticates.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// What the decoder needs next.
     pub fn need(&self) -> Need {
         match &self.state {

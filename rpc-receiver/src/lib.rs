@@ -103,6 +103,30 @@ impl Default for RecvConfig {
     }
 }
 
+/// A shared budget of payload bytes being received, reserved when a
+/// frame's prefix and header announce a payload, before anything is
+/// allocated for it, and released when the frame is complete (or
+/// abandoned). A server shares one among all its connections.
+pub trait PayloadBudget: Send + Sync + fmt::Debug {
+    /// Reserves `bytes`; `false` if the budget cannot take them now.
+    fn try_reserve(&self, bytes: usize) -> bool;
+    /// Gives back `bytes` reserved earlier.
+    fn release(&self, bytes: usize);
+}
+
+/// Bytes reserved from a [`PayloadBudget`], given back when dropped.
+#[derive(Debug)]
+struct Reservation {
+    budget: Arc<dyn PayloadBudget>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
 /// One complete frame.
 #[derive(Debug)]
 pub struct Frame {
@@ -203,6 +227,8 @@ enum Sink {
 struct Partial {
     head: FrameHead,
     sink: Sink,
+    /// Bytes held from the receive budget until the payload is complete.
+    _reserved: Option<Reservation>,
     filled: usize,
     /// Why bytes of this payload before its tail are copied, once the
     /// zero-copy backend gave up on part of it.
@@ -241,6 +267,10 @@ pub struct Receiver {
     drained: bool,
     /// Grows with every byte read or placed (see [`Receiver::progress`]).
     progress: u64,
+    /// Where payload bytes are reserved from, if anywhere.
+    budget: Option<Arc<dyn PayloadBudget>>,
+    /// A head whose payload waits for room in the budget.
+    awaiting: Option<FrameHead>,
     /// The `SO_RCVLOWAT` currently set (1 = the kernel default).
     lowat: i32,
     /// The largest mark for the current payload (a quarter of the receive
@@ -287,6 +317,8 @@ impl Receiver {
             counters,
             drained: false,
             progress: 0,
+            budget: None,
+            awaiting: None,
             lowat: 1,
             lowat_cap: 0,
             block: false,
@@ -373,6 +405,28 @@ impl Receiver {
         }
     }
 
+    /// Reserves every separate payload from `budget` before allocating
+    /// anything for it. While the budget has no room, the receiver stops
+    /// at that frame's header ([`poll_frame`](Self::poll_frame) returns
+    /// `None` and [`awaiting_budget`](Self::awaiting_budget) is true) and
+    /// reads nothing more until a later call finds room.
+    pub fn set_budget(&mut self, budget: Arc<dyn PayloadBudget>) {
+        self.budget = Some(budget);
+    }
+
+    /// Whether the receiver is stopped at a header whose payload waits for
+    /// room in the budget.
+    pub fn awaiting_budget(&self) -> bool {
+        self.awaiting.is_some()
+    }
+
+    /// Changes the limits for frames from the next prefix on (a server
+    /// keeps them tiny until the peer authenticates).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.cfg.limits = limits;
+        self.decoder.set_limits(limits);
+    }
+
     /// A counter that grows whenever bytes of the peer's arrive (read into
     /// the buffer, or placed into a payload): an event loop compares it
     /// between turns to tell a slow peer from a stalled one.
@@ -413,6 +467,11 @@ impl Receiver {
     }
 
     fn poll_inner(&mut self) -> Result<Option<Frame>, RecvError> {
+        if let Some(head) = self.awaiting.take() {
+            if !self.start_payload(head)? {
+                return Ok(None);
+            }
+        }
         loop {
             let step = match self.decoder.need() {
                 Need::Failed => {
@@ -535,6 +594,17 @@ impl Receiver {
                 payload: Pages::empty(),
             }));
         }
+        if self.start_payload(head)? {
+            Ok(Step::Progress)
+        } else {
+            Ok(Step::Blocked)
+        }
+    }
+
+    /// Reserves room for a head's payload and creates its destination.
+    /// Returns `false` (keeping the head) if the budget has no room now.
+    fn start_payload(&mut self, head: FrameHead) -> Result<bool, RecvError> {
+        let len = head.payload_len();
         // The decoder checked the length against max_payload_bytes.
         let len = usize::try_from(len).map_err(|_| {
             RecvError::Codec(CodecError::PayloadTooLarge {
@@ -542,10 +612,27 @@ impl Receiver {
                 got: len,
             })
         })?;
+        // Inline payloads come with their header, bounded by the read
+        // buffer; only separate payloads are reserved.
+        let reserved = match &self.budget {
+            Some(b) if !head.inline_payload() => {
+                let bytes = pagerpc_core::page_round_up(len);
+                if !b.try_reserve(bytes) {
+                    self.awaiting = Some(head);
+                    return Ok(false);
+                }
+                Some(Reservation {
+                    budget: b.clone(),
+                    bytes,
+                })
+            }
+            _ => None,
+        };
         let sink = self.new_sink(&head, len)?;
         self.partial = Some(Partial {
             head,
             sink,
+            _reserved: reserved,
             filled: 0,
             copy_reason: if self.zc.is_some() || self.mmap_on {
                 CopyReason::PayloadTail
@@ -556,7 +643,7 @@ impl Receiver {
             single_page: false,
             refusals: 0,
         });
-        Ok(Step::Progress)
+        Ok(true)
     }
 
     /// Chooses where a payload of `len` bytes goes.

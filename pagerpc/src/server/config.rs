@@ -82,6 +82,25 @@ pub struct ServerConfig {
     /// Up to this much per connection, plus one payload (the one whose
     /// arrival crossed the cap), plus what sits in socket buffers.
     pub max_held_bytes_per_conn: Option<usize>,
+    /// Most payload bytes being received at once, over all connections.
+    /// Each separate request payload is reserved from it when its header
+    /// announces it, before anything is allocated; while it is spent, the
+    /// connections whose next payload does not fit stop reading (their
+    /// peers' sends block once the socket buffers fill) until payloads
+    /// complete. A peer that stops mid-payload holds its share only until
+    /// `progress_timeout` closes it. A single payload larger than the whole
+    /// budget is still received, alone. Default: a quarter of the
+    /// machine's memory (1 GiB if it cannot be read). `None` disables it.
+    ///
+    /// # Memory cost
+    /// Up to this much, plus one read buffer per connection.
+    pub max_receive_bytes: Option<usize>,
+    /// Most connections that have not authenticated yet (with
+    /// [`auth_key`](Self::auth_key)). When a new connection would exceed
+    /// it, the oldest unauthenticated connection is closed, so peers that
+    /// connect and never authenticate cannot lock authenticated clients
+    /// out. Default: a quarter of `max_connections`, at least 1.
+    pub max_unauthenticated: usize,
     /// A pre-shared key: every connection must prove it holds the same key
     /// (HMAC-SHA256 challenge-response, see `docs/wire-format.md`) before
     /// any request is dispatched; a peer that fails is told so
@@ -103,13 +122,14 @@ impl ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
+        let max_connections =
+            crate::sys::fd_limit().map_or(1024, |n| n.saturating_sub(64).clamp(1, 1024));
         ServerConfig {
             limits: Limits::default(),
             send: SendConfig::default(),
             recv: RecvConfig::default(),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
-            max_connections: crate::sys::fd_limit()
-                .map_or(1024, |n| n.saturating_sub(64).clamp(1, 1024)),
+            max_connections,
             segments: SegmentAlign::Auto,
             max_inflight_per_conn: 1024,
             max_outbound_bytes_per_conn: 16 << 20,
@@ -118,6 +138,8 @@ impl Default for ServerConfig {
             idle_timeout: Some(Duration::from_secs(300)),
             handshake_timeout: Some(Duration::from_secs(10)),
             max_held_bytes_per_conn: Some(256 << 20),
+            max_receive_bytes: Some(crate::sys::mem_total().map_or(1 << 30, |m| m / 4)),
+            max_unauthenticated: (max_connections / 4).max(1),
             auth_key: None,
         }
     }

@@ -106,6 +106,13 @@ pub(crate) struct Conn {
     pub(crate) held_paused: AtomicBool,
     /// The sweeper posted a timeout check not yet handled.
     pub(crate) timeout_posted: AtomicBool,
+    /// Reading waits for room in the server's receive budget.
+    pub(crate) budget_wait: AtomicBool,
+    /// The peer authenticated: the receiver's full limits apply from the
+    /// next frame (set by the owner, which holds the receiver).
+    pub(crate) open_limits: AtomicBool,
+    /// Closed to make room for newer unauthenticated connections.
+    pub(crate) evicted: AtomicBool,
 }
 
 impl Conn {
@@ -141,6 +148,9 @@ impl Conn {
             held: AtomicUsize::new(0),
             held_paused: AtomicBool::new(false),
             timeout_posted: AtomicBool::new(false),
+            budget_wait: AtomicBool::new(false),
+            open_limits: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
         }
     }
 
@@ -149,10 +159,19 @@ impl Conn {
         self.queued_out.load(Ordering::SeqCst) >= self.outbound_max
     }
 
+    /// Whether reading is paused by this server's own budgets (so a frame
+    /// stalled meanwhile is not the peer's fault).
+    pub(crate) fn read_paused(&self) -> bool {
+        self.held_paused.load(Ordering::SeqCst)
+            || self.budget_wait.load(Ordering::SeqCst)
+            || self.outbound_full()
+    }
+
     /// Whether the owner should read requests now.
     fn wants_read(&self) -> bool {
         !self.closed.load(Ordering::SeqCst)
             && !self.held_paused.load(Ordering::SeqCst)
+            && !self.budget_wait.load(Ordering::SeqCst)
             && !self.outbound_full()
     }
 

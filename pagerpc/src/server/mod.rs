@@ -27,6 +27,7 @@
 //! [`Code::Unavailable`](crate::Code::Unavailable), waits for in-flight calls to finish, then closes
 //! every connection.
 
+mod budget;
 mod config;
 mod conn;
 mod context;
@@ -149,6 +150,7 @@ impl ServerBuilder {
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let receive_limit = self.cfg.max_receive_bytes.unwrap_or(usize::MAX);
         let shared = Arc::new(Shared {
             poller: Poller::new()?,
             listener: Mutex::new(Some(listener)),
@@ -165,7 +167,10 @@ impl ServerBuilder {
             drained: Condvar::new(),
             counters: Arc::new(Counters::new()),
             accept_paused: AtomicBool::new(false),
+            budget: Arc::new(budget::ReceiveBudget::new(receive_limit)),
+            unauthenticated: Mutex::new(std::collections::VecDeque::new()),
         });
+        shared.budget.attach(Arc::downgrade(&shared));
         if let Some(l) = shared.listener.lock().as_ref() {
             shared.poller.add(l.as_fd(), TOKEN_LISTENER, LISTEN_FLAGS)?;
         }
@@ -244,6 +249,13 @@ impl Server {
             .values()
             .map(|c| c.held.load(Ordering::SeqCst))
             .sum()
+    }
+
+    /// The server-wide receive budget: payload bytes reserved now, the
+    /// limit (`max_receive_bytes`), and connections waiting for room.
+    pub fn receive_budget(&self) -> (usize, usize, usize) {
+        let b = &self.shared.budget;
+        (b.used(), b.limit(), b.waiting())
     }
 
     /// Calls being handled now.
@@ -328,6 +340,10 @@ struct Shared {
     counters: Arc<Counters>,
     /// `accept()` ran out of descriptors; the sweeper re-arms the listener.
     accept_paused: AtomicBool,
+    /// Payload bytes being received, server-wide.
+    budget: Arc<budget::ReceiveBudget>,
+    /// Connections that have not authenticated yet, oldest first.
+    unauthenticated: Mutex<std::collections::VecDeque<std::sync::Weak<Conn>>>,
 }
 
 /// Work for a pool thread besides socket readiness.

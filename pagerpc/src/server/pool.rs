@@ -118,6 +118,14 @@ impl Shared {
                 self.undefer(conn);
             }
         }
+        if conn.evicted.load(Ordering::SeqCst) {
+            let status = Status::unavailable(format!(
+                "closed to make room: more than max_unauthenticated = {} connections had not authenticated",
+                self.cfg.max_unauthenticated.min(self.cfg.max_connections)
+            ));
+            self.close(conn, Some(status), false, "evicted");
+            return;
+        }
         if ev.timeout {
             conn.timeout_posted.store(false, Ordering::SeqCst);
             let fired = {
@@ -152,6 +160,7 @@ impl Shared {
         let mut dispatched = 0;
         let mut more = false;
         let mut rx = conn.receiver.lock();
+        conn.budget_wait.store(false, Ordering::SeqCst);
         loop {
             if conn.held_paused.load(Ordering::SeqCst) || conn.outbound_full() {
                 break;
@@ -165,7 +174,11 @@ impl Shared {
             match rx.poll_frame() {
                 Ok(Some(frame)) => {
                     frames += 1;
-                    if let Some(job) = self.classify(conn, frame, now) {
+                    let job = self.classify(conn, frame, now);
+                    if conn.open_limits.swap(false, Ordering::SeqCst) {
+                        rx.set_limits(self.cfg.limits);
+                    }
+                    if let Some(job) = job {
                         if self.over_held_cap(conn) {
                             // Backpressure: stop reading this connection
                             // until its consumers release pages (a release
@@ -219,11 +232,18 @@ impl Shared {
         if failure.is_none() {
             rx.wait_lowat();
         }
+        let awaiting = rx.awaiting_budget();
+        if awaiting {
+            // The next payload does not fit the server's receive budget:
+            // stop reading until a release wakes this connection.
+            conn.budget_wait.store(true, Ordering::SeqCst);
+            self.budget.wait(conn);
+        }
         let read_now = rx.progress();
         let io = IoSnapshot {
             in_head: rx.in_head(),
             in_frame: !rx.is_idle(),
-            read_paused: conn.held_paused.load(Ordering::SeqCst) || conn.outbound_full(),
+            read_paused: conn.read_paused(),
             queued_out: conn.queued_out.load(Ordering::SeqCst),
         };
         drop(rx);
@@ -297,6 +317,10 @@ impl Shared {
                     core.challenge = None;
                     core.sm.authenticated();
                 }
+                conn.open_limits.store(true, Ordering::SeqCst);
+                self.unauthenticated
+                    .lock()
+                    .retain(|w| w.upgrade().is_some_and(|c| !Arc::ptr_eq(&c, conn)));
                 self.send(conn, control_frame(0, Kind::Auth, proof));
                 None
             } else {
@@ -544,7 +568,14 @@ impl Shared {
         let mut recv_cfg = self.cfg.recv.clone();
         recv_cfg.limits = self.cfg.limits;
         let token = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let receiver = Receiver::new(fd.clone(), recv_cfg, counters.clone());
+        let mut receiver = Receiver::new(fd.clone(), recv_cfg, counters.clone());
+        receiver.set_budget(self.budget.clone());
+        if self.cfg.auth_key.is_some() {
+            // Until the peer authenticates it may send one small AUTH
+            // frame and nothing else: a prefix announcing a payload is
+            // refused before anything is allocated.
+            receiver.set_limits(pre_auth_limits(&self.cfg.limits));
+        }
         let sender = Sender::new(fd.clone(), self.cfg.send.clone(), counters);
         let mut cc = ConnConfig::default();
         cc.max_inflight = self.cfg.max_inflight_per_conn;
@@ -594,6 +625,7 @@ impl Shared {
                 return;
             };
             conn.core.lock().challenge = Some(nonce);
+            self.admit_unauthenticated(&conn);
             let _ = conn.send(control_frame(0, Kind::Auth, nonce.to_vec()), Instant::now());
         }
         // Registered while owned, so the first readiness event waits for
@@ -609,6 +641,39 @@ impl Shared {
             self.close(&conn, None, false, "epoll add");
         }
         self.drive_owned(&conn, Events::default());
+    }
+
+    /// Records a new unauthenticated connection; past
+    /// `max_unauthenticated`, marks the oldest for closing (its owner
+    /// closes it).
+    fn admit_unauthenticated(self: &Arc<Self>, conn: &Arc<Conn>) {
+        let limit = self
+            .cfg
+            .max_unauthenticated
+            .min(self.cfg.max_connections)
+            .max(1);
+        let mut list = self.unauthenticated.lock();
+        list.retain(|w| {
+            w.upgrade().is_some_and(|c| {
+                !c.closed.load(Ordering::SeqCst)
+                    && c.core.lock().challenge.is_some()
+                    && !c.evicted.load(Ordering::SeqCst)
+            })
+        });
+        list.push_back(Arc::downgrade(conn));
+        while list.len() > limit {
+            let Some(old) = list.pop_front().and_then(|w| w.upgrade()) else {
+                continue;
+            };
+            old.evicted.store(true, Ordering::SeqCst);
+            self.post_work(
+                &old,
+                Events {
+                    timeout: true,
+                    ..Events::default()
+                },
+            );
+        }
     }
 
     /// Counts a request payload against its connection's cap until the
@@ -650,4 +715,15 @@ impl Shared {
             .max_held_bytes_per_conn
             .is_some_and(|cap| conn.held.load(Ordering::SeqCst) > cap)
     }
+}
+
+/// The limits of a connection that has not authenticated: one small AUTH
+/// frame, no payload, no metadata.
+fn pre_auth_limits(full: &pagerpc_core::Limits) -> pagerpc_core::Limits {
+    let mut l = *full;
+    l.max_header_bytes = full.max_header_bytes.min(1024);
+    l.max_payload_bytes = 0;
+    l.max_inline_payload_bytes = 0;
+    l.max_metadata_entries = 0;
+    l
 }
