@@ -23,7 +23,7 @@ case "$SECS" in
 esac
 FUZZ_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SANITIZER="${FUZZ_SANITIZER:-address}"
-TARGETS="${FUZZ_TARGETS:-prefix header stream}"
+TARGETS="${FUZZ_TARGETS:-prefix header stream conn}"
 CARGO_FUZZ_VERSION="0.13.2"
 
 export RUSTC_BOOTSTRAP=1

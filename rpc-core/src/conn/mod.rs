@@ -11,6 +11,8 @@
 //! is driven. Tests drive it with a virtual clock.
 
 mod calls;
+#[cfg(feature = "model")]
+pub mod model;
 mod timers;
 
 use std::time::{Duration, Instant};
