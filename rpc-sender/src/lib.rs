@@ -56,6 +56,15 @@ pub struct OutFrame {
     pub payload: Payload,
 }
 
+/// A place in a [`Sender`]'s queue: the frames enqueued after it can be
+/// taken back as long as none of their bytes were written
+/// ([`Sender::take_back`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueMark {
+    index: usize,
+    popped: u64,
+}
+
 /// What [`Sender::flush`] achieved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
@@ -273,6 +282,31 @@ impl Sender {
             }
         }
         Ok(())
+    }
+
+    /// Marks the end of the queue: frames enqueued from now on start a part
+    /// of their own and can be taken back whole with
+    /// [`take_back`](Self::take_back) while none of their bytes are written.
+    pub fn mark(&mut self) -> QueueMark {
+        self.queue.seal();
+        QueueMark {
+            index: self.queue.parts.len(),
+            popped: self.queue.popped,
+        }
+    }
+
+    /// Takes the frames enqueued after `mark` out of the queue and returns
+    /// their payloads, if no byte of them was written; otherwise leaves
+    /// the queue as it is and returns `None`.
+    pub fn take_back(&mut self, mark: QueueMark) -> Option<Vec<Payload>> {
+        let gone = usize::try_from(self.queue.popped - mark.popped).ok()?;
+        let idx = mark.index.checked_sub(gone)?;
+        if idx > self.queue.parts.len() || !self.queue.untouched(idx) {
+            return None;
+        }
+        let mut payloads = Vec::new();
+        self.queue.truncate(idx, &mut payloads);
+        Some(payloads)
     }
 
     /// Writes queued parts until the queue is empty or the socket takes no
@@ -498,9 +532,7 @@ impl Sender {
     ) -> Result<(), SendError> {
         // These frames start a part of their own, so they can be taken back
         // whole if nothing of them was written.
-        self.queue.seal();
-        let first = self.queue.parts.len();
-        let popped = self.queue.popped;
+        let mark = self.mark();
         self.enqueue(frames)?;
         self.queue.seal();
         let mut progress = Instant::now();
@@ -530,16 +562,12 @@ impl Sender {
             };
             if !ready && until.is_some_and(|u| Instant::now() >= u) {
                 // None of ours written: take them back, the stream is intact.
-                if let Some(idx) = first.checked_sub((self.queue.popped - popped) as usize) {
-                    if self.queue.untouched(idx) && idx < self.queue.parts.len() {
-                        let mut payloads = Vec::new();
-                        self.queue.truncate(idx, &mut payloads);
-                        return Err(SendError {
-                            kind: SendErrorKind::TimedOut,
-                            payloads,
-                            partial: false,
-                        });
-                    }
+                if let Some(payloads) = self.take_back(mark) {
+                    return Err(SendError {
+                        kind: SendErrorKind::TimedOut,
+                        payloads,
+                        partial: false,
+                    });
                 }
                 return Err(self.fail(SendErrorKind::TimedOut));
             }
