@@ -6,11 +6,49 @@
 //! arrives; then it passes the reader role to another waiting caller. A
 //! single caller therefore reads its own response with no thread hand-off,
 //! and many callers share one reader.
+//!
+//! # Sending
+//!
+//! A caller sends its request itself, holding the sender lock for the whole
+//! request. The sender never blocks in the kernel (`MSG_DONTWAIT`); while
+//! the socket takes no more, the caller waits for it to become writable
+//! *or readable*, and when it is readable and nobody holds the reader role,
+//! it takes the role, reads what is there without blocking, hands the
+//! frames out as the reader does, and gives the role back (see
+//! `send.rs`). So one thread that starts many large calls before waiting on
+//! any cannot deadlock with a server that stops reading until its responses
+//! are read. When another thread holds the reader role, the sending caller
+//! waits for the socket to become writable or for the `wake` eventfd, which
+//! is raised when the role is given back or the connection fails.
+//!
+//! The call's deadline bounds the send, including the wait for the sender
+//! lock. A request of which nothing was written by then is handed back
+//! ([`CallError::take_payload`]) and the connection stays usable; one cut
+//! short fails the connection, since the stream is then broken. CANCEL
+//! frames never wait: they are queued, written as far as the socket takes
+//! them, and the rest is written by the next send, or by the reader after
+//! each frame it reads.
+//!
+//! # Lock order
+//!
+//! `sender` → `receiver` → `state`:
+//!
+//! - `state` is taken last, only briefly, and never held across a blocking
+//!   call (condition variables release it while they wait).
+//! - `receiver` is locked only by the holder of the reader role, a flag in
+//!   `state` (not a lock: taking it never waits), and briefly by
+//!   [`Client::zerocopy_receive`], which holds nothing else.
+//! - A thread holding `receiver` takes `sender` only with `try_lock`, so a
+//!   sender that reads (holding `sender`, then `receiver`) cannot deadlock
+//!   with a reader that writes queued CANCEL frames.
+
+mod read;
+mod send;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +58,7 @@ use prost::Message;
 use pagerpc_core::{Code, Counters, CountersSnapshot, Header, Kind, Limits, MetadataEntry, Status};
 use pagerpc_pages::{Pages, Payload};
 use pagerpc_receiver::{Frame, Receiver, RecvConfig, RecvError};
-use pagerpc_sender::{SendConfig, SendErrorKind, Sender};
+use pagerpc_sender::{OutFrame, SendConfig, Sender};
 
 use crate::error::CallError;
 use crate::segments::SegmentAlign;
@@ -116,6 +154,13 @@ struct State {
     pending: HashMap<u64, Slot>,
     reader_active: bool,
     dead: Option<Status>,
+    /// The thread holding the sender lock waits for the socket while
+    /// another thread holds the reader role: raise `Shared::wake` when the
+    /// role is given back or the connection fails.
+    send_waiting: bool,
+    /// Calls whose CANCEL frame is not yet queued in the sender (its lock
+    /// was busy).
+    cancels: Vec<u64>,
 }
 
 struct Shared {
@@ -127,6 +172,15 @@ struct Shared {
     counters: Arc<Counters>,
     cfg: ClientConfig,
     peer: SocketAddr,
+    /// Wakes a sending thread that waits for the socket while another
+    /// thread reads (see `State::send_waiting`).
+    wake: sys::Signal,
+    /// `State::cancels` may hold ids: whoever lets go of the sender lock
+    /// queues and writes them.
+    cancels_waiting: AtomicBool,
+    /// The sender holds bytes (CANCEL frames) that no sending thread is
+    /// waiting to write; the reader writes them when it can.
+    backlog: AtomicBool,
 }
 
 /// A connection to a pagerpc server. Cheap to clone; clones share the
@@ -196,6 +250,9 @@ impl Client {
             counters,
             cfg,
             peer,
+            wake: sys::Signal::new()?,
+            cancels_waiting: AtomicBool::new(false),
+            backlog: AtomicBool::new(false),
         };
         Ok(Client {
             shared: Arc::new(shared),
@@ -222,12 +279,18 @@ impl Client {
     /// # Errors
     /// If reading the socket's error queue fails.
     pub fn flush_zerocopy(&self, timeout: Duration) -> std::io::Result<bool> {
-        self.shared.sender.lock().flush_zerocopy(timeout)
+        let mut tx = self.shared.sender.lock();
+        let r = tx.flush_zerocopy(timeout);
+        self.shared.release_sender(tx);
+        r
     }
 
     /// Zero-copy send statistics of this connection.
     pub fn zerocopy_send_stats(&self) -> pagerpc_sender::ZcSendStats {
-        self.shared.sender.lock().zerocopy_stats()
+        let tx = self.shared.sender.lock();
+        let stats = tx.zerocopy_stats();
+        self.shared.release_sender(tx);
+        stats
     }
 
     /// Whether zero-copy receive is on for this connection, and if it was
@@ -309,22 +372,12 @@ impl Client {
             }
             st.pending.insert(id, Slot::new());
         }
-        let sent = self.shared.sender.lock().send(header, payload);
-        if let Err(e) = sent {
+        if let Err(e) = self
+            .shared
+            .send_request(OutFrame { header, payload }, deadline)
+        {
             self.shared.state.lock().pending.remove(&id);
-            let status = match &e.kind {
-                SendErrorKind::Codec(c) => {
-                    Status::invalid_argument(format!("request refused: {c}"))
-                }
-                other => Status::unavailable(format!("sending the request failed: {other}")),
-            };
-            if e.partial || matches!(e.kind, SendErrorKind::Broken) {
-                self.shared.fail_all(Status::unavailable(format!(
-                    "connection broken: {}",
-                    e.kind
-                )));
-            }
-            return Err(CallError::with_payload(status, e.into_payload()));
+            return Err(e);
         }
         Ok(PendingCall {
             shared: self.shared.clone(),
@@ -335,6 +388,7 @@ impl Client {
     }
 
     /// Sends a PING and waits for the PONG; returns the round-trip time.
+    /// `timeout` bounds the whole exchange, sending included.
     ///
     /// # Errors
     /// As [`call`](Self::call).
@@ -346,17 +400,26 @@ impl Client {
             kind: Kind::Ping as i32,
             ..Default::default()
         };
-        self.shared.state.lock().pending.insert(id, Slot::new());
-        if let Err(e) = self.shared.sender.lock().send(header, Payload::Empty) {
+        let deadline = t0 + timeout;
+        {
+            let mut st = self.shared.state.lock();
+            if let Some(dead) = &st.dead {
+                return Err(CallError::new(dead.clone()));
+            }
+            st.pending.insert(id, Slot::new());
+        }
+        let frame = OutFrame {
+            header,
+            payload: Payload::Empty,
+        };
+        if let Err(e) = self.shared.send_request(frame, Some(deadline)) {
             self.shared.state.lock().pending.remove(&id);
-            return Err(CallError::new(Status::unavailable(format!(
-                "ping failed: {e}"
-            ))));
+            return Err(CallError::new(e.status().clone()));
         }
         let call = PendingCall {
             shared: self.shared.clone(),
             id,
-            deadline: Some(t0 + timeout),
+            deadline: Some(deadline),
             done: false,
         };
         call.wait()?;
@@ -450,6 +513,7 @@ impl Shared {
                 pending,
                 reader_active,
                 dead,
+                ..
             } = &mut *st;
             let Some(slot) = pending.get_mut(&id) else {
                 // Removed by a cancel, or never existed.
@@ -479,18 +543,7 @@ impl Shared {
                 drop(st);
                 self.read_until(id, deadline);
                 st = self.state.lock();
-                st.reader_active = false;
-                // Hand the reader role on: wake every blocked caller, and the
-                // first to run takes it. Waking just one is not enough: it
-                // may be giving up at this very moment (its deadline passed)
-                // and would leave the others with nobody reading.
-                for other in st
-                    .pending
-                    .values()
-                    .filter(|s| s.waiting && s.result.is_none())
-                {
-                    other.cv.notify_one();
-                }
+                self.release_reader(&mut st);
                 continue;
             }
             let cv = slot.cv.clone();
@@ -503,84 +556,6 @@ impl Shared {
             }
             if let Some(slot) = st.pending.get_mut(&id) {
                 slot.waiting = false;
-            }
-        }
-    }
-
-    /// Reads frames and hands them out until call `id` has its result, the
-    /// deadline passes, or the connection fails.
-    fn read_until(&self, id: u64, deadline: Option<Instant>) {
-        let mut rx = self.receiver.lock();
-        loop {
-            match rx.recv_frame(deadline) {
-                Ok(frame) => {
-                    let fid = frame.head.call_id();
-                    match frame.head.kind() {
-                        Kind::Response | Kind::Pong => self.deliver(fid, Ok(frame)),
-                        Kind::Error => {
-                            let h = &frame.head.header;
-                            let status = Status::new(
-                                Code::from_u32(h.status_code),
-                                h.status_message.clone(),
-                            );
-                            if fid == 0 {
-                                // A connection-level error from the server.
-                                self.fail_all(status);
-                                return;
-                            }
-                            self.deliver(fid, Err(status));
-                        }
-                        Kind::Auth => {
-                            self.fail_all(Status::unauthenticated(
-                                "the server requires pre-shared-key authentication; set ClientConfig::auth_key",
-                            ));
-                            sys::shutdown(self.fd.as_fd());
-                            return;
-                        }
-                        other => {
-                            self.fail_all(Status::internal(format!(
-                                "protocol error: server sent a {other:?} frame"
-                            )));
-                            sys::shutdown(self.fd.as_fd());
-                            return;
-                        }
-                    }
-                    if fid == id {
-                        return;
-                    }
-                }
-                Err(RecvError::TimedOut) => return,
-                Err(RecvError::ChecksumMismatch {
-                    head,
-                    expected,
-                    got,
-                }) => {
-                    // The stream is still in sync: fail just this call.
-                    let fid = head.call_id();
-                    self.deliver(
-                        fid,
-                        Err(Status::data_loss(format!(
-                            "response payload failed its checksum (CRC32C {got:#010x}, expected {expected:#010x})"
-                        ))),
-                    );
-                    if fid == id {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let status = match &e {
-                        RecvError::Closed => Status::unavailable("connection closed by the server"),
-                        RecvError::Codec(c @ pagerpc_core::CodecError::Truncated { .. }) => {
-                            Status::unavailable(format!("connection lost: {c}"))
-                        }
-                        RecvError::Codec(c) => {
-                            Status::internal(format!("protocol error from server: {c}"))
-                        }
-                        other => Status::unavailable(format!("connection failed: {other}")),
-                    };
-                    self.fail_all(status);
-                    return;
-                }
             }
         }
     }
@@ -602,22 +577,15 @@ impl Shared {
         for slot in st.pending.values() {
             slot.cv.notify_one();
         }
+        if st.send_waiting {
+            self.wake.raise();
+        }
     }
 
     fn cancel(&self, id: u64) {
         if self.state.lock().pending.remove(&id).is_some() {
             self.send_cancel(id);
         }
-    }
-
-    fn send_cancel(&self, id: u64) {
-        let header = Header {
-            call_id: id,
-            kind: Kind::Cancel as i32,
-            ..Default::default()
-        };
-        // Best effort: if the connection is gone, the server forgets the call anyway.
-        let _ = self.sender.lock().send(header, Payload::Empty);
     }
 }
 

@@ -1,0 +1,164 @@
+//! The reader role: reading frames and handing them to their calls.
+//!
+//! One thread at a time holds the role (`State::reader_active`) and with it
+//! the receiver. A waiting caller reads, blocking, until its own response
+//! arrives ([`Shared::read_until`]); a sending caller whose socket is full
+//! reads only what is there, without blocking ([`Shared::read_available`]).
+//! Both hand frames out the same way ([`Shared::dispatch`]) and give the
+//! role back the same way ([`Shared::release_reader`]).
+
+use super::*;
+
+/// What became of one frame (or receive error).
+pub(super) enum Dispatched {
+    /// It went to (or was dropped for) the call with this id; the
+    /// connection goes on.
+    Call(u64),
+    /// Nothing more to read now: the read timed out, or the connection
+    /// failed (every call was told).
+    Stop,
+}
+
+impl Shared {
+    /// Reads frames and hands them out until call `id` has its result, the
+    /// deadline passes, or the connection fails. The caller holds the
+    /// reader role.
+    pub(super) fn read_until(&self, id: u64, deadline: Option<Instant>) {
+        let mut rx = self.receiver.lock();
+        // CANCEL frames left queued while the socket was full: the socket
+        // may take them now.
+        self.poke_backlog();
+        loop {
+            let r = rx.recv_frame(deadline);
+            match self.dispatch(r) {
+                Dispatched::Call(fid) => {
+                    self.poke_backlog();
+                    if fid == id {
+                        return;
+                    }
+                }
+                Dispatched::Stop => return,
+            }
+        }
+    }
+
+    /// Takes the reader role if nobody holds it, and reads and hands out
+    /// what the socket has, without blocking. For a sending thread whose
+    /// socket is full: the peer may be waiting for its responses to be read
+    /// before it reads any more requests.
+    pub(super) fn read_available(&self) {
+        {
+            let mut st = self.state.lock();
+            if st.reader_active || st.dead.is_some() {
+                return;
+            }
+            st.reader_active = true;
+        }
+        {
+            let mut rx = self.receiver.lock();
+            loop {
+                let r = match rx.poll_frame() {
+                    Ok(None) => break,
+                    Ok(Some(frame)) => Ok(frame),
+                    Err(e) => Err(e),
+                };
+                if let Dispatched::Stop = self.dispatch(r) {
+                    break;
+                }
+            }
+            // Set SO_RCVLOWAT for what the receiver needs next, so the
+            // socket reports readable once that much is there.
+            rx.wait_lowat();
+        }
+        let mut st = self.state.lock();
+        self.release_reader(&mut st);
+    }
+
+    /// Gives the reader role back and hands it on: wakes every blocked
+    /// caller, and the first to run takes it. Waking just one is not
+    /// enough: it may be giving up at this very moment (its deadline
+    /// passed) and would leave the others with nobody reading. A sending
+    /// thread waiting for the socket is woken too: it may read now.
+    pub(super) fn release_reader(&self, st: &mut State) {
+        st.reader_active = false;
+        for other in st
+            .pending
+            .values()
+            .filter(|s| s.waiting && s.result.is_none())
+        {
+            other.cv.notify_one();
+        }
+        if st.send_waiting {
+            self.wake.raise();
+        }
+    }
+
+    /// Hands one received frame (or receive error) to its call, or fails
+    /// the connection.
+    pub(super) fn dispatch(&self, r: Result<Frame, RecvError>) -> Dispatched {
+        match r {
+            Ok(frame) => {
+                let fid = frame.head.call_id();
+                match frame.head.kind() {
+                    Kind::Response | Kind::Pong => self.deliver(fid, Ok(frame)),
+                    Kind::Error => {
+                        let h = &frame.head.header;
+                        let status =
+                            Status::new(Code::from_u32(h.status_code), h.status_message.clone());
+                        if fid == 0 {
+                            // A connection-level error from the server.
+                            self.fail_all(status);
+                            return Dispatched::Stop;
+                        }
+                        self.deliver(fid, Err(status));
+                    }
+                    Kind::Auth => {
+                        self.fail_all(Status::unauthenticated(
+                            "the server requires pre-shared-key authentication; set ClientConfig::auth_key",
+                        ));
+                        sys::shutdown(self.fd.as_fd());
+                        return Dispatched::Stop;
+                    }
+                    other => {
+                        self.fail_all(Status::internal(format!(
+                            "protocol error: server sent a {other:?} frame"
+                        )));
+                        sys::shutdown(self.fd.as_fd());
+                        return Dispatched::Stop;
+                    }
+                }
+                Dispatched::Call(fid)
+            }
+            Err(RecvError::TimedOut) => Dispatched::Stop,
+            Err(RecvError::ChecksumMismatch {
+                head,
+                expected,
+                got,
+            }) => {
+                // The stream is still in sync: fail just this call.
+                let fid = head.call_id();
+                self.deliver(
+                    fid,
+                    Err(Status::data_loss(format!(
+                        "response payload failed its checksum (CRC32C {got:#010x}, expected {expected:#010x})"
+                    ))),
+                );
+                Dispatched::Call(fid)
+            }
+            Err(e) => {
+                let status = match &e {
+                    RecvError::Closed => Status::unavailable("connection closed by the server"),
+                    RecvError::Codec(c @ pagerpc_core::CodecError::Truncated { .. }) => {
+                        Status::unavailable(format!("connection lost: {c}"))
+                    }
+                    RecvError::Codec(c) => {
+                        Status::internal(format!("protocol error from server: {c}"))
+                    }
+                    other => Status::unavailable(format!("connection failed: {other}")),
+                };
+                self.fail_all(status);
+                Dispatched::Stop
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! The send path: requests bounded by their call's deadline, reading
+//! responses while the socket takes no more, and CANCEL frames that never
+//! wait.
+//!
+//! A request is sent by its caller, holding the sender lock throughout
+//! ([`Shared::send_request`]). The sender writes without blocking; while
+//! the socket takes no more, the caller waits for `POLLOUT`, and also for
+//! `POLLIN` when nobody holds the reader role (then it reads what is there,
+//! see `read.rs`), or for the `wake` eventfd when somebody does (raised
+//! when the role is given back). `POLLERR` is reported regardless: the
+//! caller then reads zero-copy completions.
+//!
+//! CANCEL frames are handed over in `State::cancels` and queued by whoever
+//! holds the sender lock: the thread that cancels, if the lock is free;
+//! otherwise the holder, when it lets go ([`Shared::release_sender`]). What
+//! the socket does not take at once stays queued (`Shared::backlog`) for
+//! the next request, or for the reader, which writes it after each frame it
+//! reads.
+
+use std::sync::atomic::Ordering::SeqCst;
+
+use pagerpc_sender::{Flush, QueueMark, SendError, SendErrorKind};
+use parking_lot::MutexGuard;
+
+use super::*;
+
+/// A CANCEL frame for call `id`.
+fn cancel_frame(id: u64) -> OutFrame {
+    OutFrame {
+        header: Header {
+            call_id: id,
+            kind: Kind::Cancel as i32,
+            ..Default::default()
+        },
+        payload: Payload::Empty,
+    }
+}
+
+/// Why a send gives up before its request is written.
+enum GiveUp {
+    /// The call's deadline passed.
+    Deadline,
+    /// The socket took no byte for the write timeout.
+    Stalled(Duration),
+    /// The connection failed, with this status.
+    Failed(Status),
+}
+
+impl Shared {
+    /// Sends one request (or PING), giving up at `deadline`, including
+    /// while waiting for another thread's send to finish.
+    ///
+    /// # Errors
+    /// A [`CallError`] that hands the payload back when nothing of the
+    /// frame was written ([`Code::DeadlineExceeded`] at the deadline, the
+    /// connection staying usable), and fails the connection when the frame
+    /// was cut short.
+    pub(super) fn send_request(
+        &self,
+        frame: OutFrame,
+        deadline: Option<Instant>,
+    ) -> Result<(), CallError> {
+        let mut tx = match deadline {
+            None => self.sender.lock(),
+            Some(d) => match self.sender.try_lock_until(d) {
+                Some(tx) => tx,
+                None => {
+                    return Err(CallError::with_payload(
+                        Status::deadline_exceeded(
+                            "deadline exceeded before the request could be sent (another request was being sent)",
+                        ),
+                        frame.payload,
+                    ))
+                }
+            },
+        };
+        let r = self.send_locked(&mut tx, frame, deadline);
+        self.release_sender(tx);
+        r
+    }
+
+    fn send_locked(
+        &self,
+        tx: &mut Sender,
+        frame: OutFrame,
+        deadline: Option<Instant>,
+    ) -> Result<(), CallError> {
+        // What is queued (CANCEL frames) goes first, as part of this send.
+        self.backlog.store(false, SeqCst);
+        self.drain_cancels(tx);
+        let write_timeout = tx.config().write_timeout;
+        // The request while it is not queued yet. Once queued, it can still
+        // be taken back whole (`Sender::take_back`) until a byte of it is
+        // written.
+        let mut mine = Some(frame);
+        let mark = tx.mark();
+        let mut progress = Instant::now();
+        loop {
+            if let Some(f) = mine.take() {
+                if let Err(e) = tx.enqueue(vec![f]) {
+                    return Err(self.send_failed(tx, e, None));
+                }
+            }
+            if tx.has_queued() {
+                let before = tx.queued_bytes();
+                let r = tx.flush();
+                if tx.queued_bytes() < before {
+                    progress = Instant::now();
+                }
+                match r {
+                    Ok(Flush::Done) if mine.is_none() => return Ok(()),
+                    Ok(Flush::Done) if deadline.is_none() => continue,
+                    Ok(_) => {}
+                    Err(e) => return Err(self.send_failed(tx, e, mine.map(|f| f.payload))),
+                }
+            } else if mine.is_none() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(self.give_up(tx, mark, mine, GiveUp::Deadline));
+            }
+            let stall = write_timeout.map(|t| (progress + t, t));
+            if let Some((at, t)) = stall {
+                if now >= at {
+                    return Err(self.give_up(tx, mark, mine, GiveUp::Stalled(t)));
+                }
+            }
+            let until = match (deadline, stall.map(|s| s.0)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match self.wait_socket(tx, until) {
+                Ok(_) => {}
+                Err(status) => return Err(self.give_up(tx, mark, mine, GiveUp::Failed(status))),
+            }
+        }
+    }
+
+    /// Waits until the socket is writable or `until` passes. Meanwhile:
+    /// reads what arrives when nobody else holds the reader role, and
+    /// zero-copy completions when the socket reports `POLLERR`.
+    ///
+    /// # Errors
+    /// The status the connection failed with.
+    fn wait_socket(
+        &self,
+        tx: &mut Sender,
+        until: Option<Instant>,
+    ) -> Result<sys::SendReady, Status> {
+        let read = {
+            let mut st = self.state.lock();
+            if let Some(dead) = &st.dead {
+                return Err(dead.clone());
+            }
+            st.send_waiting = true;
+            !st.reader_active
+        };
+        // Without the reader role, wait for `wake` rather than POLLIN: the
+        // socket stays readable until the reader reads, and the reader
+        // raises `wake` when it gives the role back.
+        let timeout = until.map(|u| u.saturating_duration_since(Instant::now()));
+        let r = sys::wait_send_ready(self.fd.as_fd(), read, self.wake.as_fd(), timeout);
+        self.state.lock().send_waiting = false;
+        let ready =
+            r.map_err(|e| Status::unavailable(format!("waiting for the socket failed: {e}")))?;
+        if ready.woken {
+            self.wake.clear();
+        }
+        if ready.error {
+            // Until the completions are read, the socket keeps reporting
+            // POLLERR. A read error only delays their release.
+            let _ = tx.reap_completions();
+            if let Some(e) = sys::take_socket_error(self.fd.as_fd()) {
+                return Err(Status::unavailable(format!("connection failed: {e}")));
+            }
+        }
+        if ready.readable && !ready.writable {
+            self.read_available();
+        }
+        Ok(ready)
+    }
+
+    /// Gives up on a request that is not fully written.
+    fn give_up(
+        &self,
+        tx: &mut Sender,
+        mark: QueueMark,
+        mine: Option<OutFrame>,
+        why: GiveUp,
+    ) -> CallError {
+        let (status, failed) = match why {
+            GiveUp::Deadline => (
+                Status::deadline_exceeded(
+                    "deadline exceeded while sending the request (the server is not reading)",
+                ),
+                false,
+            ),
+            GiveUp::Stalled(t) => (
+                Status::unavailable(format!(
+                    "sending the request failed: the socket took no data for {t:?}"
+                )),
+                false,
+            ),
+            GiveUp::Failed(s) => (s, true),
+        };
+        if let Some(f) = mine {
+            // Never queued, so nothing of it was written.
+            if failed {
+                self.fail_all(status.clone());
+                sys::shutdown(self.fd.as_fd());
+            } else if tx.has_queued() {
+                self.backlog.store(true, SeqCst);
+            }
+            return CallError::with_payload(status, f.payload);
+        }
+        if !failed {
+            if let Some(mut payloads) = tx.take_back(mark) {
+                // Queued, but the kernel took none of it: out of the queue
+                // again, whole, and the stream stays intact.
+                if tx.has_queued() {
+                    self.backlog.store(true, SeqCst);
+                }
+                let p = payloads.pop().unwrap_or(Payload::Empty);
+                return CallError::with_payload(status, p);
+            }
+        }
+        // Part of it was written: the stream is broken.
+        let broken = if failed {
+            status.clone()
+        } else {
+            Status::unavailable(format!("connection broken: {}", status.message()))
+        };
+        match self.break_stream(tx, broken) {
+            Some(p) => CallError::with_payload(status, p),
+            None => CallError::new(status),
+        }
+    }
+
+    /// The error for a request the sender refused or failed to write.
+    fn send_failed(&self, tx: &mut Sender, e: SendError, mine: Option<Payload>) -> CallError {
+        let status = match &e.kind {
+            SendErrorKind::Codec(c) => Status::invalid_argument(format!("request refused: {c}")),
+            other => self.state.lock().dead.clone().unwrap_or_else(|| {
+                Status::unavailable(format!("sending the request failed: {other}"))
+            }),
+        };
+        if tx.is_broken() {
+            self.fail_all(Status::unavailable(format!(
+                "connection broken: {}",
+                e.kind
+            )));
+            sys::shutdown(self.fd.as_fd());
+        }
+        // When the request was queued, it was queued alone behind nothing,
+        // so any payload handed back is its own.
+        match mine.or_else(|| e.payloads.into_iter().next()) {
+            Some(p) => CallError::with_payload(status, p),
+            None => CallError::new(status),
+        }
+    }
+
+    /// Fails the connection after a frame was cut short, and takes back
+    /// what the sender still holds of the request (queued alone, so any
+    /// payload is its own; a zero-copy payload the kernel may still read
+    /// stays with the sender).
+    fn break_stream(&self, tx: &mut Sender, status: Status) -> Option<Payload> {
+        self.fail_all(status);
+        // The peer and a blocked reader see the end at once, and the next
+        // write fails, which makes the sender hand back what it holds.
+        sys::shutdown(self.fd.as_fd());
+        match tx.flush() {
+            Err(e) => e.payloads.into_iter().next(),
+            Ok(_) => None,
+        }
+    }
+
+    /// Queues the CANCEL frames handed over in `State::cancels`.
+    fn drain_cancels(&self, tx: &mut Sender) {
+        if !self.cancels_waiting.swap(false, SeqCst) {
+            return;
+        }
+        let ids = std::mem::take(&mut self.state.lock().cancels);
+        if !ids.is_empty() {
+            // Refused only once the stream is broken; the server then
+            // forgets the calls anyway.
+            let _ = tx.enqueue(ids.into_iter().map(cancel_frame).collect());
+        }
+    }
+
+    /// Queues handed-over CANCEL frames and writes what is queued as far
+    /// as the socket takes it, without waiting. For a holder of the sender
+    /// lock that is not sending a request.
+    fn flush_backlog(&self, tx: &mut Sender) {
+        self.backlog.store(false, SeqCst);
+        self.drain_cancels(tx);
+        if !tx.has_queued() {
+            return;
+        }
+        match tx.flush() {
+            Ok(Flush::Done) => {}
+            Ok(Flush::Blocked) => self.backlog.store(true, SeqCst),
+            Err(e) => {
+                if tx.is_broken() {
+                    self.fail_all(Status::unavailable(format!(
+                        "connection broken: {}",
+                        e.kind
+                    )));
+                    sys::shutdown(self.fd.as_fd());
+                }
+            }
+        }
+    }
+
+    /// Lets go of the sender lock. A CANCEL handed over while it was held
+    /// is written now, unless another thread took the lock meanwhile (it
+    /// does the same when it lets go).
+    pub(super) fn release_sender(&self, tx: MutexGuard<'_, Sender>) {
+        drop(tx);
+        while self.cancels_waiting.load(SeqCst) {
+            let Some(mut tx) = self.sender.try_lock() else {
+                break;
+            };
+            self.flush_backlog(&mut tx);
+        }
+    }
+
+    /// For the reader: writes queued CANCEL frames if the sender lock is
+    /// free (never waits for it: the reader may hold the receiver).
+    pub(super) fn poke_backlog(&self) {
+        if !self.backlog.load(SeqCst) && !self.cancels_waiting.load(SeqCst) {
+            return;
+        }
+        if let Some(mut tx) = self.sender.try_lock() {
+            self.flush_backlog(&mut tx);
+            self.release_sender(tx);
+        }
+    }
+
+    /// Tells the server that call `id` is abandoned. Best effort, and never
+    /// waits: the frame is written as far as the socket takes it now, and
+    /// the rest later (see the module documentation).
+    pub(super) fn send_cancel(&self, id: u64) {
+        {
+            let mut st = self.state.lock();
+            if st.dead.is_some() {
+                // The server forgets the call with the connection.
+                return;
+            }
+            st.cancels.push(id);
+        }
+        self.cancels_waiting.store(true, SeqCst);
+        if let Some(mut tx) = self.sender.try_lock() {
+            self.flush_backlog(&mut tx);
+            self.release_sender(tx);
+        }
+    }
+}
