@@ -36,8 +36,16 @@ impl Shared {
                     self.jobs_signal.clear();
                     // Take one job at a time, and wake another idle thread
                     // while more are queued, so one blocking handler never
-                    // holds up the jobs behind it.
-                    while let Ok(work) = self.jobs_rx.try_recv() {
+                    // holds up the jobs behind it. At most what is queued
+                    // now: work that queues itself again (a connection with
+                    // more to read) must not keep this thread from the
+                    // sockets' readiness.
+                    let mut budget = self.jobs_rx.len().max(1);
+                    while budget > 0 {
+                        let Ok(work) = self.jobs_rx.try_recv() else {
+                            break;
+                        };
+                        budget -= 1;
                         if !self.jobs_rx.is_empty() {
                             self.jobs_signal.raise();
                         }
