@@ -13,15 +13,9 @@ use pagerpc::codec::{decode_stream, encode_head, DecodedFrame, Flags, Header, Ki
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{Client, ClientConfig, PageBuf, Pages, Payload, Server, ServerConfig, Status};
 
-use common::wait_until;
+use common::{rss_bytes, wait_until};
 
 const KEY: &[u8] = b"budget test key";
-
-fn rss_bytes() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
 
 /// The prefix and header of a request announcing a separate payload.
 fn request_head(call_id: u64, payload_len: u64) -> Vec<u8> {

@@ -9,69 +9,11 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagerpc::codec::{decode_stream, encode_head, DecodedFrame, Flags, Header, Kind, Limits};
+use pagerpc::codec::Kind;
 use pagerpc::proto::MetadataEntry;
-use pagerpc::{Client, Code, PageBuf, Pages, Payload, Server, ServerConfig, Status};
+use pagerpc::{Client, Code, Pages, Payload, Server, ServerConfig, Status};
 
-use common::wait_until;
-
-fn rss_bytes() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
-
-fn pattern_pages(len: usize) -> Pages {
-    let mut b = PageBuf::new(len).unwrap();
-    for (i, x) in b.iter_mut().enumerate() {
-        *x = (i % 251) as u8;
-    }
-    b.freeze()
-}
-
-/// A raw request frame.
-fn request(call_id: u64, method: &str, payload: &[u8]) -> Vec<u8> {
-    let h = Header {
-        call_id,
-        kind: Kind::Request as i32,
-        method: method.into(),
-        body: Vec::new(),
-        ..Default::default()
-    };
-    let mut wire = Vec::new();
-    let flags = if payload.is_empty() {
-        Flags::NONE
-    } else {
-        Flags::INLINE_PAYLOAD
-    };
-    encode_head(
-        &h,
-        payload.len() as u64,
-        flags,
-        &Limits::default(),
-        &mut wire,
-    )
-    .unwrap();
-    wire.extend_from_slice(payload);
-    wire
-}
-
-/// Reads frames from a raw socket until `n` have arrived or it closes.
-fn read_frames(s: &mut TcpStream, n: usize, limit: Duration) -> Vec<DecodedFrame> {
-    s.set_read_timeout(Some(limit)).unwrap();
-    let mut wire = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let frames = decode_stream(&wire, Limits::default(), &[]).frames;
-        if frames.len() >= n {
-            return frames;
-        }
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return decode_stream(&wire, Limits::default(), &[]).frames,
-            Ok(k) => wire.extend_from_slice(&buf[..k]),
-        }
-    }
-}
+use common::{pattern_pages, raw_request, read_raw_frames, rss_bytes, wait_until};
 
 /// Defect 2: clients that pipeline requests and never read their 4 MiB
 /// responses must neither stall other clients nor grow the server.
@@ -103,7 +45,7 @@ fn slow_readers_do_not_stall_or_grow_the_server() {
         let mut s = TcpStream::connect(addr).unwrap();
         let mut wire = Vec::new();
         for id in 1..=300u64 {
-            wire.extend(request(id, "big", b""));
+            wire.extend(raw_request(id, "big", b""));
         }
         s.write_all(&wire).unwrap();
         slow.push(s);
@@ -180,7 +122,7 @@ fn dead_zero_copy_peers_release_their_payloads() {
             // The value is far larger than the socket buffers: most of it
             // stays queued in the server's socket, referenced by the kernel.
             let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(&request(1, "get", b"")).unwrap();
+            s.write_all(&raw_request(1, "get", b"")).unwrap();
             // Wait until the server has queued the response (the value has
             // a second owner), then reset without reading.
             assert!(
@@ -240,11 +182,11 @@ fn duplicate_and_zero_call_ids_are_refused() {
         .bind("127.0.0.1:0")
         .unwrap();
     let mut s = TcpStream::connect(server.local_addr()).unwrap();
-    s.write_all(&request(5, "wait", b"")).unwrap();
+    s.write_all(&raw_request(5, "wait", b"")).unwrap();
     // Let the first call start, then send the same id again.
     std::thread::sleep(Duration::from_millis(200));
-    s.write_all(&request(5, "wait", b"")).unwrap();
-    let frames = read_frames(&mut s, 1, Duration::from_secs(5));
+    s.write_all(&raw_request(5, "wait", b"")).unwrap();
+    let frames = read_raw_frames(&mut s, 1, Duration::from_secs(5));
     assert_eq!(frames.len(), 1, "the duplicate was answered");
     let h = &frames[0].head.header;
     assert_eq!(h.call_id, 5);
@@ -257,14 +199,14 @@ fn duplicate_and_zero_call_ids_are_refused() {
     );
     // The first call is still tracked and completes normally.
     gate.wait();
-    let frames = read_frames(&mut s, 1, Duration::from_secs(5));
+    let frames = read_raw_frames(&mut s, 1, Duration::from_secs(5));
     assert_eq!(frames[0].head.header.kind, Kind::Response as i32);
     assert_eq!(frames[0].head.header.call_id, 5);
 
     // Call id 0: refused at the connection level.
     let mut s = TcpStream::connect(server.local_addr()).unwrap();
-    s.write_all(&request(0, "wait", b"")).unwrap();
-    let frames = read_frames(&mut s, 1, Duration::from_secs(5));
+    s.write_all(&raw_request(0, "wait", b"")).unwrap();
+    let frames = read_raw_frames(&mut s, 1, Duration::from_secs(5));
     assert_eq!(frames.len(), 1);
     let h = &frames[0].head.header;
     assert_eq!((h.call_id, h.kind), (0, Kind::Error as i32));

@@ -1,6 +1,8 @@
 //! Fairness: connections that keep their sockets full of pipelined
 //! requests must not starve another connection on the same pool thread.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,36 +10,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pagerpc::codec::{encode_head, Flags, Header, Kind, Limits};
+use common::raw_request;
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{CallOptions, Client, Pages, Payload, Server, ServerConfig, Status};
-
-/// A raw request frame.
-fn request(call_id: u64, method: &str, payload: &[u8]) -> Vec<u8> {
-    let h = Header {
-        call_id,
-        kind: Kind::Request as i32,
-        method: method.into(),
-        body: Vec::new(),
-        ..Default::default()
-    };
-    let mut wire = Vec::new();
-    let flags = if payload.is_empty() {
-        Flags::NONE
-    } else {
-        Flags::INLINE_PAYLOAD
-    };
-    encode_head(
-        &h,
-        payload.len() as u64,
-        flags,
-        &Limits::default(),
-        &mut wire,
-    )
-    .unwrap();
-    wire.extend_from_slice(payload);
-    wire
-}
 
 /// A raw client that writes tiny echo requests as fast as the socket takes
 /// them, and reads (and discards) the responses so that backpressure never
@@ -64,7 +39,7 @@ impl Flood {
             // the earlier calls with those ids finished.
             let mut wire = Vec::new();
             for id in 1..=100_000u64 {
-                wire.extend(request(id, "echo", b"x"));
+                wire.extend(raw_request(id, "echo", b"x"));
             }
             while !stop_w.load(Ordering::Relaxed) {
                 if w.write_all(&wire).is_err() {

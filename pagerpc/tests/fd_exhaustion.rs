@@ -9,11 +9,14 @@
 //! the server, prints its address on stdout, and serves until its stdin
 //! closes. The parent floods it and measures its CPU time in `/proc`.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cpu_time;
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{CallOptions, Client, Pages, Payload, Server, ServerConfig, Status};
 
@@ -65,16 +68,6 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// CPU time (user + system) process `pid` has used, from /proc/<pid>/stat.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which is in parentheses).
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 1000 / 100) // USER_HZ is 100 on Linux
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -181,10 +174,10 @@ fn flood_and_recover(child: &ChildGuard, addr: SocketAddr, expect_exhausted: boo
             "the child holds only {fds} descriptors of {NOFILE}: not exhausted"
         );
     }
-    let t0 = cpu_time(pid);
+    let t0 = cpu_time(Some(pid));
     let w0 = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_time(pid) - t0;
+    let used = cpu_time(Some(pid)) - t0;
     let wall = w0.elapsed();
     assert!(
         used < wall / 2,

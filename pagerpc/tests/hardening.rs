@@ -1,11 +1,14 @@
 //! Integrity, limits and timeouts against misbehaving peers.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::read_raw_frames;
 use pagerpc::codec::{decode_stream, encode_head, CodecError, Flags, Header, Kind, Limits};
 use pagerpc::prost::Message;
 use pagerpc::proto::MetadataEntry;
@@ -30,26 +33,6 @@ fn request(id: u64, method: &str, payload_len: u64, crc: Option<u32>) -> Vec<u8>
     let mut wire = Vec::new();
     encode_head(&h, payload_len, Flags::NONE, &Limits::default(), &mut wire).unwrap();
     wire
-}
-
-/// Reads frames from a raw connection until `n` arrived or it closes.
-fn read_frames(s: &mut TcpStream, n: usize, limit: Duration) -> Vec<pagerpc::codec::DecodedFrame> {
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let end = Instant::now() + limit;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 65536];
-    loop {
-        let out = decode_stream(&buf, Limits::default(), &[]);
-        if out.frames.len() >= n || Instant::now() > end {
-            return out.frames;
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => return decode_stream(&buf, Limits::default(), &[]).frames,
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            Err(_) => {}
-        }
-    }
 }
 
 fn counting_echo(seen: Arc<AtomicUsize>) -> pagerpc::ServerBuilder {
@@ -88,7 +71,7 @@ fn checksums_round_trip_and_corruption_is_refused() {
     wire.extend(request(2, "echo", payload.len() as u64, Some(good)));
     wire.extend_from_slice(&payload);
     raw.write_all(&wire).unwrap();
-    let frames = read_frames(&mut raw, 2, Duration::from_secs(10));
+    let frames = read_raw_frames(&mut raw, 2, Duration::from_secs(10));
     assert_eq!(frames.len(), 2);
     let bad = frames.iter().find(|f| f.head.call_id() == 1).unwrap();
     assert_eq!(bad.head.kind(), Kind::Error);
@@ -116,7 +99,7 @@ fn a_corrupted_response_fails_only_its_call() {
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         for round in 0..2u32 {
-            let frames = read_frames(&mut s, 1, Duration::from_secs(10));
+            let frames = read_raw_frames(&mut s, 1, Duration::from_secs(10));
             let id = frames[0].head.call_id();
             let payload = vec![round as u8; 9000];
             let crc = crc32c::crc32c(&payload) ^ u32::from(round == 0);
@@ -298,7 +281,7 @@ fn lying_lengths_are_refused_with_the_limit_named() {
     let mut wire = Vec::new();
     encode_head(&h, 1 << 45, Flags::NONE, &big, &mut wire).unwrap();
     raw.write_all(&wire).unwrap();
-    let frames = read_frames(&mut raw, 1, Duration::from_secs(10));
+    let frames = read_raw_frames(&mut raw, 1, Duration::from_secs(10));
     let m = &frames[0].head.header.status_message;
     assert_eq!(
         frames[0].head.header.status_code,
@@ -488,7 +471,7 @@ fn servers_killed_mid_response_fail_the_pending_call_clearly() {
             x ^= x >> 7;
             x ^= x << 17;
             let (mut s, _) = listener.accept().unwrap();
-            let frames = read_frames(&mut s, 1, Duration::from_secs(10));
+            let frames = read_raw_frames(&mut s, 1, Duration::from_secs(10));
             let id = frames[0].head.call_id();
             let len = [4096usize, 5000, 70_000, 300_000][(x % 4) as usize];
             let h = Header {

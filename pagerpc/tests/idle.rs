@@ -2,30 +2,13 @@
 //! uses no CPU. A test binary of its own, so no other test's work is
 //! counted in the process's CPU time.
 
+mod common;
+
 use std::time::Duration;
 
+use common::{cpu_time, pattern_pages};
 use pagerpc::proto::MetadataEntry;
-use pagerpc::{
-    CallOptions, Client, ClientConfig, PageBuf, Pages, Payload, Server, ServerConfig, Status,
-};
-
-fn pattern_pages(len: usize) -> Pages {
-    let mut b = PageBuf::new(len).unwrap();
-    for (i, x) in b.iter_mut().enumerate() {
-        *x = (i % 251) as u8;
-    }
-    b.freeze()
-}
-
-/// CPU time (user + system) this process has used, from /proc/self/stat.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    // Fields after the command name (which is in parentheses).
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 1000 / 100) // USER_HZ is 100 on Linux
-}
+use pagerpc::{CallOptions, Client, ClientConfig, Pages, Payload, Server, ServerConfig, Status};
 
 /// Defect 1: a MSG_ZEROCOPY completion left on the error queue made epoll
 /// report EPOLLERR forever and the pool spin. Timing-dependent, hence the
@@ -60,9 +43,9 @@ fn idle_is_idle_after_zero_copy_calls() {
                 .unwrap();
             assert_eq!(r.payload.len(), 1 << 20);
         }
-        let t0 = cpu_time();
+        let t0 = cpu_time(None);
         std::thread::sleep(Duration::from_secs(3));
-        let used = cpu_time() - t0;
+        let used = cpu_time(None) - t0;
         // 2 % of one core over 3 s.
         assert!(
             used <= Duration::from_millis(60),

@@ -258,7 +258,9 @@ impl Conn {
                 Ok(Flush::Blocked) => outcome.blocked = true,
                 Err(_) => outcome.failed = true,
             }
-            if after < before.max(1) || (before == 0 && after > 0) {
+            // The stall clock matters only while bytes wait: it starts when
+            // the queue stops emptying at once, and moves with progress.
+            if after > 0 && (after < before || before == 0) {
                 self.core.lock().sm.on_sent(now);
             }
             if was_full && !self.outbound_full() {

@@ -1,11 +1,14 @@
 //! Helpers shared by the pagerpc integration tests.
 #![allow(dead_code, missing_docs)]
 
+use std::io::Read;
+use std::net::TcpStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use pagerpc::codec::{decode_stream, encode_head, DecodedFrame, Flags, Header, Kind, Limits};
 use pagerpc::proto::MetadataEntry;
-use pagerpc::{Pages, Payload, Server, ServerBuilder, ServerConfig, Status};
+use pagerpc::{PageBuf, Pages, Payload, Server, ServerBuilder, ServerConfig, Status};
 
 /// A non-trivial byte pattern: byte `i` is `(i * 31 + 7 + seed) mod 251`.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -101,6 +104,81 @@ pub fn with_watchdog<T: Send + 'static>(
         }
         Err(mpsc::RecvTimeoutError::Timeout) => {
             panic!("{what}: did not finish within {limit:?} (hang)")
+        }
+    }
+}
+
+/// Page-aligned pages holding a byte pattern (`i mod 251`).
+pub fn pattern_pages(len: usize) -> Pages {
+    let mut b = PageBuf::new(len).unwrap();
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (i % 251) as u8;
+    }
+    b.freeze()
+}
+
+/// This process's resident memory, from /proc/self/statm.
+pub fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// CPU time (user + system) a process has used, from /proc/<pid>/stat
+/// (`None`: this process).
+pub fn cpu_time(pid: Option<u32>) -> Duration {
+    let path = pid.map_or("/proc/self/stat".to_owned(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).unwrap();
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 1000 / 100) // USER_HZ is 100 on Linux
+}
+
+/// A raw request frame with an empty body and `payload` inline.
+pub fn raw_request(call_id: u64, method: &str, payload: &[u8]) -> Vec<u8> {
+    let h = Header {
+        call_id,
+        kind: Kind::Request as i32,
+        method: method.into(),
+        ..Default::default()
+    };
+    let mut wire = Vec::new();
+    let flags = if payload.is_empty() {
+        Flags::NONE
+    } else {
+        Flags::INLINE_PAYLOAD
+    };
+    encode_head(
+        &h,
+        payload.len() as u64,
+        flags,
+        &Limits::default(),
+        &mut wire,
+    )
+    .unwrap();
+    wire.extend_from_slice(payload);
+    wire
+}
+
+/// Reads frames from a raw connection until `n` arrived, it closes, or
+/// `limit` passes.
+pub fn read_raw_frames(s: &mut TcpStream, n: usize, limit: Duration) -> Vec<DecodedFrame> {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let end = Instant::now() + limit;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        let out = decode_stream(&buf, Limits::default(), &[]);
+        if out.frames.len() >= n || Instant::now() > end {
+            return out.frames;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return decode_stream(&buf, Limits::default(), &[]).frames,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            Err(_) => {}
         }
     }
 }
