@@ -45,17 +45,17 @@
 mod read;
 mod send;
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use prost::Message;
 
-use pagerpc_core::{Code, Counters, CountersSnapshot, Header, Kind, Limits, MetadataEntry, Status};
+use pagerpc_core::conn::{ClientConn, Incoming};
+use pagerpc_core::{Counters, CountersSnapshot, Header, Kind, Limits, MetadataEntry, Status};
 use pagerpc_pages::{Pages, Payload};
 use pagerpc_receiver::{Frame, Receiver, RecvConfig, RecvError};
 use pagerpc_sender::{OutFrame, SendConfig, Sender};
@@ -151,9 +151,10 @@ impl Slot {
 
 #[derive(Default)]
 struct State {
-    pending: HashMap<u64, Slot>,
+    /// Call ids, waiting calls and the connection's death: the sans-IO
+    /// client state machine.
+    calls: ClientConn<Slot>,
     reader_active: bool,
-    dead: Option<Status>,
     /// The thread holding the sender lock waits for the socket while
     /// another thread holds the reader role: raise `Shared::wake` when the
     /// role is given back or the connection fails.
@@ -168,7 +169,6 @@ struct Shared {
     sender: Mutex<Sender>,
     receiver: Mutex<Receiver>,
     state: Mutex<State>,
-    next_id: AtomicU64,
     counters: Arc<Counters>,
     cfg: ClientConfig,
     peer: SocketAddr,
@@ -246,7 +246,6 @@ impl Client {
             receiver: Mutex::new(receiver),
             fd,
             state: Mutex::new(State::default()),
-            next_id: AtomicU64::new(1),
             counters,
             cfg,
             peer,
@@ -313,8 +312,8 @@ impl Client {
     ///
     /// # Errors
     /// A [`CallError`] with the server's status, or with
-    /// [`Code::DeadlineExceeded`], [`Code::Unavailable`] (connection failed
-    /// or closed), [`Code::Internal`] (undecodable response). If the request
+    /// [`Code::DeadlineExceeded`](crate::Code::DeadlineExceeded), [`Code::Unavailable`](crate::Code::Unavailable) (connection failed
+    /// or closed), [`Code::Internal`](crate::Code::Internal) (undecodable response). If the request
     /// was not sent, the error hands the payload back.
     pub fn call<Req: Message, Resp: Message + Default>(
         &self,
@@ -355,7 +354,11 @@ impl Client {
         let payload = payload.into();
         let timeout = opts.timeout.or(self.shared.cfg.default_timeout);
         let deadline = timeout.map(|t| Instant::now() + t);
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let started = self.shared.state.lock().calls.start(Slot::new());
+        let id = match started {
+            Ok(id) => id,
+            Err(dead) => return Err(CallError::with_payload(dead, payload)),
+        };
         let header = Header {
             call_id: id,
             kind: Kind::Request as i32,
@@ -365,18 +368,11 @@ impl Client {
             body,
             ..Default::default()
         };
-        {
-            let mut st = self.shared.state.lock();
-            if let Some(dead) = &st.dead {
-                return Err(CallError::with_payload(dead.clone(), payload));
-            }
-            st.pending.insert(id, Slot::new());
-        }
         if let Err(e) = self
             .shared
             .send_request(OutFrame { header, payload }, deadline)
         {
-            self.shared.state.lock().pending.remove(&id);
+            self.shared.state.lock().calls.end(id);
             return Err(e);
         }
         Ok(PendingCall {
@@ -394,26 +390,20 @@ impl Client {
     /// As [`call`](Self::call).
     pub fn ping(&self, timeout: Duration) -> Result<Duration, CallError> {
         let t0 = Instant::now();
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let started = self.shared.state.lock().calls.start(Slot::new());
+        let id = started.map_err(CallError::new)?;
         let header = Header {
             call_id: id,
             kind: Kind::Ping as i32,
             ..Default::default()
         };
         let deadline = t0 + timeout;
-        {
-            let mut st = self.shared.state.lock();
-            if let Some(dead) = &st.dead {
-                return Err(CallError::new(dead.clone()));
-            }
-            st.pending.insert(id, Slot::new());
-        }
         let frame = OutFrame {
             header,
             payload: Payload::Empty,
         };
         if let Err(e) = self.shared.send_request(frame, Some(deadline)) {
-            self.shared.state.lock().pending.remove(&id);
+            self.shared.state.lock().calls.end(id);
             return Err(CallError::new(e.status().clone()));
         }
         let call = PendingCall {
@@ -428,11 +418,11 @@ impl Client {
 
     /// Number of calls waiting for a response.
     pub fn pending_calls(&self) -> usize {
-        self.shared.state.lock().pending.len()
+        self.shared.state.lock().calls.len()
     }
 
     /// Closes the connection: every pending call fails with
-    /// [`Code::Cancelled`].
+    /// [`Code::Cancelled`](crate::Code::Cancelled).
     pub fn close(&self) {
         self.shared
             .fail_all(Status::cancelled("client closed the connection"));
@@ -510,28 +500,25 @@ impl Shared {
         let mut st = self.state.lock();
         loop {
             let State {
-                pending,
+                calls,
                 reader_active,
-                dead,
                 ..
             } = &mut *st;
-            let Some(slot) = pending.get_mut(&id) else {
+            let dead = calls.dead().cloned();
+            let Some(slot) = calls.get_mut(id) else {
                 // Removed by a cancel, or never existed.
-                return Err(dead
-                    .clone()
-                    .unwrap_or_else(|| Status::internal("unknown call")));
+                return Err(dead.unwrap_or_else(|| Status::internal("unknown call")));
             };
             if let Some(r) = slot.result.take() {
-                pending.remove(&id);
+                calls.end(id);
                 return r;
             }
             if let Some(dead) = dead {
-                let dead = dead.clone();
-                pending.remove(&id);
+                calls.end(id);
                 return Err(dead);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                pending.remove(&id);
+                calls.end(id);
                 drop(st);
                 self.send_cancel(id);
                 return Err(Status::deadline_exceeded(
@@ -554,7 +541,7 @@ impl Shared {
                 }
                 None => cv.wait(&mut st),
             }
-            if let Some(slot) = st.pending.get_mut(&id) {
+            if let Some(slot) = st.calls.get_mut(id) {
                 slot.waiting = false;
             }
         }
@@ -563,7 +550,7 @@ impl Shared {
     fn deliver(&self, id: u64, r: CallResult) {
         let mut st = self.state.lock();
         // Responses to calls that gave up (deadline, cancel) are dropped here.
-        if let Some(slot) = st.pending.get_mut(&id) {
+        if let Some(slot) = st.calls.get_mut(id) {
             slot.result = Some(r);
             slot.cv.notify_one();
         }
@@ -571,10 +558,8 @@ impl Shared {
 
     fn fail_all(&self, status: Status) {
         let mut st = self.state.lock();
-        if st.dead.is_none() {
-            st.dead = Some(status);
-        }
-        for slot in st.pending.values() {
+        st.calls.fail(status);
+        for slot in st.calls.tokens() {
             slot.cv.notify_one();
         }
         if st.send_waiting {
@@ -583,7 +568,7 @@ impl Shared {
     }
 
     fn cancel(&self, id: u64) {
-        if self.state.lock().pending.remove(&id).is_some() {
+        if self.state.lock().calls.end(id).is_some() {
             self.send_cancel(id);
         }
     }

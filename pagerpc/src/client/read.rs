@@ -49,7 +49,7 @@ impl Shared {
     pub(super) fn read_available(&self) {
         {
             let mut st = self.state.lock();
-            if st.reader_active || st.dead.is_some() {
+            if st.reader_active || st.calls.dead().is_some() {
                 return;
             }
             st.reader_active = true;
@@ -82,8 +82,8 @@ impl Shared {
     pub(super) fn release_reader(&self, st: &mut State) {
         st.reader_active = false;
         for other in st
-            .pending
-            .values()
+            .calls
+            .tokens()
             .filter(|s| s.waiting && s.result.is_none())
         {
             other.cv.notify_one();
@@ -98,36 +98,23 @@ impl Shared {
     pub(super) fn dispatch(&self, r: Result<Frame, RecvError>) -> Dispatched {
         match r {
             Ok(frame) => {
-                let fid = frame.head.call_id();
-                match frame.head.kind() {
-                    Kind::Response | Kind::Pong => self.deliver(fid, Ok(frame)),
-                    Kind::Error => {
-                        let h = &frame.head.header;
-                        let status =
-                            Status::new(Code::from_u32(h.status_code), h.status_message.clone());
-                        if fid == 0 {
-                            // A connection-level error from the server.
-                            self.fail_all(status);
-                            return Dispatched::Stop;
+                // What the frame means is the state machine's call.
+                let incoming = self.state.lock().calls.on_frame(&frame.head);
+                match incoming {
+                    Incoming::Answer { call_id, result } => {
+                        self.deliver(call_id, result.map(|()| frame));
+                        Dispatched::Call(call_id)
+                    }
+                    Incoming::Dead { status, shutdown } => {
+                        self.fail_all(status);
+                        if shutdown {
+                            sys::shutdown(self.fd.as_fd());
                         }
-                        self.deliver(fid, Err(status));
+                        Dispatched::Stop
                     }
-                    Kind::Auth => {
-                        self.fail_all(Status::unauthenticated(
-                            "the server requires pre-shared-key authentication; set ClientConfig::auth_key",
-                        ));
-                        sys::shutdown(self.fd.as_fd());
-                        return Dispatched::Stop;
-                    }
-                    other => {
-                        self.fail_all(Status::internal(format!(
-                            "protocol error: server sent a {other:?} frame"
-                        )));
-                        sys::shutdown(self.fd.as_fd());
-                        return Dispatched::Stop;
-                    }
+                    // Incoming is non_exhaustive.
+                    _ => Dispatched::Stop,
                 }
-                Dispatched::Call(fid)
             }
             Err(RecvError::TimedOut) => Dispatched::Stop,
             Err(RecvError::ChecksumMismatch {

@@ -52,7 +52,7 @@ impl Shared {
     ///
     /// # Errors
     /// A [`CallError`] that hands the payload back when nothing of the
-    /// frame was written ([`Code::DeadlineExceeded`] at the deadline, the
+    /// frame was written ([`Code::DeadlineExceeded`](crate::Code::DeadlineExceeded) at the deadline, the
     /// connection staying usable), and fails the connection when the frame
     /// was cut short.
     pub(super) fn send_request(
@@ -150,7 +150,7 @@ impl Shared {
     ) -> Result<sys::SendReady, Status> {
         let read = {
             let mut st = self.state.lock();
-            if let Some(dead) = &st.dead {
+            if let Some(dead) = st.calls.dead() {
                 return Err(dead.clone());
             }
             st.send_waiting = true;
@@ -241,7 +241,7 @@ impl Shared {
     fn send_failed(&self, tx: &mut Sender, e: SendError, mine: Option<Payload>) -> CallError {
         let status = match &e.kind {
             SendErrorKind::Codec(c) => Status::invalid_argument(format!("request refused: {c}")),
-            other => self.state.lock().dead.clone().unwrap_or_else(|| {
+            other => self.state.lock().calls.dead().cloned().unwrap_or_else(|| {
                 Status::unavailable(format!("sending the request failed: {other}"))
             }),
         };
@@ -343,7 +343,7 @@ impl Shared {
     pub(super) fn send_cancel(&self, id: u64) {
         {
             let mut st = self.state.lock();
-            if st.dead.is_some() {
+            if st.calls.dead().is_some() {
                 // The server forgets the call with the connection.
                 return;
             }

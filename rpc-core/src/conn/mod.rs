@@ -1,4 +1,9 @@
-//! The connection state machine, without I/O.
+//! The connection state machines, without I/O.
+//!
+//! [`ClientConn`] holds a client connection's calls: ids, the calls
+//! waiting for an answer, what each frame from the server means, and the
+//! status the connection died with; the blocking client drives it from
+//! whichever caller holds the reader role.
 //!
 //! [`ServerConn`] holds everything one server connection decides: which
 //! calls are in flight (duplicate and zero ids refused, the in-flight
@@ -11,6 +16,7 @@
 //! is driven. Tests drive it with a virtual clock.
 
 mod calls;
+mod client;
 #[cfg(feature = "model")]
 pub mod model;
 mod timers;
@@ -18,6 +24,7 @@ mod timers;
 use std::time::{Duration, Instant};
 
 pub use calls::{CallTable, Refusal};
+pub use client::{ClientConn, Incoming};
 pub use timers::{IoSnapshot, Timeout, Timers};
 
 /// Settings of one connection's state machine.
