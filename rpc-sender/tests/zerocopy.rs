@@ -99,3 +99,44 @@ fn payload_is_held_until_its_completion_arrives() {
     let tail = &all[all.len() - (1 << 20)..];
     assert!(tail.iter().enumerate().all(|(i, &x)| x == (i % 253) as u8));
 }
+
+/// A sender dropped while the kernel still holds one of its zero-copy
+/// payloads (the peer stopped reading) returns at once and the payload is
+/// released: the connection is aborted, so the kernel drops its send
+/// queue and reports the completion. The old sender waited 2 s in drop,
+/// then leaked the payload for good.
+#[test]
+fn dropping_a_sender_with_payloads_in_flight_neither_waits_nor_leaks() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    set_buf(listener.as_raw_fd(), libc::SO_RCVBUF, 16 * 1024);
+    let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (b, _) = listener.accept().unwrap();
+    set_buf(a.as_raw_fd(), libc::SO_SNDBUF, 8 << 20);
+    a.set_nonblocking(true).unwrap();
+    let cfg = SendConfig {
+        zerocopy: true,
+        ..SendConfig::default()
+    };
+    let mut tx = Sender::new(Arc::new(OwnedFd::from(a)), cfg, Arc::new(Counters::new()));
+    assert!(tx.zerocopy_active(), "{:?}", tx.zerocopy_off_reason());
+    tx.send(header(1), Payload::Vec(vec![1u8; 1 << 20]))
+        .unwrap();
+    let pages = PageBuf::new(1 << 20).unwrap().freeze();
+    tx.send(header(2), Payload::Pages(pages.clone())).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    tx.reap_completions().unwrap();
+    assert_eq!(pages.shares(), 2, "the kernel still holds it");
+
+    let t0 = std::time::Instant::now();
+    drop(tx);
+    let took = t0.elapsed();
+    // 50 ms: far above the few syscalls it takes, far below the old 2 s.
+    assert!(took < Duration::from_millis(50), "drop took {took:?}");
+    let t0 = std::time::Instant::now();
+    while pages.shares() > 1 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(pages.shares(), 1, "the payload was never released");
+    assert_eq!(pagerpc_sender::graveyard::leaked_bytes(), 0);
+    drop(b);
+}
