@@ -3,39 +3,28 @@
 //! (the stream is then broken) or before any byte of the frame was written
 //! (the stream is then intact).
 
+mod common;
+
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pagerpc_core::{Counters, FrameDecoder, Header, Kind, Limits, Need};
+use common::{header, set_rcvbuf, set_sndbuf};
+use pagerpc_core::{Counters, FrameDecoder, Limits, Need};
 use pagerpc_pages::Payload;
 use pagerpc_sender::{OutFrame, SendConfig, SendErrorKind, Sender};
-
-fn set_buf(fd: i32, opt: i32, bytes: i32) {
-    // SAFETY: a valid c_int option value of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&bytes as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
-}
 
 /// A connected pair with small buffers; the peer (returned second) reads
 /// nothing until the test says so.
 fn pair() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    set_buf(listener.as_raw_fd(), libc::SO_RCVBUF, 64 * 1024);
+    set_rcvbuf(&listener, 64 * 1024);
     let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (b, _) = listener.accept().unwrap();
-    set_buf(a.as_raw_fd(), libc::SO_SNDBUF, 64 * 1024);
+    set_sndbuf(&a, 64 * 1024);
     (a, b)
 }
 
@@ -45,15 +34,6 @@ fn sender(a: TcpStream) -> Sender {
         ..SendConfig::default()
     };
     Sender::new(Arc::new(OwnedFd::from(a)), cfg, Arc::new(Counters::new()))
-}
-
-fn header(id: u64) -> Header {
-    Header {
-        call_id: id,
-        kind: Kind::Request as i32,
-        method: "m".into(),
-        ..Default::default()
-    }
 }
 
 fn frame(id: u64, payload: Vec<u8>) -> OutFrame {

@@ -1,48 +1,28 @@
 //! MSG_ZEROCOPY sends keep their payload alive until the kernel's
 //! completion notification arrives, and not a moment less.
 
+mod common;
+
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagerpc_core::{Counters, Header, Kind};
+use common::{header, set_rcvbuf, set_sndbuf};
+use pagerpc_core::Counters;
 use pagerpc_pages::{PageBuf, Payload};
 use pagerpc_sender::{SendConfig, Sender};
-
-fn set_buf(fd: i32, opt: i32, bytes: i32) {
-    // SAFETY: a valid c_int option value of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&bytes as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
-}
-
-fn header(id: u64) -> Header {
-    Header {
-        call_id: id,
-        kind: Kind::Request as i32,
-        method: "m".into(),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn payload_is_held_until_its_completion_arrives() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     // A small receive buffer: the receiver's window closes quickly, so later
     // data waits in the sender's queue, still referencing the sender's pages.
-    set_buf(listener.as_raw_fd(), libc::SO_RCVBUF, 16 * 1024);
+    set_rcvbuf(&listener, 16 * 1024);
     let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (mut b, _) = listener.accept().unwrap();
-    set_buf(a.as_raw_fd(), libc::SO_SNDBUF, 8 << 20);
+    set_sndbuf(&a, 8 << 20);
     a.set_nonblocking(true).unwrap();
     let counters = Arc::new(Counters::new());
     let cfg = SendConfig {
@@ -108,10 +88,10 @@ fn payload_is_held_until_its_completion_arrives() {
 #[test]
 fn dropping_a_sender_with_payloads_in_flight_neither_waits_nor_leaks() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    set_buf(listener.as_raw_fd(), libc::SO_RCVBUF, 16 * 1024);
+    set_rcvbuf(&listener, 16 * 1024);
     let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (b, _) = listener.accept().unwrap();
-    set_buf(a.as_raw_fd(), libc::SO_SNDBUF, 8 << 20);
+    set_sndbuf(&a, 8 << 20);
     a.set_nonblocking(true).unwrap();
     let cfg = SendConfig {
         zerocopy: true,
