@@ -217,3 +217,48 @@ fn duplicate_and_zero_call_ids_are_refused() {
     );
     assert_eq!(server.inflight(), 0, "no handler ran for id 0");
 }
+
+/// A response queued by a handler thread while the connection's owner held
+/// the sender to reap zero-copy completions (EPOLLERR) was left in the
+/// outbox until some later event: found by a storage-node GET that hung
+/// once in a few hundred. Many pipelined zero-copy calls make completions
+/// and responses race; every call must complete.
+#[test]
+fn responses_racing_zero_copy_completions_all_go_out() {
+    let server = Server::builder()
+        .config(ServerConfig {
+            threads: 4,
+            ..ServerConfig::zerocopy()
+        })
+        .register("echo", |_ctx, req: MetadataEntry, p: Pages| {
+            Ok::<_, Status>((req, Payload::Pages(p)))
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let client =
+        pagerpc::Client::connect_with(server.local_addr(), pagerpc::ClientConfig::zerocopy())
+            .unwrap();
+    let data = pattern_pages(64 << 10);
+    let opts = pagerpc::CallOptions {
+        timeout: Some(Duration::from_secs(10)),
+        ..pagerpc::CallOptions::default()
+    };
+    let mut window = std::collections::VecDeque::new();
+    for i in 0..20_000 {
+        window.push_back(
+            client
+                .start_call("echo", Vec::new(), data.clone(), &opts)
+                .unwrap(),
+        );
+        if window.len() == 16 {
+            let call = window.pop_front().unwrap();
+            let f = call
+                .wait()
+                .unwrap_or_else(|e| panic!("call {}: {e}", i - 15));
+            assert_eq!(f.payload.len(), 64 << 10);
+        }
+    }
+    for call in window {
+        call.wait().unwrap();
+    }
+}

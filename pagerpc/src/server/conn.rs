@@ -272,8 +272,16 @@ impl Conn {
         }
     }
 
+    /// Whether frames wait in the outbox: queued by a thread that found
+    /// the sender in use by someone who does not flush (the owner reaping
+    /// completions). The owner flushes them.
+    pub(crate) fn outbox_pending(&self) -> bool {
+        !self.outbox.lock().is_empty()
+    }
+
     /// Reads zero-copy completions; when there were none, takes the
-    /// socket's pending error, if any.
+    /// socket's pending error, if any. Frames queued meanwhile wait in
+    /// the outbox (see [`outbox_pending`](Self::outbox_pending)).
     pub(crate) fn reap(&self) -> Option<std::io::Error> {
         let reaped = self.sender.lock().reap_completions();
         match reaped {

@@ -116,7 +116,9 @@ impl Shared {
                 return;
             }
         }
-        if ev.write || conn.queued_out.load(Ordering::SeqCst) > 0 {
+        // Frames that reached the outbox while the sender was held above
+        // (reaping) are written here, or nobody would write them.
+        if ev.write || conn.queued_out.load(Ordering::SeqCst) > 0 || conn.outbox_pending() {
             let out = conn.flush(now);
             if out.failed {
                 self.close(conn, None, true, "send failed");
