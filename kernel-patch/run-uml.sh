@@ -19,6 +19,8 @@
 #   --timeout SECONDS    limit for the boot + all guest commands (default 900)
 #   --jobs N             make -j (default: number of CPUs + 1)
 #   --rebuild            ignore the build cache stamp and run make again
+# Exit status: 0 passed, 1 failed, 2 harness error, 77 skipped because this
+# host cannot run a 6.12 UML guest's userspace (tests/uml_host_probe.c).
 #   --negative-control   also apply negative-control/*.patch (the 2018 lock
 #                        order) in target/uml/negative-control and expect
 #                        lockdep to catch it: exits 0 only if it does
@@ -83,6 +85,22 @@ die() { log "ERROR: $*" >&2; exit 2; }
 
 case "$root$here" in *[[:space:]]*) die "the repository path must not contain spaces (it is passed on the UML kernel command line)" ;; esac
 mkdir -p "$src_parent" "$build" "$bin" "$run" "$logs"
+
+# ---- 0. can this host run a 6.12 UML guest's userspace at all? ----------------
+# Newer host kernels refuse UML 6.12's fixed-size FPU state (see
+# tests/uml_host_probe.c); the guest would panic before running anything.
+# Exit 77 ("skipped"), before spending minutes on a build that cannot boot.
+if command -v gcc > /dev/null 2>&1 &&
+   gcc -O2 -o "$bin/uml_host_probe" "$here/tests/uml_host_probe.c" 2> "$logs/probe.log"; then
+	set +e
+	probe=$("$bin/uml_host_probe")
+	probe_rc=$?
+	set -e
+	if [ "$probe_rc" = 3 ]; then
+		log "SKIPPED: this host cannot run a Linux 6.12 UML guest: $probe (host kernel $(uname -r))"
+		exit 77
+	fi
+fi
 
 # ---- 1. host packages ---------------------------------------------------------
 need_pkgs=(build-essential bc flex bison xz-utils patch perl "$KVER_PKG")
