@@ -289,17 +289,24 @@ pub(crate) struct SendReady {
     pub(crate) woken: bool,
 }
 
-/// Waits until `sock` is writable, or readable (only when `read`), or
+/// Waits until `sock` is writable (only when `write`), or readable (only when `read`), or
 /// reports an error, or `wake` (an eventfd) is raised, or `timeout` passes
 /// (`None`: no limit; rounded up to whole milliseconds). An interrupted
 /// wait returns as a timeout does, so the caller re-checks its deadline.
 pub(crate) fn wait_send_ready(
     sock: BorrowedFd<'_>,
+    write: bool,
     read: bool,
     wake: BorrowedFd<'_>,
     timeout: Option<Duration>,
 ) -> io::Result<SendReady> {
-    let mut events = PollFlags::POLLOUT;
+    // Without `write` (the sender waits for zero-copy completions), only
+    // POLLERR, which poll always reports, ends the wait on the socket.
+    let mut events = if write {
+        PollFlags::POLLOUT
+    } else {
+        PollFlags::empty()
+    };
     if read {
         events |= PollFlags::POLLIN;
     }

@@ -434,6 +434,12 @@ impl Receiver {
         self.progress
     }
 
+    /// Bytes read from the socket and not yet consumed: frames an event
+    /// loop can get without the socket becoming readable again.
+    pub fn buffered_bytes(&self) -> usize {
+        self.end - self.start
+    }
+
     /// Whether the receiver is between frames with nothing buffered.
     pub fn is_idle(&self) -> bool {
         self.decoder.at_boundary() && self.start == self.end

@@ -101,6 +101,9 @@ pub struct Sender {
     zc: Option<ZcTracker<Payload>>,
     zc_off: Option<String>,
     scratch: Vec<sys::Completion>,
+    /// The next payload waits for zero-copy completions to free room
+    /// under `zerocopy_max_inflight`.
+    awaiting: bool,
 }
 
 impl Sender {
@@ -129,6 +132,7 @@ impl Sender {
             zc,
             zc_off,
             scratch: Vec::new(),
+            awaiting: false,
         }
     }
 
@@ -171,6 +175,15 @@ impl Sender {
     /// Parts queued and not yet (fully) written.
     pub fn queued_parts(&self) -> usize {
         self.queue.parts.len()
+    }
+
+    /// Whether the last [`flush`](Self::flush) stopped because the next
+    /// payload waits for zero-copy completions (the held bytes would pass
+    /// [`SendConfig::zerocopy_max_inflight`]), not for room in the socket:
+    /// wait for `EPOLLERR`/`POLLERR` then, not for writability, which
+    /// would report at once.
+    pub fn awaiting_completions(&self) -> bool {
+        self.awaiting
     }
 
     /// Whether anything is queued.
@@ -384,6 +397,31 @@ impl Sender {
     fn write_queued(&mut self) -> io::Result<Flush> {
         loop {
             let written = self.queue.written;
+            // Decide once per payload, before its first byte, whether it
+            // goes out with MSG_ZEROCOPY: it must qualify (a payload larger
+            // than the whole cap goes by copy), and the bytes held for
+            // completions must leave room for it; if they do not, wait for
+            // completions rather than copy (data sent by copy lands in the
+            // socket at arbitrary offsets, so the peer cannot map it).
+            let mut go_zc = false;
+            if let (Some(Part::Payload { payload, zc: None }), 0) =
+                (self.queue.parts.front(), written)
+            {
+                let cap = self.cfg.zerocopy_max_inflight;
+                let len = payload.len();
+                go_zc = self.zc.is_some()
+                    && len >= self.cfg.zerocopy_min
+                    && len <= cap
+                    && payload.is_page_aligned();
+                let held = |s: &Self| s.zc.as_ref().map_or(0, ZcTracker::held_bytes);
+                if go_zc && held(self) + len > cap {
+                    self.reap_completions()?;
+                    if held(self) + len > cap {
+                        self.awaiting = true;
+                        return Ok(Flush::Blocked);
+                    }
+                }
+            }
             let Some(front) = self.queue.parts.front_mut() else {
                 return Ok(Flush::Done);
             };
@@ -404,16 +442,8 @@ impl Sender {
                 }
                 Part::Payload { payload, zc } => {
                     if written == 0 && zc.is_none() {
-                        // Decide once per payload whether it goes out with
-                        // MSG_ZEROCOPY: it must qualify, and the bytes held
-                        // for completions must leave room for it (past
-                        // that, copy rather than wait for completions).
-                        let want = self.zc.as_ref().is_some_and(|t| {
-                            payload.len() >= self.cfg.zerocopy_min
-                                && payload.is_page_aligned()
-                                && t.held_bytes() + payload.len() <= self.cfg.zerocopy_max_inflight
-                        });
-                        if want {
+                        self.awaiting = false;
+                        if go_zc {
                             let first = self.zc.as_ref().map_or(0, ZcTracker::next_id);
                             *zc = Some(ZcPart {
                                 first,
@@ -555,8 +585,13 @@ impl Sender {
             let ready = if wait == Some(Duration::ZERO) {
                 false
             } else {
-                // POLLOUT, and POLLERR when completions are queued.
-                let r = sys::wait_writable(self.fd.as_fd(), wait);
+                // POLLOUT, and POLLERR when completions are queued; only
+                // POLLERR while the next payload waits for completions.
+                let r = if self.awaiting {
+                    sys::wait_errqueue(self.fd.as_fd(), wait.unwrap_or(Duration::from_secs(1)))
+                } else {
+                    sys::wait_writable(self.fd.as_fd(), wait)
+                };
                 let _ = self.reap_completions();
                 r.map_err(|e| self.fail(SendErrorKind::Io(e)))?
             };

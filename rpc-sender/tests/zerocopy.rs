@@ -120,3 +120,55 @@ fn dropping_a_sender_with_payloads_in_flight_neither_waits_nor_leaks() {
     assert_eq!(pagerpc_sender::graveyard::leaked_bytes(), 0);
     drop(b);
 }
+
+/// A payload that would take the bytes held for completions past
+/// `zerocopy_max_inflight` waits for completions and still goes out with
+/// MSG_ZEROCOPY. Sending it by copy instead (as an earlier version of the
+/// non-blocking sender did) lands it at arbitrary offsets in the peer's
+/// socket, where it cannot be mapped.
+#[test]
+fn a_payload_over_the_held_cap_waits_for_completions_instead_of_copying() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    set_rcvbuf(&listener, 16 * 1024);
+    let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut b, _) = listener.accept().unwrap();
+    set_sndbuf(&a, 8 << 20);
+    a.set_nonblocking(true).unwrap();
+    let cfg = SendConfig {
+        zerocopy: true,
+        zerocopy_max_inflight: 3 << 20,
+        ..SendConfig::default()
+    };
+    let counters = Arc::new(Counters::new());
+    let mut tx = Sender::new(Arc::new(OwnedFd::from(a)), cfg, counters.clone());
+    assert!(tx.zerocopy_active(), "{:?}", tx.zerocopy_off_reason());
+    // The peer reads nothing for a while: the first payload stays in the
+    // send queue, uncompleted, so the second one does not fit the cap.
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut n = 0;
+        let mut chunk = vec![0u8; 1 << 16];
+        b.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        while let Ok(k) = b.read(&mut chunk) {
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        n
+    });
+    let first = PageBuf::new(2 << 20).unwrap().freeze();
+    let second = PageBuf::new(2 << 20).unwrap().freeze();
+    tx.send(header(1), Payload::Pages(first)).unwrap();
+    assert!(!tx.awaiting_completions());
+    tx.send(header(2), Payload::Pages(second)).unwrap();
+    assert_eq!(
+        counters.snapshot().zc_sends,
+        2,
+        "the second payload went by copy"
+    );
+    assert!(tx.flush_zerocopy(Duration::from_secs(10)).unwrap());
+    drop(tx);
+    assert!(reader.join().unwrap() >= 4 << 20);
+}

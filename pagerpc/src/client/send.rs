@@ -160,7 +160,8 @@ impl Shared {
         // socket stays readable until the reader reads, and the reader
         // raises `wake` when it gives the role back.
         let timeout = until.map(|u| u.saturating_duration_since(Instant::now()));
-        let r = sys::wait_send_ready(self.fd.as_fd(), read, self.wake.as_fd(), timeout);
+        let write = !tx.awaiting_completions();
+        let r = sys::wait_send_ready(self.fd.as_fd(), write, read, self.wake.as_fd(), timeout);
         self.state.lock().send_waiting = false;
         let ready =
             r.map_err(|e| Status::unavailable(format!("waiting for the socket failed: {e}")))?;

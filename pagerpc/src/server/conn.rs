@@ -98,6 +98,9 @@ pub(crate) struct Conn {
     owner: Mutex<Owner>,
     /// Response bytes queued in the sender (a copy, for lock-free checks).
     pub(crate) queued_out: AtomicUsize,
+    /// The sender's next payload waits for zero-copy completions
+    /// (`EPOLLERR`), not for room in the socket (`EPOLLOUT`).
+    awaiting_zc: AtomicBool,
     pub(crate) outbound_max: usize,
     pub(crate) closed: AtomicBool,
     /// Payload bytes of this connection's requests that consumers still hold.
@@ -143,6 +146,7 @@ impl Conn {
             }),
             owner: Mutex::new(Owner::default()),
             queued_out: AtomicUsize::new(0),
+            awaiting_zc: AtomicBool::new(false),
             outbound_max,
             closed: AtomicBool::new(false),
             held: AtomicUsize::new(0),
@@ -216,7 +220,10 @@ impl Conn {
         if self.closed.load(Ordering::SeqCst) {
             return;
         }
-        let write = self.queued_out.load(Ordering::SeqCst) > 0;
+        // Waiting for completions: EPOLLERR (always reported) wakes us;
+        // EPOLLOUT would report at once, again and again.
+        let write =
+            self.queued_out.load(Ordering::SeqCst) > 0 && !self.awaiting_zc.load(Ordering::SeqCst);
         let flags = sys::conn_interest(self.wants_read(), write);
         if poller.rearm(self.fd.as_fd(), self.token, flags).is_err() {
             // Gone from the poller (closing): nothing to wait for.
@@ -227,13 +234,13 @@ impl Conn {
     /// another thread is writing (it takes this frame along). Never waits.
     /// Returns whether the connection must be woken for `EPOLLOUT` or
     /// because the queue fell below its budget.
-    pub(crate) fn send(&self, frame: OutFrame, now: Instant) -> SendOutcome {
+    pub(crate) fn send(&self, frame: OutFrame) -> SendOutcome {
         self.outbox.lock().push(frame);
-        self.flush(now)
+        self.flush()
     }
 
     /// Writes queued frames as far as the socket takes them.
-    pub(crate) fn flush(&self, now: Instant) -> SendOutcome {
+    pub(crate) fn flush(&self) -> SendOutcome {
         let mut outcome = SendOutcome::default();
         loop {
             let Some(mut tx) = self.sender.try_lock() else {
@@ -252,6 +259,8 @@ impl Conn {
             let r = tx.flush();
             let after = tx.queued_bytes();
             self.queued_out.store(after, Ordering::SeqCst);
+            self.awaiting_zc
+                .store(tx.awaiting_completions(), Ordering::SeqCst);
             drop(tx);
             match r {
                 Ok(Flush::Done) => {}
@@ -261,7 +270,7 @@ impl Conn {
             // The stall clock matters only while bytes wait: it starts when
             // the queue stops emptying at once, and moves with progress.
             if after > 0 && (after < before || before == 0) {
-                self.core.lock().sm.on_sent(now);
+                self.core.lock().sm.on_sent(Instant::now());
             }
             if was_full && !self.outbound_full() {
                 outcome.drained = true;

@@ -119,7 +119,7 @@ impl Shared {
         // Frames that reached the outbox while the sender was held above
         // (reaping) are written here, or nobody would write them.
         if ev.write || conn.queued_out.load(Ordering::SeqCst) > 0 || conn.outbox_pending() {
-            let out = conn.flush(now);
+            let out = conn.flush();
             if out.failed {
                 self.close(conn, None, true, "send failed");
                 return;
@@ -177,8 +177,10 @@ impl Shared {
             }
             if frames == DISPATCH_BATCH {
                 // Fairness: let other connections and queued calls run
-                // before reading more of this one.
-                more = true;
+                // before reading more of this one. What is still in the
+                // socket makes epoll report it again; what the receiver
+                // already buffered needs a turn of its own.
+                more = rx.buffered_bytes() > 0;
                 break;
             }
             match rx.poll_frame() {
@@ -288,7 +290,7 @@ impl Shared {
 
     /// Queues a frame for the peer and makes sure it goes out.
     pub(crate) fn send(&self, conn: &Arc<Conn>, frame: pagerpc_sender::OutFrame) {
-        let out = conn.send(frame, Instant::now());
+        let out = conn.send(frame);
         if out.failed {
             // Nothing more can be sent: the owner sees the socket close.
             sys::shutdown(conn.fd.as_fd());
@@ -511,7 +513,7 @@ impl Shared {
         if let Some(status) = &notice {
             // Best effort, never waiting: if the socket takes it now, the
             // peer learns why.
-            let _ = conn.send(error_frame(0, status), Instant::now());
+            let _ = conn.send(error_frame(0, status));
         }
         if conn.closed.swap(true, Ordering::SeqCst) {
             return;
@@ -608,16 +610,13 @@ impl Shared {
         let mut conns = self.conns.lock();
         if conns.len() >= self.cfg.max_connections {
             drop(conns);
-            let _ = conn.send(
-                error_frame(
-                    0,
-                    &Status::resource_exhausted(format!(
-                        "server is at its max_connections limit of {}",
-                        self.cfg.max_connections
-                    )),
-                ),
-                Instant::now(),
-            );
+            let _ = conn.send(error_frame(
+                0,
+                &Status::resource_exhausted(format!(
+                    "server is at its max_connections limit of {}",
+                    self.cfg.max_connections
+                )),
+            ));
             conn.closed.store(true, Ordering::SeqCst);
             conn.shut(false);
             return;
@@ -636,7 +635,7 @@ impl Shared {
             };
             conn.core.lock().challenge = Some(nonce);
             self.admit_unauthenticated(&conn);
-            let _ = conn.send(control_frame(0, Kind::Auth, nonce.to_vec()), Instant::now());
+            let _ = conn.send(control_frame(0, Kind::Auth, nonce.to_vec()));
         }
         // Registered while owned, so the first readiness event waits for
         // the release below.
