@@ -36,9 +36,11 @@ pub struct SendConfig {
     /// payload. Hardware-accelerated (SSE4.2) where the CPU has it; costs a
     /// read of every payload byte. Default off.
     pub checksum: bool,
-    /// Most payload bytes kept alive waiting for zero-copy completions;
-    /// past it, further payloads go out by copy until completions free
-    /// room (a send never waits for completions).
+    /// Most payload bytes kept alive waiting for zero-copy completions.
+    /// A payload that would pass it waits until completions free room
+    /// ([`Sender::awaiting_completions`](crate::Sender::awaiting_completions):
+    /// wait for `EPOLLERR`, not `EPOLLOUT`); a payload larger than the
+    /// whole cap goes out by copy.
     ///
     /// # Memory cost
     /// Up to this many bytes of sent payloads stay allocated per connection
