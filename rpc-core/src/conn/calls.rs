@@ -83,9 +83,26 @@ impl<C> CallTable<C> {
         Ok(())
     }
 
+    /// As [`admit`](Self::admit), but hands the token back on refusal.
+    ///
+    /// # Errors
+    /// The token, when [`admit`](Self::admit) would refuse the call.
+    pub fn admit_or_return(&mut self, id: u64, token: C) -> Result<(), C> {
+        if id == 0 || self.calls.contains_key(&id) || self.calls.len() >= self.limit {
+            return Err(token);
+        }
+        self.calls.insert(id, token);
+        Ok(())
+    }
+
     /// The token of call `id`.
     pub fn get(&self, id: u64) -> Option<&C> {
         self.calls.get(&id)
+    }
+
+    /// The token of call `id`, to update it.
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut C> {
+        self.calls.get_mut(&id)
     }
 
     /// Removes call `id`.

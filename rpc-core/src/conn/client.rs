@@ -2,8 +2,7 @@
 //! waiting for an answer, what each frame from the server means, and when
 //! the connection is dead.
 
-use std::collections::HashMap;
-
+use super::CallTable;
 use crate::{Code, FrameHead, Kind, Status};
 
 /// What one frame from the server means for the client.
@@ -36,7 +35,7 @@ pub enum Incoming {
 #[derive(Debug)]
 pub struct ClientConn<C> {
     next_id: u64,
-    calls: HashMap<u64, C>,
+    calls: CallTable<C>,
     dead: Option<Status>,
 }
 
@@ -51,7 +50,9 @@ impl<C> ClientConn<C> {
     pub fn new() -> Self {
         ClientConn {
             next_id: 1,
-            calls: HashMap::new(),
+            // The client bounds its calls itself; the table refuses id 0
+            // and ids still waiting.
+            calls: CallTable::new(usize::MAX),
             dead: None,
         }
     }
@@ -64,26 +65,31 @@ impl<C> ClientConn<C> {
         if let Some(dead) = &self.dead {
             return Err(dead.clone());
         }
-        let id = self.next_id;
-        // Never 0, never an id still waiting (ids wrap after 2^64 calls).
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        self.calls.insert(id, token);
-        Ok(id)
+        let mut token = token;
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1);
+            // Id 0, or (after 2^64 calls) an id still waiting: the next one.
+            match self.calls.admit_or_return(id, token) {
+                Ok(()) => return Ok(id),
+                Err(t) => token = t,
+            }
+        }
     }
 
     /// The token of a waiting call.
     pub fn get(&self, id: u64) -> Option<&C> {
-        self.calls.get(&id)
+        self.calls.get(id)
     }
 
     /// The token of a waiting call, to update it.
     pub fn get_mut(&mut self, id: u64) -> Option<&mut C> {
-        self.calls.get_mut(&id)
+        self.calls.get_mut(id)
     }
 
     /// Ends a call (answered, gave up, or cancelled); its token.
     pub fn end(&mut self, id: u64) -> Option<C> {
-        self.calls.remove(&id)
+        self.calls.finish(id)
     }
 
     /// Calls waiting.
@@ -98,7 +104,7 @@ impl<C> ClientConn<C> {
 
     /// Every waiting call's token.
     pub fn tokens(&self) -> impl Iterator<Item = &C> {
-        self.calls.values()
+        self.calls.tokens()
     }
 
     /// The status the connection died with, if it did.
