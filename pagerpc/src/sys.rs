@@ -195,16 +195,9 @@ pub(crate) fn fd_limit() -> Option<usize> {
 /// fail again.
 pub(crate) fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(
-        e.raw_os_error(),
-        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+        e.raw_os_error().map(nix::Error::from_raw),
+        Some(nix::Error::EMFILE | nix::Error::ENFILE | nix::Error::ENOBUFS | nix::Error::ENOMEM)
     )
-}
-
-mod libc_errno {
-    pub(super) const EMFILE: i32 = nix::Error::EMFILE as i32;
-    pub(super) const ENFILE: i32 = nix::Error::ENFILE as i32;
-    pub(super) const ENOBUFS: i32 = nix::Error::ENOBUFS as i32;
-    pub(super) const ENOMEM: i32 = nix::Error::ENOMEM as i32;
 }
 
 /// Whether the kernel adds the 12-byte TCP timestamp option to segments.

@@ -301,7 +301,7 @@ impl Server {
         // returns, and its caller sees the connection close.
         let conns: Vec<_> = s.conns.lock().drain().map(|(_, c)| c).collect();
         for c in &conns {
-            s.close(c, None, false, "shutdown");
+            s.close(c, None, false);
         }
         s.stop_signal.raise();
         for t in self.threads.drain(..) {

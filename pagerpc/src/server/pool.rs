@@ -110,18 +110,16 @@ impl Shared {
     /// One turn of the owner: completions, writes, timeouts, reads.
     fn turn(self: &Arc<Self>, conn: &Arc<Conn>, ev: Events, mine: &mut Option<Job>) {
         let now = Instant::now();
-        if ev.error {
-            if let Some(e) = conn.reap() {
-                self.close(conn, None, true, &format!("socket error: {e}"));
-                return;
-            }
+        if ev.error && conn.reap().is_some() {
+            self.close(conn, None, true);
+            return;
         }
         // Frames that reached the outbox while the sender was held above
         // (reaping) are written here, or nobody would write them.
         if ev.write || conn.queued_out.load(Ordering::SeqCst) > 0 || conn.outbox_pending() {
             let out = conn.flush();
             if out.failed {
-                self.close(conn, None, true, "send failed");
+                self.close(conn, None, true);
                 return;
             }
             if out.drained {
@@ -133,7 +131,7 @@ impl Shared {
                 "closed to make room: more than max_unauthenticated = {} connections had not authenticated",
                 self.cfg.max_unauthenticated.min(self.cfg.max_connections)
             ));
-            self.close(conn, Some(status), false, "evicted");
+            self.close(conn, Some(status), false);
             return;
         }
         if ev.timeout {
@@ -150,12 +148,12 @@ impl Shared {
                     _ => Status::deadline_exceeded(format!("{t}, closing")),
                 };
                 let abort = matches!(t, Timeout::SendStalled { .. });
-                self.close(conn, Some(status), abort, "timeout");
+                self.close(conn, Some(status), abort);
                 return;
             }
         }
         if ev.hangup && !ev.read {
-            self.close(conn, None, true, "peer hung up");
+            self.close(conn, None, true);
             return;
         }
         if ev.read || ev.hangup {
@@ -284,7 +282,7 @@ impl Shared {
                 ),
                 _ => None,
             };
-            self.close(conn, notice, false, "read failed");
+            self.close(conn, notice, false);
         }
     }
 
@@ -342,7 +340,7 @@ impl Shared {
                 )
             };
             if let Some(why) = refusal {
-                self.close(conn, Some(Status::unauthenticated(why)), false, "auth");
+                self.close(conn, Some(Status::unauthenticated(why)), false);
             }
             return None;
         }
@@ -368,7 +366,7 @@ impl Shared {
                     // A refused id-0 request is answered on id 0, which the
                     // client reads as a connection-level error: close.
                     if id == 0 {
-                        self.close(conn, Some(status), false, "call id 0");
+                        self.close(conn, Some(status), false);
                     } else {
                         self.send(conn, error_frame(id, &status));
                     }
@@ -509,7 +507,10 @@ impl Shared {
     /// call id 0) if there is something to say. With `abort`, or when the
     /// peer is not taking what is queued, the connection is reset, so the
     /// kernel lets go of queued data (and zero-copy pages) at once.
-    pub(crate) fn close(&self, conn: &Arc<Conn>, notice: Option<Status>, abort: bool, _why: &str) {
+    pub(crate) fn close(&self, conn: &Arc<Conn>, notice: Option<Status>, abort: bool) {
+        if conn.closed.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(status) = &notice {
             // Best effort, never waiting: if the socket takes it now, the
             // peer learns why.
@@ -629,7 +630,6 @@ impl Shared {
                     &conn,
                     Some(Status::internal("no randomness for the challenge")),
                     false,
-                    "auth",
                 );
                 return;
             };
@@ -647,7 +647,7 @@ impl Shared {
             .add(conn.fd.as_fd(), token, sys::conn_interest(true, false))
             .is_err()
         {
-            self.close(&conn, None, false, "epoll add");
+            self.close(&conn, None, false);
         }
         self.drive_owned(&conn, Events::default());
     }

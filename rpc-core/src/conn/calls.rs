@@ -67,20 +67,27 @@ impl<C> CallTable<C> {
     /// [`Refusal::ZeroCallId`], [`Refusal::DuplicateCallId`] (the call in
     /// flight keeps its entry), [`Refusal::TooManyInflight`].
     pub fn admit(&mut self, id: u64, token: C) -> Result<(), Refusal> {
-        if id == 0 {
-            return Err(Refusal::ZeroCallId);
-        }
-        if self.calls.contains_key(&id) {
-            return Err(Refusal::DuplicateCallId { id });
-        }
-        if self.calls.len() >= self.limit {
-            return Err(Refusal::TooManyInflight {
-                limit: self.limit,
-                got: self.calls.len(),
-            });
+        if let Some(r) = self.refusal(id) {
+            return Err(r);
         }
         self.calls.insert(id, token);
         Ok(())
+    }
+
+    /// Why call `id` would not be admitted now, if it would not.
+    fn refusal(&self, id: u64) -> Option<Refusal> {
+        if id == 0 {
+            Some(Refusal::ZeroCallId)
+        } else if self.calls.contains_key(&id) {
+            Some(Refusal::DuplicateCallId { id })
+        } else if self.calls.len() >= self.limit {
+            Some(Refusal::TooManyInflight {
+                limit: self.limit,
+                got: self.calls.len(),
+            })
+        } else {
+            None
+        }
     }
 
     /// As [`admit`](Self::admit), but hands the token back on refusal.
@@ -88,7 +95,7 @@ impl<C> CallTable<C> {
     /// # Errors
     /// The token, when [`admit`](Self::admit) would refuse the call.
     pub fn admit_or_return(&mut self, id: u64, token: C) -> Result<(), C> {
-        if id == 0 || self.calls.contains_key(&id) || self.calls.len() >= self.limit {
+        if self.refusal(id).is_some() {
             return Err(token);
         }
         self.calls.insert(id, token);
