@@ -13,7 +13,7 @@ use pagerpc::codec::Kind;
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{Client, Code, Pages, Payload, Server, ServerConfig, Status};
 
-use common::{pattern_pages, raw_request, read_raw_frames, rss_bytes, wait_until};
+use common::{echo_builder, pattern_pages, raw_request, read_raw_frames, rss_bytes, wait_until};
 
 /// Defect 2: clients that pipeline requests and never read their 4 MiB
 /// responses must neither stall other clients nor grow the server.
@@ -225,13 +225,10 @@ fn duplicate_and_zero_call_ids_are_refused() {
 /// and responses race; every call must complete.
 #[test]
 fn responses_racing_zero_copy_completions_all_go_out() {
-    let server = Server::builder()
+    let server = echo_builder()
         .config(ServerConfig {
             threads: 4,
             ..ServerConfig::zerocopy()
-        })
-        .register("echo", |_ctx, req: MetadataEntry, p: Pages| {
-            Ok::<_, Status>((req, Payload::Pages(p)))
         })
         .bind("127.0.0.1:0")
         .unwrap();

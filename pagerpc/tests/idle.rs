@@ -6,22 +6,19 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cpu_time, pattern_pages};
+use common::{cpu_time, echo_builder, pattern_pages};
 use pagerpc::proto::MetadataEntry;
-use pagerpc::{CallOptions, Client, ClientConfig, Pages, Payload, Server, ServerConfig, Status};
+use pagerpc::{CallOptions, Client, ClientConfig, ServerConfig};
 
 /// Defect 1: a MSG_ZEROCOPY completion left on the error queue made epoll
 /// report EPOLLERR forever and the pool spin. Timing-dependent, hence the
 /// repetitions.
 #[test]
 fn idle_is_idle_after_zero_copy_calls() {
-    let server = Server::builder()
+    let server = echo_builder()
         .config(ServerConfig {
             threads: 2,
             ..ServerConfig::zerocopy()
-        })
-        .register("echo", |_ctx, req: MetadataEntry, p: Pages| {
-            Ok::<_, Status>((req, Payload::Pages(p)))
         })
         .bind("127.0.0.1:0")
         .unwrap();

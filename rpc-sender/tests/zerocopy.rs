@@ -4,26 +4,20 @@
 mod common;
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{header, set_rcvbuf, set_sndbuf};
+use common::{header, held_back_pair};
 use pagerpc_core::Counters;
 use pagerpc_pages::{PageBuf, Payload};
 use pagerpc_sender::{SendConfig, Sender};
 
 #[test]
 fn payload_is_held_until_its_completion_arrives() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     // A small receive buffer: the receiver's window closes quickly, so later
     // data waits in the sender's queue, still referencing the sender's pages.
-    set_rcvbuf(&listener, 16 * 1024);
-    let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (mut b, _) = listener.accept().unwrap();
-    set_sndbuf(&a, 8 << 20);
-    a.set_nonblocking(true).unwrap();
+    let (a, mut b) = held_back_pair();
     let counters = Arc::new(Counters::new());
     let cfg = SendConfig {
         zerocopy: true,
@@ -87,12 +81,7 @@ fn payload_is_held_until_its_completion_arrives() {
 /// then leaked the payload for good.
 #[test]
 fn dropping_a_sender_with_payloads_in_flight_neither_waits_nor_leaks() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    set_rcvbuf(&listener, 16 * 1024);
-    let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (b, _) = listener.accept().unwrap();
-    set_sndbuf(&a, 8 << 20);
-    a.set_nonblocking(true).unwrap();
+    let (a, b) = held_back_pair();
     let cfg = SendConfig {
         zerocopy: true,
         ..SendConfig::default()
@@ -128,12 +117,7 @@ fn dropping_a_sender_with_payloads_in_flight_neither_waits_nor_leaks() {
 /// socket, where it cannot be mapped.
 #[test]
 fn a_payload_over_the_held_cap_waits_for_completions_instead_of_copying() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    set_rcvbuf(&listener, 16 * 1024);
-    let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (mut b, _) = listener.accept().unwrap();
-    set_sndbuf(&a, 8 << 20);
-    a.set_nonblocking(true).unwrap();
+    let (a, mut b) = held_back_pair();
     let cfg = SendConfig {
         zerocopy: true,
         zerocopy_max_inflight: 3 << 20,

@@ -1,7 +1,7 @@
 //! Helpers shared by the send half's socket tests.
 #![allow(dead_code)]
 
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use pagerpc_core::{Header, Kind};
@@ -24,4 +24,18 @@ pub fn header(id: u64) -> Header {
         method: "m".into(),
         ..Default::default()
     }
+}
+
+/// A connected pair whose receiving end `b` has a small receive buffer
+/// (its window closes quickly, so later data waits in `a`'s send queue,
+/// still referencing `a`'s pages) and whose sending end `a` has room for
+/// 8 MiB and is non-blocking.
+pub fn held_back_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    set_rcvbuf(&listener, 16 * 1024);
+    let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (b, _) = listener.accept().unwrap();
+    set_sndbuf(&a, 8 << 20);
+    a.set_nonblocking(true).unwrap();
+    (a, b)
 }
