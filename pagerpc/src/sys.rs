@@ -36,6 +36,13 @@ pub(crate) fn shutdown(fd: BorrowedFd<'_>) {
     let _ = nix_shutdown(fd.as_raw_fd(), Shutdown::Both);
 }
 
+/// Writes `bytes` if the socket takes them now, never waiting: a best-effort
+/// last word before closing. Whatever does not fit is dropped.
+pub(crate) fn send_now(fd: BorrowedFd<'_>, bytes: &[u8]) {
+    let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+    let _ = nix::sys::socket::send(fd.as_raw_fd(), bytes, flags);
+}
+
 /// One epoll instance shared by a pool of threads.
 #[derive(Debug)]
 pub(crate) struct Poller {

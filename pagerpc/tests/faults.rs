@@ -170,16 +170,24 @@ fn server_closing_mid_head_fails_the_call() {
     .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert!(
-        err.message().contains("prefix: got 11 of 20 bytes"),
+        err.message().contains("prefix: got 11 of 24 bytes"),
         "{err}"
     );
 
     let err = with_watchdog(Duration::from_secs(30), "mid-header", || {
+        call_truncated(|_| pagerpc::codec::PREFIX_LEN + 1)
+    })
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("header: got 1 of"), "{err}");
+
+    // The response has a body: cut inside it.
+    let err = with_watchdog(Duration::from_secs(30), "mid-body", || {
         call_truncated(|head_len| head_len - 1)
     })
     .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
-    assert!(err.message().contains("header: got"), "{err}");
+    assert!(err.message().contains("body: got"), "{err}");
 
     // Closing between frames is a clean close, still an error for the call.
     let err = with_watchdog(Duration::from_secs(30), "no answer", || {
@@ -436,6 +444,7 @@ fn prefix_bytes(flags: u8, header_len: u32, payload_len: u64) -> Vec<u8> {
     let mut p = Prefix {
         flags: Flags::NONE,
         header_len,
+        body_len: 0,
         payload_len,
     }
     .encode()

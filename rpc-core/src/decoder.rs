@@ -17,13 +17,15 @@ use crate::limits::Limits;
 use crate::prefix::{Prefix, PREFIX_LEN};
 use std::fmt;
 
-/// The three parts of a frame.
+/// The parts of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Section {
-    /// The fixed 20-byte prefix.
+    /// The fixed 24-byte prefix.
     Prefix,
     /// The prost header.
     Header,
+    /// The message body that follows the header.
+    Body,
     /// The payload.
     Payload,
 }
@@ -33,6 +35,7 @@ impl fmt::Display for Section {
         f.write_str(match self {
             Section::Prefix => "prefix",
             Section::Header => "header",
+            Section::Body => "body",
             Section::Payload => "payload",
         })
     }
@@ -43,10 +46,10 @@ impl fmt::Display for Section {
 pub enum Need {
     /// Prefix bytes (at most [`PREFIX_LEN`]).
     Prefix(usize),
-    /// Header bytes; `inline_payload` more payload bytes follow them in the
-    /// same part and may be read in the same call.
+    /// Header and body bytes; `inline_payload` more payload bytes follow
+    /// them in the same part and may be read in the same call.
     Header {
-        /// Header bytes still missing.
+        /// Header and body bytes still missing.
         remaining: usize,
         /// Length of an inline payload that follows, 0 if none.
         inline_payload: u64,
@@ -106,7 +109,7 @@ impl FrameDecoder {
         match &self.state {
             State::Prefix { have, .. } => Need::Prefix(PREFIX_LEN - have),
             State::Header { prefix, buf } => Need::Header {
-                remaining: prefix.header_len as usize - buf.len(),
+                remaining: head_len(prefix) - buf.len(),
                 inline_payload: if prefix.flags.contains(crate::Flags::INLINE_PAYLOAD) {
                     prefix.payload_len
                 } else {
@@ -153,15 +156,19 @@ impl FrameDecoder {
                     }
                     match Prefix::decode(buf, &self.limits) {
                         Ok(prefix) => {
-                            // Bounded by max_header_bytes, checked just above.
-                            let buf = Vec::with_capacity(prefix.header_len as usize);
+                            // Bounded by max_header_bytes, checked just
+                            // above; a body grows the buffer only as its
+                            // bytes arrive.
+                            let buf = Vec::with_capacity(
+                                head_len(&prefix).min(prefix.header_len as usize + 64 * 1024),
+                            );
                             self.state = State::Header { prefix, buf };
                         }
                         Err(e) => return Err(self.fail(e)),
                     }
                 }
                 State::Header { prefix, buf } => {
-                    let want = prefix.header_len as usize - buf.len();
+                    let want = head_len(prefix) - buf.len();
                     let n = want.min(input.len() - used);
                     buf.extend_from_slice(&input[used..used + n]);
                     used += n;
@@ -169,8 +176,14 @@ impl FrameDecoder {
                         return Ok((used, None));
                     }
                     let prefix = *prefix;
-                    match decode_header(buf, &self.limits) {
-                        Ok(header) => {
+                    let hl = prefix.header_len as usize;
+                    match decode_header(&buf[..hl], &self.limits) {
+                        Ok(mut header) => {
+                            if prefix.body_len > 0 {
+                                let mut body = std::mem::take(buf);
+                                body.drain(..hl);
+                                header.body = body;
+                            }
                             self.state = if prefix.payload_len == 0 {
                                 Self::fresh()
                             } else {
@@ -222,10 +235,17 @@ impl FrameDecoder {
                 expected: PREFIX_LEN as u64,
                 got: *have as u64,
             }),
+            State::Header { prefix, buf } if buf.len() < prefix.header_len as usize => {
+                Err(CodecError::Truncated {
+                    section: Section::Header,
+                    expected: u64::from(prefix.header_len),
+                    got: buf.len() as u64,
+                })
+            }
             State::Header { prefix, buf } => Err(CodecError::Truncated {
-                section: Section::Header,
-                expected: u64::from(prefix.header_len),
-                got: buf.len() as u64,
+                section: Section::Body,
+                expected: u64::from(prefix.body_len),
+                got: (buf.len() - prefix.header_len as usize) as u64,
             }),
             State::Payload { remaining, total } => Err(CodecError::Truncated {
                 section: Section::Payload,
@@ -233,6 +253,16 @@ impl FrameDecoder {
                 got: total - remaining,
             }),
             State::Failed(e) => Err(e.clone()),
+        }
+    }
+
+    /// The prefix of the frame whose header or body is being read, if one
+    /// is: a receiver reserves memory for the body from it before the body
+    /// arrives.
+    pub fn pending_prefix(&self) -> Option<&Prefix> {
+        match &self.state {
+            State::Header { prefix, .. } => Some(prefix),
+            _ => None,
         }
     }
 
@@ -247,6 +277,11 @@ impl FrameDecoder {
         self.state = State::Failed(e.clone());
         e
     }
+}
+
+/// Header plus body bytes of a frame: what is read into one buffer.
+fn head_len(prefix: &Prefix) -> usize {
+    prefix.header_len as usize + prefix.body_len as usize
 }
 
 /// One whole frame decoded from a byte slice.

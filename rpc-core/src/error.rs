@@ -39,6 +39,13 @@ pub enum CodecError {
         /// The declared header length.
         got: u32,
     },
+    /// `body_len` is over [`Limits::max_body_bytes`](crate::Limits).
+    BodyTooLarge {
+        /// The configured limit.
+        limit: u32,
+        /// The declared body length.
+        got: u32,
+    },
     /// `payload_len` is over [`Limits::max_payload_bytes`](crate::Limits).
     PayloadTooLarge {
         /// The configured limit.
@@ -113,6 +120,10 @@ impl fmt::Display for CodecError {
         use CodecError::*;
         match self {
             BadMagic { got } => write!(f, "bad frame magic {got:02x?} (expected \"PGRP\")"),
+            UnsupportedVersion { supported, got } if *got == 1 => write!(
+                f,
+                "the peer speaks pagerpc wire version 1 (this build speaks {supported}); upgrade the peer"
+            ),
             UnsupportedVersion { supported, got } => {
                 write!(f, "unsupported wire version {got} (this build speaks {supported})")
             }
@@ -121,6 +132,9 @@ impl fmt::Display for CodecError {
             EmptyHeader => write!(f, "frame has an empty header"),
             HeaderTooLarge { limit, got } => {
                 write!(f, "header of {got} bytes exceeds the max_header_bytes limit of {limit}")
+            }
+            BodyTooLarge { limit, got } => {
+                write!(f, "body of {got} bytes exceeds the max_body_bytes limit of {limit}")
             }
             PayloadTooLarge { limit, got } => {
                 write!(f, "payload of {got} bytes exceeds the max_payload_bytes limit of {limit}")

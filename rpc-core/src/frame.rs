@@ -7,8 +7,13 @@ use crate::prefix::{Flags, Prefix, PREFIX_LEN};
 use pagerpc_proto::{Header, Kind};
 use prost::Message;
 
-/// The prefix and decoded header of one frame. The payload, if any, follows
-/// on the wire; its length is `prefix.payload_len`.
+/// The prefix and decoded header of one frame, with its body in
+/// `header.body`. The payload, if any, follows on the wire; its length is
+/// `prefix.payload_len`.
+///
+/// On the wire (version 2) the body is not a header field: it follows the
+/// header, and its length is `prefix.body_len`. The decoder moves it into
+/// `header.body` so a frame's message is found in one place.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FrameHead {
     /// The fixed prefix.
@@ -73,13 +78,20 @@ pub fn validate_header(header: &Header, limits: &Limits) -> Result<(), CodecErro
 /// Decodes header bytes (exactly `header_len` of them) and validates them.
 ///
 /// # Errors
-/// [`CodecError::MalformedHeader`] if the bytes are not a protobuf `Header`,
+/// [`CodecError::MalformedHeader`] if the bytes are not a protobuf `Header`
+/// or carry the `body` field (in version 2 the body follows the header),
 /// [`CodecError::FieldOutOfRange`] if a 32-bit field's varint does not fit
 /// its type, and the errors of [`validate_header`].
 pub fn decode_header(bytes: &[u8], limits: &Limits) -> Result<Header, CodecError> {
     let header = Header::decode(bytes).map_err(|e| CodecError::MalformedHeader {
         reason: e.to_string(),
     })?;
+    if !header.body.is_empty() {
+        return Err(CodecError::MalformedHeader {
+            reason: "the header carries a body field; in wire version 2 the body follows the header"
+                .into(),
+        });
+    }
     // Before validate_header: a truncated kind must be reported by its raw
     // value, not as the (possibly valid) value prost truncated it to.
     check_narrow_varints(bytes)?;
@@ -181,18 +193,53 @@ fn read_varint(bytes: &mut &[u8]) -> Option<u64> {
     None
 }
 
-/// Appends the prefix and header of a frame to `out`, ready to be written.
-/// The payload (of `payload_len` bytes) is not written here: the sender
-/// writes it as its own part, or right after the header when `flags` has
-/// [`Flags::INLINE_PAYLOAD`].
+/// The checks [`encode_head`] makes for a frame with a separate payload of
+/// `payload_len` bytes, without encoding anything: a caller that must know
+/// before queueing whether the peer would accept a frame (a server checking
+/// a reply against the client's limits) asks this.
+///
+/// # Errors
+/// As [`encode_head`].
+pub fn check_head(header: &Header, payload_len: u64, limits: &Limits) -> Result<(), CodecError> {
+    validate_header(header, limits)?;
+    let body = header.body.len();
+    let body_field = if body == 0 {
+        0
+    } else {
+        1 + prost::encoding::encoded_len_varint(body as u64) + body
+    };
+    let hlen = header.encoded_len() - body_field;
+    if body as u64 > u64::from(limits.max_body_bytes) {
+        return Err(CodecError::BodyTooLarge {
+            limit: limits.max_body_bytes,
+            got: u32::try_from(body).unwrap_or(u32::MAX),
+        });
+    }
+    let prefix = Prefix {
+        flags: Flags::NONE,
+        header_len: u32::try_from(hlen).unwrap_or(u32::MAX),
+        body_len: body as u32,
+        payload_len,
+    };
+    Prefix::decode(&prefix.encode(), limits).map(|_| ())
+}
+
+/// Appends the prefix, header and body of a frame to `out`, ready to be
+/// written. The payload (of `payload_len` bytes) is not written here: the
+/// sender writes it as its own part, or right after the body when `flags`
+/// has [`Flags::INLINE_PAYLOAD`].
+///
+/// The body is `header.body`: it is written after the header, not inside
+/// it, and counts against `max_body_bytes`, not `max_header_bytes`.
 ///
 /// Returns the number of bytes appended.
 ///
 /// # Errors
 /// The errors of [`validate_header`], and [`CodecError::HeaderTooLarge`],
-/// [`CodecError::PayloadTooLarge`], [`CodecError::InlinePayloadTooLarge`]
-/// when the frame is over `limits`: a frame the peer would refuse fails here,
-/// before anything is sent.
+/// [`CodecError::BodyTooLarge`], [`CodecError::PayloadTooLarge`],
+/// [`CodecError::InlinePayloadTooLarge`] when the frame is over `limits`: a
+/// frame the peer would refuse fails here, before anything is sent. Nothing
+/// is appended on failure.
 pub fn encode_head(
     header: &Header,
     payload_len: u64,
@@ -201,23 +248,81 @@ pub fn encode_head(
     out: &mut Vec<u8>,
 ) -> Result<usize, CodecError> {
     validate_header(header, limits)?;
-    let hlen = header.encoded_len();
-    let header_len = u32::try_from(hlen).unwrap_or(u32::MAX);
+    let body = header.body.as_slice();
+    // The header's encoding without its body field (tag 9, the last one).
+    let body_field = if body.is_empty() {
+        0
+    } else {
+        1 + prost::encoding::encoded_len_varint(body.len() as u64) + body.len()
+    };
+    let hlen = header.encoded_len() - body_field;
     let prefix = Prefix {
         flags,
-        header_len,
+        header_len: u32::try_from(hlen).unwrap_or(u32::MAX),
+        body_len: u32::try_from(body.len()).unwrap_or(u32::MAX),
         payload_len,
     };
     // Run the receiver's own checks on what we are about to send.
+    if body.len() as u64 > u64::from(limits.max_body_bytes) {
+        return Err(CodecError::BodyTooLarge {
+            limit: limits.max_body_bytes,
+            got: prefix.body_len,
+        });
+    }
     Prefix::decode(&prefix.encode(), limits)?;
-    out.reserve(PREFIX_LEN + hlen);
+    let start = out.len();
+    out.reserve(PREFIX_LEN + hlen + body.len());
     out.extend_from_slice(&prefix.encode());
-    header
-        .encode(out)
-        .map_err(|e| CodecError::MalformedHeader {
-            reason: e.to_string(),
-        })?;
-    Ok(PREFIX_LEN + hlen)
+    encode_fields_but_body(header, out);
+    if out.len() - start != PREFIX_LEN + hlen {
+        // A field encode_fields_but_body does not know (it is checked
+        // against prost in the tests): take the slow, always right way.
+        out.truncate(start + PREFIX_LEN);
+        let mut bare = header.clone();
+        bare.body = Vec::new();
+        bare.encode_raw(out);
+    }
+    out.extend_from_slice(body);
+    Ok(out.len() - start)
+}
+
+/// Encodes every field of `header` except `body`, in field order, exactly
+/// as prost would: prost's encoding of the header with an empty body,
+/// without cloning the body. Fields after `body` (tag 9) are written after
+/// the ones before it, as prost does.
+fn encode_fields_but_body(header: &Header, out: &mut Vec<u8>) {
+    use prost::encoding as enc;
+    if header.call_id != 0 {
+        enc::uint64::encode(1, &header.call_id, out);
+    }
+    if header.kind != 0 {
+        enc::int32::encode(2, &header.kind, out);
+    }
+    if !header.method.is_empty() {
+        enc::string::encode(3, &header.method, out);
+    }
+    if header.status_code != 0 {
+        enc::uint32::encode(4, &header.status_code, out);
+    }
+    if !header.status_message.is_empty() {
+        enc::string::encode(5, &header.status_message, out);
+    }
+    if header.deadline_us != 0 {
+        enc::uint64::encode(6, &header.deadline_us, out);
+    }
+    for m in &header.metadata {
+        enc::message::encode(7, m, out);
+    }
+    if let Some(crc) = header.payload_crc32c {
+        enc::uint32::encode(8, &crc, out);
+    }
+    // (tag 9, body, travels after the header)
+    if header.credit != 0 {
+        enc::uint64::encode(10, &header.credit, out);
+    }
+    if header.client_stream {
+        enc::bool::encode(11, &header.client_stream, out);
+    }
 }
 
 #[cfg(test)]
@@ -338,13 +443,61 @@ mod tests {
             max_header_bytes: 16,
             ..Limits::default()
         };
-        let mut h = req("x");
-        h.body = vec![0; 100];
         let mut out = Vec::new();
         assert!(matches!(
-            encode_head(&h, 0, Flags::NONE, &l, &mut out),
+            encode_head(&req(&"x".repeat(100)), 0, Flags::NONE, &l, &mut out),
             Err(CodecError::HeaderTooLarge { limit: 16, .. })
         ));
         assert!(out.is_empty(), "nothing is written on failure");
+        // The body does not count against the header limit, but against
+        // its own.
+        let mut h = req("x");
+        h.body = vec![0; 100];
+        assert!(encode_head(&h, 0, Flags::NONE, &l, &mut out).is_ok());
+        out.clear();
+        let small_body = Limits {
+            max_body_bytes: 99,
+            ..Limits::default()
+        };
+        assert_eq!(
+            encode_head(&h, 0, Flags::NONE, &small_body, &mut out),
+            Err(CodecError::BodyTooLarge { limit: 99, got: 100 })
+        );
+        assert!(out.is_empty(), "nothing is written on failure");
+    }
+
+    #[test]
+    fn body_follows_the_header_and_comes_back_in_it() {
+        let l = Limits::default();
+        let h = Header {
+            call_id: u64::MAX,
+            kind: Kind::Error as i32,
+            method: "m".into(),
+            status_code: 7,
+            status_message: "no".into(),
+            deadline_us: 12,
+            metadata: vec![MetadataEntry {
+                key: "k".into(),
+                value: vec![1, 2],
+            }],
+            payload_crc32c: Some(0),
+            body: vec![0xb0; 300],
+            credit: 1 << 40,
+            client_stream: true,
+        };
+        let mut out = Vec::new();
+        let n = encode_head(&h, 5, Flags::INLINE_PAYLOAD, &l, &mut out).unwrap();
+        assert_eq!(n, out.len());
+        let prefix = Prefix::decode(&out[..PREFIX_LEN], &l).unwrap();
+        assert_eq!(prefix.body_len, 300);
+        let hl = prefix.header_len as usize;
+        // The header bytes are prost's encoding of the header without body.
+        let mut bare = h.clone();
+        bare.body.clear();
+        assert_eq!(&out[PREFIX_LEN..PREFIX_LEN + hl], bare.encode_to_vec());
+        assert_eq!(&out[PREFIX_LEN + hl..], &h.body[..]);
+        // A header that carries the body field itself is refused.
+        let err = decode_header(&h.encode_to_vec(), &l).unwrap_err();
+        assert!(matches!(err, CodecError::MalformedHeader { .. }), "{err:?}");
     }
 }

@@ -12,14 +12,21 @@
 ///   become resident as bytes arrive. One connection can therefore pin up to
 ///   this much memory per message it is receiving (default 256 MiB), and a
 ///   consumer that keeps payloads keeps that memory until it drops them.
+/// - `max_body_bytes`: a message body is read with its header into one
+///   buffer as its bytes arrive (default 4 MiB per connection receiving
+///   one; at most [`Limits::MAX_BODY_BYTES_CEILING`], 1 GiB).
 /// - `max_inline_payload_bytes`: inline payloads are read together with the
 ///   header into the connection's read buffer (default 16 KiB).
 /// - `max_metadata_entries` and `max_method_len` bound work per header; the
 ///   memory they take is already bounded by `max_header_bytes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest header, in bytes. Default 64 KiB.
+    /// Largest header, in bytes (the body is not part of it). Default
+    /// 64 KiB.
     pub max_header_bytes: u32,
+    /// Largest message body, in bytes. Default 4 MiB (tonic's default
+    /// message size); at most [`Limits::MAX_BODY_BYTES_CEILING`].
+    pub max_body_bytes: u32,
     /// Largest payload, in bytes. Default 256 MiB.
     pub max_payload_bytes: u64,
     /// Largest payload that may be coalesced with its header. Default 16 KiB.
@@ -33,6 +40,10 @@ pub struct Limits {
 impl Limits {
     /// The default header limit: 64 KiB.
     pub const DEFAULT_MAX_HEADER_BYTES: u32 = 64 * 1024;
+    /// The default body limit: 4 MiB.
+    pub const DEFAULT_MAX_BODY_BYTES: u32 = 4 * 1024 * 1024;
+    /// The largest body limit that may be configured: 1 GiB.
+    pub const MAX_BODY_BYTES_CEILING: u32 = 1024 * 1024 * 1024;
     /// The default payload limit: 256 MiB.
     pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 256 * 1024 * 1024;
     /// The default inline payload limit: 16 KiB.
@@ -47,6 +58,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_header_bytes: Self::DEFAULT_MAX_HEADER_BYTES,
+            max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             max_payload_bytes: Self::DEFAULT_MAX_PAYLOAD_BYTES,
             max_inline_payload_bytes: Self::DEFAULT_MAX_INLINE_PAYLOAD_BYTES,
             max_metadata_entries: Self::DEFAULT_MAX_METADATA_ENTRIES,

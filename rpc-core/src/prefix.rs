@@ -3,15 +3,22 @@
 //! ```text
 //! offset size field
 //!      0    4 magic        b"PGRP"
-//!      4    1 version      1
+//!      4    1 version      2
 //!      5    1 flags        see [`Flags`]; unknown bits are an error
 //!      6    2 reserved     must be zero
 //!      8    4 header_len   u32 little-endian, bytes of the prost header
-//!     12    8 payload_len  u64 little-endian, bytes of payload
+//!     12    4 body_len     u32 little-endian, bytes of the message body
+//!     16    8 payload_len  u64 little-endian, bytes of payload
 //! ```
 //!
-//! A receiver that has read these 20 bytes knows exactly how many header
-//! bytes and payload bytes follow, before any payload byte arrives.
+//! A receiver that has read these 24 bytes knows exactly how many header,
+//! body and payload bytes follow, before any payload byte arrives.
+//!
+//! Version 1 had a 20-byte prefix without `body_len` (the body travelled
+//! inside the header). A version-2 decoder refuses it with
+//! [`CodecError::UnsupportedVersion`]; [`encode_v1_error`] builds the one
+//! version-1 frame a version-2 peer still writes: the connection-level
+//! `ERROR` that tells a version-1 peer why it is being closed.
 
 use crate::error::CodecError;
 use crate::limits::Limits;
@@ -20,9 +27,11 @@ use crate::reader::Reader;
 /// The four magic bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PGRP";
 /// The only wire version this crate speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of the encoded prefix in bytes.
-pub const PREFIX_LEN: usize = 20;
+pub const PREFIX_LEN: usize = 24;
+/// Size of a version-1 prefix, for [`encode_v1_error`].
+pub const V1_PREFIX_LEN: usize = 20;
 
 /// Flag bits of the prefix.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -69,7 +78,9 @@ pub struct Prefix {
     pub flags: Flags,
     /// Number of header bytes that follow the prefix.
     pub header_len: u32,
-    /// Number of payload bytes that follow the header.
+    /// Number of body bytes that follow the header (in the same part).
+    pub body_len: u32,
+    /// Number of payload bytes that follow the body.
     pub payload_len: u64,
 }
 
@@ -82,7 +93,8 @@ impl Prefix {
         out[5] = self.flags.bits();
         // bytes 6..8 stay zero (reserved)
         out[8..12].copy_from_slice(&self.header_len.to_le_bytes());
-        out[12..20].copy_from_slice(&self.payload_len.to_le_bytes());
+        out[12..16].copy_from_slice(&self.body_len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.payload_len.to_le_bytes());
         out
     }
 
@@ -94,8 +106,9 @@ impl Prefix {
     /// - [`CodecError::BadMagic`], [`CodecError::UnsupportedVersion`],
     ///   [`CodecError::UnknownFlags`], [`CodecError::ReservedNonZero`] for a
     ///   malformed prefix;
-    /// - [`CodecError::HeaderTooLarge`], [`CodecError::PayloadTooLarge`] when
-    ///   a declared length is over its limit;
+    /// - [`CodecError::HeaderTooLarge`], [`CodecError::BodyTooLarge`],
+    ///   [`CodecError::PayloadTooLarge`] when a declared length is over its
+    ///   limit;
     /// - [`CodecError::EmptyHeader`] when `header_len` is zero.
     pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Prefix, CodecError> {
         let truncated = || CodecError::Truncated {
@@ -121,6 +134,7 @@ impl Prefix {
             return Err(CodecError::ReservedNonZero { got: reserved });
         }
         let header_len = r.u32_le().ok_or_else(truncated)?;
+        let body_len = r.u32_le().ok_or_else(truncated)?;
         let payload_len = r.u64_le().ok_or_else(truncated)?;
         if header_len == 0 {
             return Err(CodecError::EmptyHeader);
@@ -129,6 +143,12 @@ impl Prefix {
             return Err(CodecError::HeaderTooLarge {
                 limit: limits.max_header_bytes,
                 got: header_len,
+            });
+        }
+        if body_len > limits.max_body_bytes {
+            return Err(CodecError::BodyTooLarge {
+                limit: limits.max_body_bytes,
+                got: body_len,
             });
         }
         if payload_len > limits.max_payload_bytes {
@@ -146,9 +166,36 @@ impl Prefix {
         Ok(Prefix {
             flags,
             header_len,
+            body_len,
             payload_len,
         })
     }
+}
+
+/// Encodes a version-1 connection-level `ERROR` frame (call id 0) with
+/// `status_code` and `message`: what a version-2 peer answers a version-1
+/// peer before closing, so that peer reports a clear error instead of
+/// waiting. Version 1 framing: a 20-byte prefix (`PGRP`, version 1, flags
+/// 0, reserved 0, `header_len` u32, `payload_len` u64 = 0) and the header.
+pub fn encode_v1_error(status_code: u32, message: &str) -> Vec<u8> {
+    use prost::Message;
+    let header = pagerpc_proto::Header {
+        call_id: 0,
+        kind: pagerpc_proto::Kind::Error as i32,
+        status_code,
+        status_message: message.to_owned(),
+        ..Default::default()
+    };
+    let len = header.encoded_len();
+    let mut out = Vec::with_capacity(V1_PREFIX_LEN + len);
+    out.extend_from_slice(&MAGIC);
+    out.push(1);
+    out.push(0);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    header.encode_raw(&mut out);
+    out
 }
 
 #[cfg(test)]
@@ -159,6 +206,7 @@ mod tests {
         Prefix {
             flags,
             header_len: h,
+            body_len: 0,
             payload_len: pl,
         }
     }
@@ -170,6 +218,10 @@ mod tests {
             p(Flags::NONE, 1, 0),
             p(Flags::INLINE_PAYLOAD, 300, 100),
             p(Flags::NONE, l.max_header_bytes, l.max_payload_bytes),
+            Prefix {
+                body_len: l.max_body_bytes,
+                ..p(Flags::INLINE_PAYLOAD, 9, 3)
+            },
         ] {
             assert_eq!(Prefix::decode(&pre.encode(), &l), Ok(pre));
         }
@@ -188,12 +240,22 @@ mod tests {
         );
 
         let mut b = good;
-        b[4] = 2;
+        b[4] = 1;
         assert_eq!(
             Prefix::decode(&b, &l),
             Err(CodecError::UnsupportedVersion {
-                supported: 1,
-                got: 2
+                supported: 2,
+                got: 1
+            })
+        );
+
+        let mut big_body = p(Flags::NONE, 10, 0);
+        big_body.body_len = l.max_body_bytes + 1;
+        assert_eq!(
+            Prefix::decode(&big_body.encode(), &l),
+            Err(CodecError::BodyTooLarge {
+                limit: l.max_body_bytes,
+                got: l.max_body_bytes + 1
             })
         );
 
@@ -237,6 +299,28 @@ mod tests {
             Err(CodecError::InlinePayloadTooLarge {
                 limit: l.max_inline_payload_bytes,
                 got: l.max_inline_payload_bytes + 1
+            })
+        );
+    }
+
+    #[test]
+    fn v1_error_frame_layout() {
+        use prost::Message;
+        let b = encode_v1_error(9, "speak version 2");
+        assert_eq!(&b[..4], &MAGIC);
+        assert_eq!(b[4], 1);
+        let hlen = u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize;
+        assert_eq!(u64::from_le_bytes(b[12..20].try_into().unwrap()), 0);
+        assert_eq!(b.len(), V1_PREFIX_LEN + hlen);
+        let h = pagerpc_proto::Header::decode(&b[V1_PREFIX_LEN..]).unwrap();
+        assert_eq!(h.status_code, 9);
+        assert_eq!(h.status_message, "speak version 2");
+        // A version-2 decoder names the version.
+        assert_eq!(
+            Prefix::decode(&b[..PREFIX_LEN.min(b.len())], &Limits::default()),
+            Err(CodecError::UnsupportedVersion {
+                supported: 2,
+                got: 1
             })
         );
     }

@@ -20,6 +20,8 @@ fn arb_kind() -> impl Strategy<Value = Kind> {
         Just(Kind::Pong),
         Just(Kind::StreamChunk),
         Just(Kind::StreamEnd),
+        Just(Kind::Settings),
+        Just(Kind::Credit),
     ]
 }
 
@@ -34,6 +36,8 @@ prop_compose! {
         metadata in prop::collection::vec(("[a-z-]{1,12}", prop::collection::vec(any::<u8>(), 0..16)), 0..6),
         crc in prop::option::of(any::<u32>()),
         body in prop::collection::vec(any::<u8>(), 0..200),
+        credit in any::<u64>(),
+        client_stream in any::<bool>(),
     ) -> Header {
         Header {
             call_id,
@@ -45,6 +49,8 @@ prop_compose! {
             metadata: metadata.into_iter().map(|(key, value)| MetadataEntry { key, value }).collect(),
             payload_crc32c: crc,
             body,
+            credit,
+            client_stream,
         }
     }
 }
@@ -136,10 +142,14 @@ fn truncated_at_every_offset_names_the_section() {
                 (section, expected, got),
                 (Section::Prefix, PREFIX_LEN as u64, cut as u64)
             );
-        } else if cut < head_len {
+        } else if cut < head_len - h.body.len() {
             assert_eq!(section, Section::Header);
-            assert_eq!(expected, (head_len - PREFIX_LEN) as u64);
+            assert_eq!(expected, (head_len - h.body.len() - PREFIX_LEN) as u64);
             assert_eq!(got, (cut - PREFIX_LEN) as u64);
+        } else if cut < head_len {
+            assert_eq!(section, Section::Body);
+            assert_eq!(expected, h.body.len() as u64);
+            assert_eq!(got, (cut - (head_len - h.body.len())) as u64);
         } else {
             assert_eq!(section, Section::Payload);
             assert_eq!(expected, payload.len() as u64);
@@ -160,14 +170,14 @@ fn errors_are_sticky_and_stop_delivery() {
         ..Default::default()
     };
     let mut wire = frame_bytes(&h, b"", Flags::NONE, &limits);
-    wire.extend_from_slice(b"GARBAGE-GARBAGE-GARBAGE");
+    wire.extend_from_slice(b"GARBAGE-GARBAGE-GARBAGE-GARBAGE");
     wire.extend(frame_bytes(&h, b"", Flags::NONE, &limits));
     let out = decode_stream(&wire, limits, &[]);
     assert_eq!(out.frames.len(), 1);
     assert_eq!(out.error, Some(CodecError::BadMagic { got: *b"GARB" }));
 
     let mut dec = FrameDecoder::new(limits);
-    assert!(dec.feed(b"GARBAGE-GARBAGE-GARBAGE").is_err());
+    assert!(dec.feed(b"GARBAGE-GARBAGE-GARBAGE-GARBAGE").is_err());
     assert_eq!(dec.need(), Need::Failed);
     assert_eq!(
         dec.feed(&frame_bytes(&h, b"", Flags::NONE, &limits)),
@@ -189,6 +199,7 @@ fn header_errors_surface_through_the_decoder() {
     let prefix = Prefix {
         flags: Flags::NONE,
         header_len: body.len() as u32,
+        body_len: 0,
         payload_len: 0,
     };
     let mut wire = prefix.encode().to_vec();
@@ -213,6 +224,7 @@ fn header_errors_surface_through_the_decoder() {
     let prefix = Prefix {
         flags: Flags::NONE,
         header_len: body.len() as u32,
+        body_len: 0,
         payload_len: 0,
     };
     let mut wire = prefix.encode().to_vec();
@@ -276,6 +288,7 @@ fn wire_of(header: &[u8]) -> Vec<u8> {
     let prefix = Prefix {
         flags: Flags::NONE,
         header_len: header.len() as u32,
+        body_len: 0,
         payload_len: 0,
     };
     let mut wire = prefix.encode().to_vec();

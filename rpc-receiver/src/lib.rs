@@ -271,6 +271,11 @@ pub struct Receiver {
     budget: Option<Arc<dyn PayloadBudget>>,
     /// A head whose payload waits for room in the budget.
     awaiting: Option<FrameHead>,
+    /// The body of the frame being read is reserved from the budget (from
+    /// its prefix until the frame is delivered).
+    body_reserved: Option<Reservation>,
+    /// A prefix's body waits for room in the budget.
+    awaiting_body: bool,
     /// The `SO_RCVLOWAT` currently set (1 = the kernel default).
     lowat: i32,
     /// The largest mark for the current payload (a quarter of the receive
@@ -319,6 +324,8 @@ impl Receiver {
             progress: 0,
             budget: None,
             awaiting: None,
+            body_reserved: None,
+            awaiting_body: false,
             lowat: 1,
             lowat_cap: 0,
             block: false,
@@ -405,9 +412,10 @@ impl Receiver {
         }
     }
 
-    /// Reserves every separate payload from `budget` before allocating
-    /// anything for it. While the budget has no room, the receiver stops
-    /// at that frame's header ([`poll_frame`](Self::poll_frame) returns
+    /// Reserves every separate payload, and every body, from `budget`
+    /// before allocating anything for it (a body when its prefix arrives,
+    /// a payload when its header completes). While the budget has no room,
+    /// the receiver stops at that frame's prefix or header ([`poll_frame`](Self::poll_frame) returns
     /// `None` and [`awaiting_budget`](Self::awaiting_budget) is true) and
     /// reads nothing more until a later call finds room.
     pub fn set_budget(&mut self, budget: Arc<dyn PayloadBudget>) {
@@ -417,7 +425,28 @@ impl Receiver {
     /// Whether the receiver is stopped at a header whose payload waits for
     /// room in the budget.
     pub fn awaiting_budget(&self) -> bool {
-        self.awaiting.is_some()
+        self.awaiting.is_some() || self.awaiting_body
+    }
+
+    /// Reserves the body of the frame whose prefix was just decoded, if
+    /// there is a budget and it is not reserved yet. `false` if the budget
+    /// has no room now.
+    fn reserve_body(&mut self) -> bool {
+        let (Some(budget), Some(prefix)) = (&self.budget, self.decoder.pending_prefix()) else {
+            return true;
+        };
+        if prefix.body_len == 0 || self.body_reserved.is_some() {
+            return true;
+        }
+        let bytes = prefix.body_len as usize;
+        self.awaiting_body = !budget.try_reserve(bytes);
+        if !self.awaiting_body {
+            self.body_reserved = Some(Reservation {
+                budget: budget.clone(),
+                bytes,
+            });
+        }
+        !self.awaiting_body
     }
 
     /// Changes the limits for frames from the next prefix on (a server
@@ -491,7 +520,12 @@ impl Receiver {
                 Need::Header {
                     remaining,
                     inline_payload,
-                } => self.step_meta(remaining.saturating_add(inline_payload as usize))?,
+                } => {
+                    if !self.reserve_body() {
+                        return Ok(None);
+                    }
+                    self.step_meta(remaining.saturating_add(inline_payload as usize))?
+                }
                 Need::Payload { remaining, .. } => self.step_payload(remaining)?,
             };
             match step {
@@ -587,11 +621,18 @@ impl Receiver {
         if self.start == self.end && ((self.drained && !self.block) || !self.fill_buf(want)?) {
             return Ok(Step::Blocked);
         }
-        let (used, head) = self.decoder.feed(&self.buf[self.start..self.end])?;
+        // A prefix alone first: a body is reserved from the budget before
+        // any of it is taken in.
+        let end = match self.decoder.need() {
+            Need::Prefix(n) => self.end.min(self.start + n),
+            _ => self.end,
+        };
+        let (used, head) = self.decoder.feed(&self.buf[self.start..end])?;
         self.start += used;
         let Some(head) = head else {
             return Ok(Step::Progress);
         };
+        self.body_reserved = None;
         let len = head.payload_len();
         if len == 0 {
             self.counters.frame_received(0);

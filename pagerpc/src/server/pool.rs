@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagerpc_core::conn::{ConnConfig, IoSnapshot, Refusal, ServerConn, Timeout};
-use pagerpc_core::{CodecError, Counters, Kind, Status};
+use pagerpc_core::{Code, CodecError, Counters, Kind, Status};
 use pagerpc_pages::Pages;
 use pagerpc_receiver::{Frame, Receiver, RecvError};
 use pagerpc_sender::Sender;
@@ -276,6 +276,19 @@ impl Shared {
             );
         }
         if let Some(e) = failure {
+            if let RecvError::Codec(CodecError::UnsupportedVersion { got: 1, supported }) = &e {
+                // A version-1 peer cannot read a version-2 ERROR: answer in
+                // its own framing, so it reports why instead of waiting.
+                let why = format!(
+                    "this server speaks pagerpc wire version {supported}, not version 1; upgrade the client"
+                );
+                sys::send_now(
+                    conn.fd.as_fd(),
+                    &pagerpc_core::encode_v1_error(Code::FailedPrecondition.as_u32(), &why),
+                );
+                self.close(conn, None, false);
+                return;
+            }
             let notice = match &e {
                 RecvError::Codec(c) if !matches!(c, CodecError::Truncated { .. }) => Some(
                     Status::invalid_argument(format!("protocol error, closing: {c}")),
@@ -401,6 +414,7 @@ impl Shared {
                 );
                 None
             }
+            Kind::Settings | Kind::Credit => None,
             Kind::Response | Kind::Error | Kind::Pong | Kind::Auth | Kind::Unspecified => {
                 // Frames only a server sends: the peer is confused. Answer and
                 // carry on; this does not desynchronise the stream.

@@ -1,35 +1,10 @@
 //! Building the frames a server sends: responses and errors.
 
-use pagerpc_core::{Code, CodecError, Header, Kind, Limits, Status};
+use pagerpc_core::{Code, Header, Kind, Limits, Status};
 use pagerpc_pages::Payload;
 use pagerpc_sender::OutFrame;
-use prost::Message;
 
 use super::context::Reply;
-
-/// The size checks the encoder would make, done before the frame is queued
-/// so a too-large reply becomes an error for its own call only.
-pub(crate) fn check_reply(
-    header: &Header,
-    payload_len: u64,
-    limits: &Limits,
-) -> Result<(), CodecError> {
-    pagerpc_core::validate_header(header, limits)?;
-    let hlen = header.encoded_len() as u64;
-    if hlen > u64::from(limits.max_header_bytes) {
-        return Err(CodecError::HeaderTooLarge {
-            limit: limits.max_header_bytes,
-            got: u32::try_from(hlen).unwrap_or(u32::MAX),
-        });
-    }
-    if payload_len > limits.max_payload_bytes {
-        return Err(CodecError::PayloadTooLarge {
-            limit: limits.max_payload_bytes,
-            got: payload_len,
-        });
-    }
-    Ok(())
-}
 
 pub(crate) fn error_frame(call_id: u64, status: &Status) -> OutFrame {
     let mut message = status.message().to_owned();
@@ -73,7 +48,7 @@ pub(crate) fn response_frame(
                 body: reply.body,
                 ..Default::default()
             };
-            match check_reply(&header, reply.payload.len() as u64, limits) {
+            match pagerpc_core::check_head(&header, reply.payload.len() as u64, limits) {
                 Ok(()) => OutFrame {
                     header,
                     payload: reply.payload,

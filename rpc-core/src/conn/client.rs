@@ -170,6 +170,7 @@ mod tests {
             prefix: Prefix {
                 flags: Flags::NONE,
                 header_len: 0,
+                body_len: 0,
                 payload_len: 0,
             },
             header: Header {
