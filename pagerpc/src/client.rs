@@ -44,6 +44,9 @@
 
 mod read;
 mod send;
+mod stream;
+
+pub use stream::{StreamMessage, StreamReceiver, StreamResponse, StreamSender};
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
@@ -54,7 +57,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use prost::Message;
 
-use pagerpc_core::conn::{ClientConn, Incoming};
+use pagerpc_core::conn::{ClientConn, Incoming, PeerSettings};
 use pagerpc_core::{Counters, CountersSnapshot, Header, Kind, Limits, MetadataEntry, Status};
 use pagerpc_pages::{Pages, Payload};
 use pagerpc_receiver::{Frame, Receiver, RecvConfig, RecvError};
@@ -82,6 +85,14 @@ pub struct ClientConfig {
     /// The pre-shared key of a server that requires authentication
     /// (`ServerConfig::auth_key`); the handshake runs inside `connect`.
     pub auth_key: Option<Arc<[u8]>>,
+    /// Bytes of stream messages the server may send on one stream before
+    /// this client gives credit back (announced in SETTINGS). Default
+    /// 8 MiB.
+    ///
+    /// # Memory cost
+    /// A stream whose consumer stops reading holds at most this much (plus
+    /// one message larger than the window) on the client.
+    pub stream_window: u64,
 }
 
 impl ClientConfig {
@@ -105,6 +116,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(10),
             segments: SegmentAlign::Auto,
             auth_key: None,
+            stream_window: pagerpc_core::conn::DEFAULT_STREAM_WINDOW,
         }
     }
 }
@@ -137,6 +149,8 @@ struct Slot {
     /// to it).
     waiting: bool,
     cv: Arc<Condvar>,
+    /// A streaming call's state; `None` for unary calls and pings.
+    stream: Option<Box<stream::StreamSlot>>,
 }
 
 impl Slot {
@@ -145,6 +159,7 @@ impl Slot {
             result: None,
             waiting: false,
             cv: Arc::new(Condvar::new()),
+            stream: None,
         }
     }
 }
@@ -159,9 +174,13 @@ struct State {
     /// another thread holds the reader role: raise `Shared::wake` when the
     /// role is given back or the connection fails.
     send_waiting: bool,
-    /// Calls whose CANCEL frame is not yet queued in the sender (its lock
-    /// was busy).
-    cancels: Vec<u64>,
+    /// CANCEL and CREDIT frames not yet queued in the sender (its lock was
+    /// busy).
+    control: Vec<OutFrame>,
+    /// What the server announced in its SETTINGS (defaults until then).
+    peer: PeerSettings,
+    /// `peer` changed and the sender's limits are not updated yet.
+    peer_changed: bool,
 }
 
 struct Shared {
@@ -175,9 +194,9 @@ struct Shared {
     /// Wakes a sending thread that waits for the socket while another
     /// thread reads (see `State::send_waiting`).
     wake: sys::Signal,
-    /// `State::cancels` may hold ids: whoever lets go of the sender lock
+    /// `State::control` may hold frames: whoever lets go of the sender lock
     /// queues and writes them.
-    cancels_waiting: AtomicBool,
+    control_waiting: AtomicBool,
     /// The sender holds bytes (CANCEL frames) that no sending thread is
     /// waiting to write; the reader writes them when it can.
     backlog: AtomicBool,
@@ -241,6 +260,18 @@ impl Client {
         if let Some(key) = &cfg.auth_key {
             authenticate(key, &mut sender, &mut receiver, cfg.connect_timeout)?;
         }
+        // Our limits, for the server to check its responses against. Its
+        // own arrive with the first frames we read; until then, calls are
+        // checked against the documented defaults.
+        let ours = PeerSettings::new(cfg.limits, None, cfg.stream_window);
+        let settings = Header {
+            kind: Kind::Settings as i32,
+            body: ours.encode(),
+            ..Default::default()
+        };
+        sender
+            .send(settings, Payload::Empty)
+            .map_err(|e| std::io::Error::other(format!("sending SETTINGS failed: {e}")))?;
         let shared = Shared {
             sender: Mutex::new(sender),
             receiver: Mutex::new(receiver),
@@ -250,7 +281,7 @@ impl Client {
             cfg,
             peer,
             wake: sys::Signal::new()?,
-            cancels_waiting: AtomicBool::new(false),
+            control_waiting: AtomicBool::new(false),
             backlog: AtomicBool::new(false),
         };
         Ok(Client {
@@ -551,7 +582,10 @@ impl Shared {
         let mut st = self.state.lock();
         // Responses to calls that gave up (deadline, cancel) are dropped here.
         if let Some(slot) = st.calls.get_mut(id) {
-            slot.result = Some(r);
+            match slot.stream.as_mut() {
+                Some(stream) => stream.end(r),
+                None => slot.result = Some(r),
+            }
             slot.cv.notify_one();
         }
     }

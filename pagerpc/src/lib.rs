@@ -32,10 +32,16 @@ mod segments;
 mod server;
 mod sys;
 
-pub use client::{CallOptions, Client, ClientConfig, PendingCall, Response};
+pub use client::{
+    CallOptions, Client, ClientConfig, PendingCall, Response, StreamMessage, StreamReceiver,
+    StreamResponse, StreamSender,
+};
 pub use error::CallError;
 pub use segments::SegmentAlign;
-pub use server::{Context, Reply, Server, ServerBuilder, ServerConfig};
+pub use server::{
+    Context, InMessage, InStream, OutStream, Reply, Server, ServerBuilder, ServerConfig,
+    StreamSendError,
+};
 
 pub use pagerpc_core::{Code, CodecError, Counters, CountersSnapshot, Limits, Status};
 pub use pagerpc_pages::{cached_bytes, set_cache_limit, Origin, PageBuf, Pages, Payload};

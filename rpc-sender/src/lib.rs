@@ -162,6 +162,12 @@ impl Sender {
         &self.cfg
     }
 
+    /// Checks frames enqueued from now on against `limits` (the peer's, as
+    /// it announced them in its SETTINGS).
+    pub fn set_limits(&mut self, limits: pagerpc_core::Limits) {
+        self.cfg.limits = limits;
+    }
+
     /// Whether an earlier failure broke the stream.
     pub fn is_broken(&self) -> bool {
         self.broken

@@ -8,6 +8,7 @@
 //! role back the same way ([`Shared::release_reader`]).
 
 use super::*;
+use pagerpc_core::conn::PeerSettings;
 
 /// What became of one frame (or receive error).
 pub(super) enum Dispatched {
@@ -81,11 +82,7 @@ impl Shared {
     /// thread waiting for the socket is woken too: it may read now.
     pub(super) fn release_reader(&self, st: &mut State) {
         st.reader_active = false;
-        for other in st
-            .calls
-            .tokens()
-            .filter(|s| s.waiting && s.result.is_none())
-        {
+        for other in st.calls.tokens().filter(|s| s.waiting) {
             other.cv.notify_one();
         }
         if st.send_waiting {
@@ -104,6 +101,35 @@ impl Shared {
                     Incoming::Answer { call_id, result } => {
                         self.deliver(call_id, result.map(|()| frame));
                         Dispatched::Call(call_id)
+                    }
+                    Incoming::StreamMessage { call_id } => {
+                        self.stream_message(call_id, frame);
+                        Dispatched::Call(call_id)
+                    }
+                    Incoming::StreamEnd { call_id, result } => {
+                        self.deliver(call_id, result.map(|()| frame));
+                        Dispatched::Call(call_id)
+                    }
+                    Incoming::Credit { call_id, credit } => {
+                        self.stream_credit(call_id, credit);
+                        Dispatched::Call(call_id)
+                    }
+                    Incoming::Settings => {
+                        match PeerSettings::decode(&frame.head.header.body) {
+                            Ok(peer) => {
+                                let mut st = self.state.lock();
+                                st.peer = peer;
+                                st.peer_changed = true;
+                            }
+                            Err(e) => {
+                                self.fail_all(Status::internal(format!(
+                                    "protocol error: undecodable SETTINGS from the server: {e}"
+                                )));
+                                sys::shutdown(self.fd.as_fd());
+                                return Dispatched::Stop;
+                            }
+                        }
+                        Dispatched::Call(0)
                     }
                     Incoming::Dead { status, shutdown } => {
                         self.fail_all(status);

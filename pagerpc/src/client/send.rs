@@ -10,7 +10,7 @@
 //! when the role is given back). `POLLERR` is reported regardless: the
 //! caller then reads zero-copy completions.
 //!
-//! CANCEL frames are handed over in `State::cancels` and queued by whoever
+//! CANCEL and CREDIT frames are handed over in `State::control` and queued by whoever
 //! holds the sender lock: the thread that cancels, if the lock is free;
 //! otherwise the holder, when it lets go ([`Shared::release_sender`]). What
 //! the socket does not take at once stays queued (`Shared::backlog`) for
@@ -25,7 +25,7 @@ use parking_lot::MutexGuard;
 use super::*;
 
 /// A CANCEL frame for call `id`.
-fn cancel_frame(id: u64) -> OutFrame {
+pub(super) fn cancel_frame(id: u64) -> OutFrame {
     OutFrame {
         header: Header {
             call_id: id,
@@ -88,6 +88,7 @@ impl Shared {
         // What is queued (CANCEL frames) goes first, as part of this send.
         self.backlog.store(false, SeqCst);
         self.drain_cancels(tx);
+        self.update_limits(tx);
         let write_timeout = tx.config().write_timeout;
         // The request while it is not queued yet. Once queued, it can still
         // be taken back whole (`Sender::take_back`) until a byte of it is
@@ -276,16 +277,26 @@ impl Shared {
         }
     }
 
-    /// Queues the CANCEL frames handed over in `State::cancels`.
+    /// Queues the CANCEL and CREDIT frames handed over in
+    /// `State::control`.
     fn drain_cancels(&self, tx: &mut Sender) {
-        if !self.cancels_waiting.swap(false, SeqCst) {
+        if !self.control_waiting.swap(false, SeqCst) {
             return;
         }
-        let ids = std::mem::take(&mut self.state.lock().cancels);
-        if !ids.is_empty() {
+        let frames = std::mem::take(&mut self.state.lock().control);
+        if !frames.is_empty() {
             // Refused only once the stream is broken; the server then
             // forgets the calls anyway.
-            let _ = tx.enqueue(ids.into_iter().map(cancel_frame).collect());
+            let _ = tx.enqueue(frames);
+        }
+    }
+
+    /// Checks what is sent from now on against the limits the server
+    /// announced, once they arrived.
+    fn update_limits(&self, tx: &mut Sender) {
+        let mut st = self.state.lock();
+        if std::mem::take(&mut st.peer_changed) {
+            tx.set_limits(st.peer.limits);
         }
     }
 
@@ -318,7 +329,7 @@ impl Shared {
     /// does the same when it lets go).
     pub(super) fn release_sender(&self, tx: MutexGuard<'_, Sender>) {
         drop(tx);
-        while self.cancels_waiting.load(SeqCst) {
+        while self.control_waiting.load(SeqCst) {
             let Some(mut tx) = self.sender.try_lock() else {
                 break;
             };
@@ -329,7 +340,7 @@ impl Shared {
     /// For the reader: writes queued CANCEL frames if the sender lock is
     /// free (never waits for it: the reader may hold the receiver).
     pub(super) fn poke_backlog(&self) {
-        if !self.backlog.load(SeqCst) && !self.cancels_waiting.load(SeqCst) {
+        if !self.backlog.load(SeqCst) && !self.control_waiting.load(SeqCst) {
             return;
         }
         if let Some(mut tx) = self.sender.try_lock() {
@@ -342,15 +353,22 @@ impl Shared {
     /// waits: the frame is written as far as the socket takes it now, and
     /// the rest later (see the module documentation).
     pub(super) fn send_cancel(&self, id: u64) {
+        self.send_control(cancel_frame(id));
+    }
+
+    /// Hands a control frame (CANCEL, CREDIT, STREAM_END) over to be
+    /// written without waiting, as [`send_cancel`](Self::send_cancel)
+    /// does.
+    pub(super) fn send_control(&self, frame: OutFrame) {
         {
             let mut st = self.state.lock();
             if st.calls.dead().is_some() {
                 // The server forgets the call with the connection.
                 return;
             }
-            st.cancels.push(id);
+            st.control.push(frame);
         }
-        self.cancels_waiting.store(true, SeqCst);
+        self.control_waiting.store(true, SeqCst);
         if let Some(mut tx) = self.sender.try_lock() {
             self.flush_backlog(&mut tx);
             self.release_sender(tx);

@@ -107,6 +107,23 @@ pub struct ServerConfig {
     /// ([`Code::Unauthenticated`](crate::Code)) and disconnected. Default
     /// none.
     pub auth_key: Option<Arc<[u8]>>,
+    /// Most streams open at once, server-wide. Each streaming call's
+    /// handler runs on a thread of its own while the stream is open; a
+    /// stream beyond this is refused with
+    /// [`Code::ResourceExhausted`](crate::Code) naming the limit. Default
+    /// 256.
+    ///
+    /// # Memory cost
+    /// A thread (its stack, 2 MiB of address space, a few KiB resident) per
+    /// open stream, plus what its messages hold (see `stream_window`).
+    pub max_streams: usize,
+    /// Bytes of stream messages a client may send on one stream before the
+    /// handler releases some (announced in SETTINGS). Default 8 MiB.
+    ///
+    /// # Memory cost
+    /// A handler that stops reading holds at most this much (plus one
+    /// message larger than the window) per stream.
+    pub stream_window: u64,
 }
 
 impl ServerConfig {
@@ -141,6 +158,8 @@ impl Default for ServerConfig {
             max_receive_bytes: Some(crate::sys::mem_total().map_or(1 << 30, |m| m / 4)),
             max_unauthenticated: (max_connections / 4).max(1),
             auth_key: None,
+            max_streams: 256,
+            stream_window: pagerpc_core::conn::DEFAULT_STREAM_WINDOW,
         }
     }
 }

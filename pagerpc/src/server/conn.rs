@@ -116,6 +116,13 @@ pub(crate) struct Conn {
     pub(crate) open_limits: AtomicBool,
     /// Closed to make room for newer unauthenticated connections.
     pub(crate) evicted: AtomicBool,
+    /// Open streams, by call id.
+    pub(crate) streams: Mutex<std::collections::HashMap<u64, Arc<super::stream::StreamShared>>>,
+    /// The client's limits (from its SETTINGS; defaults until then), which
+    /// replies are checked against.
+    pub(crate) peer_limits: Mutex<pagerpc_core::Limits>,
+    /// The client's stream window (from its SETTINGS).
+    pub(crate) peer_stream_window: std::sync::atomic::AtomicU64,
 }
 
 impl Conn {
@@ -155,6 +162,11 @@ impl Conn {
             budget_wait: AtomicBool::new(false),
             open_limits: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
+            streams: Mutex::new(std::collections::HashMap::new()),
+            peer_limits: Mutex::new(pagerpc_core::Limits::default()),
+            peer_stream_window: std::sync::atomic::AtomicU64::new(
+                pagerpc_core::conn::DEFAULT_STREAM_WINDOW,
+            ),
         }
     }
 
@@ -298,6 +310,13 @@ impl Conn {
             Ok(_) => sys::take_socket_error(self.fd.as_fd()),
             Err(e) => Some(e),
         }
+    }
+
+    /// The client announced its limits: replies and stream messages are
+    /// checked against them from now on.
+    pub(crate) fn set_peer_limits(&self, limits: pagerpc_core::Limits) {
+        *self.peer_limits.lock() = limits;
+        self.sender.lock().set_limits(limits);
     }
 
     /// Closes the socket: aborts it (reset; the kernel drops queued data

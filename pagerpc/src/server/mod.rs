@@ -33,6 +33,7 @@ mod conn;
 mod context;
 mod pool;
 mod reply;
+mod stream;
 mod sweep;
 
 use std::collections::HashMap;
@@ -48,7 +49,7 @@ use crossbeam_channel::{Receiver as ChanRx, Sender as ChanTx};
 use parking_lot::{Condvar, Mutex};
 use prost::Message;
 
-use pagerpc_core::{Counters, Status};
+use pagerpc_core::{Counters, MetadataEntry, Status};
 use pagerpc_pages::{Pages, Payload};
 
 use crate::sys::{self, Poller, Signal, EVENT_FLAGS, LISTEN_FLAGS};
@@ -57,6 +58,8 @@ pub use config::ServerConfig;
 use conn::{Conn, Events, Job};
 use context::RawHandler;
 pub use context::{Context, Reply};
+pub use stream::{InMessage, InStream, OutStream, StreamSendError};
+use stream::{Shape, StreamHandler, Streams};
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_JOBS: u64 = 1;
@@ -71,6 +74,7 @@ const DISPATCH_BATCH: usize = 64;
 pub struct ServerBuilder {
     cfg: ServerConfig,
     handlers: HashMap<String, Arc<RawHandler>>,
+    stream_handlers: HashMap<String, (Shape, Arc<StreamHandler>)>,
 }
 
 impl Default for ServerBuilder {
@@ -85,6 +89,7 @@ impl ServerBuilder {
         ServerBuilder {
             cfg: ServerConfig::default(),
             handlers: HashMap::new(),
+            stream_handlers: HashMap::new(),
         }
     }
 
@@ -123,8 +128,71 @@ impl ServerBuilder {
     where
         F: Fn(&Context, &[u8], Pages) -> Result<Reply, Status> + Send + Sync + 'static,
     {
+        self.stream_handlers.remove(method);
         self.handlers.insert(method.to_owned(), Arc::new(f));
         self
+    }
+
+    fn register_stream(mut self, method: &str, shape: Shape, f: Arc<StreamHandler>) -> Self {
+        self.handlers.remove(method);
+        self.stream_handlers.insert(method.to_owned(), (shape, f));
+        self
+    }
+
+    /// Registers a client-streaming handler for `method`: it reads the
+    /// client's messages from the [`InStream`] until `None` (the client
+    /// finished) and returns the one response. Its handler runs on a
+    /// thread of its own (see [`ServerConfig::max_streams`]).
+    pub fn register_client_stream<F>(self, method: &str, f: F) -> ServerBuilder
+    where
+        F: Fn(&Context, &mut InStream) -> Result<Reply, Status> + Send + Sync + 'static,
+    {
+        let h = move |ctx: &Context, mut s: Streams| f(ctx, &mut s.rx);
+        self.register_stream(method, Shape::Client, Arc::new(h))
+    }
+
+    /// Registers a server-streaming handler for `method`: it gets the
+    /// request message (raw bytes) and payload, sends its messages on the
+    /// [`OutStream`], and returning `Ok` ends the stream with status OK
+    /// (the returned metadata travels with the end), `Err` with that
+    /// status.
+    pub fn register_server_stream<F>(self, method: &str, f: F) -> ServerBuilder
+    where
+        F: Fn(&Context, &[u8], Pages, &mut OutStream) -> Result<Vec<MetadataEntry>, Status>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let h = move |ctx: &Context, mut s: Streams| {
+            let (body, pages) = s.request.take().unwrap_or_default();
+            let metadata = f(ctx, &body, pages, &mut s.tx)?;
+            Ok(Reply {
+                metadata,
+                ..Reply::default()
+            })
+        };
+        self.register_stream(method, Shape::Server, Arc::new(h))
+    }
+
+    /// Registers a bidirectional streaming handler for `method`: it reads
+    /// the client's messages from the [`InStream`] and sends its own on the
+    /// [`OutStream`], in any order; returning ends the server's side as
+    /// for [`register_server_stream`](Self::register_server_stream).
+    pub fn register_bidi_stream<F>(self, method: &str, f: F) -> ServerBuilder
+    where
+        F: Fn(&Context, &mut InStream, &mut OutStream) -> Result<Vec<MetadataEntry>, Status>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let h = move |ctx: &Context, mut s: Streams| {
+            let metadata = f(ctx, &mut s.rx, &mut s.tx)?;
+            Ok(Reply {
+                metadata,
+                ..Reply::default()
+            })
+        };
+        self.register_stream(method, Shape::Bidi, Arc::new(h))
     }
 
     /// Binds `addr`, starts the pool, and serves.
@@ -161,6 +229,8 @@ impl ServerBuilder {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(FIRST_CONN_TOKEN),
             handlers: self.handlers,
+            stream_handlers: self.stream_handlers,
+            streams_open: std::sync::atomic::AtomicUsize::new(0),
             cfg: self.cfg,
             shutting_down: AtomicBool::new(false),
             inflight: Mutex::new(0),
@@ -333,6 +403,9 @@ struct Shared {
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_conn: AtomicU64,
     handlers: HashMap<String, Arc<RawHandler>>,
+    stream_handlers: HashMap<String, (Shape, Arc<StreamHandler>)>,
+    /// Streams open, server-wide (each has a handler thread).
+    streams_open: std::sync::atomic::AtomicUsize,
     cfg: ServerConfig,
     shutting_down: AtomicBool,
     inflight: Mutex<usize>,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagerpc_core::conn::{ConnConfig, IoSnapshot, Refusal, ServerConn, Timeout};
+use pagerpc_core::conn::{ConnConfig, IoSnapshot, PeerSettings, Refusal, ServerConn, Timeout};
 use pagerpc_core::{Code, CodecError, Counters, Kind, Status};
 use pagerpc_pages::Pages;
 use pagerpc_receiver::{Frame, Receiver, RecvError};
@@ -345,6 +345,7 @@ impl Shared {
                     .lock()
                     .retain(|w| w.upgrade().is_some_and(|c| !Arc::ptr_eq(&c, conn)));
                 self.send(conn, control_frame(0, Kind::Auth, proof));
+                self.send(conn, self.settings_frame());
                 None
             } else {
                 Some(
@@ -385,8 +386,36 @@ impl Shared {
                     }
                     return None;
                 }
-                self.charge(conn, &mut frame.payload);
                 *self.inflight.lock() += 1;
+                if let Some((shape, handler)) = self.stream_handlers.get(&frame.head.header.method) {
+                    let opened = self.open_stream(
+                        conn,
+                        frame,
+                        *shape,
+                        handler.clone(),
+                        cancelled,
+                        now,
+                    );
+                    if let Err(status) = opened {
+                        self.send(conn, error_frame(id, &status));
+                        self.finish_call(conn, id);
+                    }
+                    return None;
+                }
+                if frame.head.header.client_stream {
+                    let method = frame.head.header.method.clone();
+                    let status = if self.handlers.contains_key(&method) {
+                        Status::invalid_argument(format!(
+                            "method '{method}' is unary: the request must not set client_stream"
+                        ))
+                    } else {
+                        Status::unimplemented(format!("unknown method '{method}'"))
+                    };
+                    self.send(conn, error_frame(id, &status));
+                    self.finish_call(conn, id);
+                    return None;
+                }
+                self.charge(conn, &mut frame.payload);
                 Some(Job {
                     conn: conn.clone(),
                     frame,
@@ -398,23 +427,42 @@ impl Shared {
                 if let Some(flag) = conn.core.lock().sm.cancel(id) {
                     flag.store(true, Ordering::Relaxed);
                 }
+                let stream = conn.streams.lock().get(&id).cloned();
+                if let Some(stream) = stream {
+                    let h = &frame.head.header;
+                    stream.cancel(if h.status_code == 0 {
+                        Status::cancelled("the client cancelled the stream")
+                    } else {
+                        Status::new(Code::from_u32(h.status_code), h.status_message.clone())
+                    });
+                }
+                None
+            }
+            Kind::Settings => {
+                match PeerSettings::decode(&frame.head.header.body) {
+                    Ok(peer) => {
+                        conn.peer_stream_window
+                            .store(peer.stream_window, Ordering::SeqCst);
+                        conn.set_peer_limits(peer.limits);
+                    }
+                    Err(e) => self.close(
+                        conn,
+                        Some(Status::invalid_argument(format!(
+                            "protocol error, closing: undecodable SETTINGS: {e}"
+                        ))),
+                        false,
+                    ),
+                }
                 None
             }
             Kind::Ping => {
                 self.send(conn, control_frame(id, Kind::Pong, Vec::new()));
                 None
             }
-            Kind::StreamChunk | Kind::StreamEnd => {
-                self.send(
-                    conn,
-                    error_frame(
-                        id,
-                        &Status::unimplemented("streams are not supported by this server"),
-                    ),
-                );
+            Kind::StreamChunk | Kind::StreamEnd | Kind::Credit => {
+                self.stream_frame(conn, frame);
                 None
             }
-            Kind::Settings | Kind::Credit => None,
             Kind::Response | Kind::Error | Kind::Pong | Kind::Auth | Kind::Unspecified => {
                 // Frames only a server sends: the peer is confused. Answer and
                 // carry on; this does not desynchronise the stream.
@@ -489,14 +537,24 @@ impl Shared {
             if !conn.closed.load(Ordering::SeqCst) {
                 self.send(
                     &conn,
-                    response_frame(h.call_id, result, &self.cfg.send.limits),
+                    response_frame(h.call_id, result, &conn.peer_limits.lock()),
                 );
             }
         }
         self.finish_call(&conn, h.call_id);
     }
 
-    fn finish_call(&self, conn: &Conn, call_id: u64) {
+    /// The SETTINGS frame announcing this server's limits.
+    fn settings_frame(&self) -> pagerpc_sender::OutFrame {
+        let ours = PeerSettings::new(
+            self.cfg.limits,
+            u32::try_from(self.cfg.max_inflight_per_conn).ok(),
+            self.cfg.stream_window,
+        );
+        control_frame(0, Kind::Settings, ours.encode())
+    }
+
+    pub(crate) fn finish_call(&self, conn: &Conn, call_id: u64) {
         conn.core.lock().sm.finish(call_id);
         let mut n = self.inflight.lock();
         *n -= 1;
@@ -544,6 +602,10 @@ impl Shared {
         };
         for job in deferred {
             self.finish_call(conn, job.frame.head.call_id());
+        }
+        let streams: Vec<_> = conn.streams.lock().values().cloned().collect();
+        for s in streams {
+            s.cancel(Status::unavailable("the connection closed"));
         }
         conn.shut(abort);
     }
@@ -650,6 +712,8 @@ impl Shared {
             conn.core.lock().challenge = Some(nonce);
             self.admit_unauthenticated(&conn);
             let _ = conn.send(control_frame(0, Kind::Auth, nonce.to_vec()));
+        } else {
+            let _ = conn.send(self.settings_frame());
         }
         // Registered while owned, so the first readiness event waits for
         // the release below.

@@ -18,6 +18,28 @@ pub enum Incoming {
         /// `Ok(())` for a response, `Err` with the server's status.
         result: Result<(), Status>,
     },
+    /// A message of stream `call_id` (STREAM_CHUNK).
+    StreamMessage {
+        /// The call.
+        call_id: u64,
+    },
+    /// The server ended stream `call_id`: `Ok` for STREAM_END with status
+    /// OK, `Err` with its status otherwise.
+    StreamEnd {
+        /// The call.
+        call_id: u64,
+        /// How it ended.
+        result: Result<(), Status>,
+    },
+    /// The server gave `credit` bytes back on stream `call_id`.
+    Credit {
+        /// The call (0: the whole connection).
+        call_id: u64,
+        /// Bytes granted.
+        credit: u64,
+    },
+    /// The server announced its limits (the frame's body holds them).
+    Settings,
     /// The connection is over: every call fails with this status. With
     /// `shutdown`, the frame broke the protocol and the driver must shut
     /// the socket down too.
@@ -142,6 +164,19 @@ impl<C> ClientConn<C> {
                 status: Status::new(Code::from_u32(h.status_code), h.status_message.clone()),
                 shutdown: false,
             },
+            Kind::StreamChunk if id != 0 => Incoming::StreamMessage { call_id: id },
+            Kind::StreamEnd if id != 0 => Incoming::StreamEnd {
+                call_id: id,
+                result: match Code::from_u32(h.status_code) {
+                    Code::Ok => Ok(()),
+                    code => Err(Status::new(code, h.status_message.clone())),
+                },
+            },
+            Kind::Credit => Incoming::Credit {
+                call_id: id,
+                credit: h.credit,
+            },
+            Kind::Settings if id == 0 => Incoming::Settings,
             Kind::Auth => Incoming::Dead {
                 status: Status::unauthenticated(
                     "the server requires pre-shared-key authentication; set ClientConfig::auth_key",

@@ -17,6 +17,8 @@
 
 mod calls;
 mod client;
+pub mod flow;
+pub mod settings;
 #[cfg(feature = "model")]
 pub mod model;
 mod timers;
@@ -25,6 +27,8 @@ use std::time::{Duration, Instant};
 
 pub use calls::{CallTable, Refusal};
 pub use client::{ClientConn, Incoming};
+pub use flow::{InCredit, OutCredit, WindowExceeded};
+pub use settings::{PeerSettings, DEFAULT_STREAM_WINDOW};
 pub use timers::{IoSnapshot, Timeout, Timers};
 
 /// Settings of one connection's state machine.

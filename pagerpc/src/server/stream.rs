@@ -1,0 +1,558 @@
+//! Streaming calls on the server.
+//!
+//! A REQUEST for a method registered as streaming opens a stream (see the
+//! client's `stream.rs` for the frames). Its handler runs on a thread of its
+//! own, not on a pool thread, because it waits for the client's messages
+//! and for credit; `ServerConfig::max_streams` bounds those threads. The
+//! pool thread that reads the connection routes STREAM_CHUNK, STREAM_END,
+//! CANCEL and CREDIT frames to the stream's [`StreamShared`], and the
+//! handler's [`InStream`] / [`OutStream`] wait on it.
+//!
+//! Credit goes back to the client when the handler drops the [`Pages`] of
+//! a message (a release hook), so a handler that stops reading stops its
+//! client after one `stream_window`, and the connection's other calls and
+//! streams go on.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use prost::Message;
+
+use pagerpc_core::conn::{InCredit, OutCredit};
+use pagerpc_core::{Header, Kind, MetadataEntry, Status};
+use pagerpc_pages::{Pages, Payload};
+use pagerpc_receiver::Frame;
+use pagerpc_sender::OutFrame;
+
+use super::conn::Conn;
+use super::context::{Context, Reply};
+use super::reply::{error_frame, response_frame};
+use super::Shared;
+
+/// The three streaming shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// Many client messages, one response.
+    Client,
+    /// One request, many server messages.
+    Server,
+    /// Many both ways.
+    Bidi,
+}
+
+/// What a streaming handler gets: the request message (server-streaming
+/// only) and the halves its shape has.
+pub(crate) struct Streams {
+    pub(crate) request: Option<(Vec<u8>, Pages)>,
+    pub(crate) rx: InStream,
+    pub(crate) tx: OutStream,
+}
+
+/// A registered streaming handler, on raw bytes. For client-streaming
+/// methods the `Reply` is the response; for the others its metadata ends
+/// the stream (STREAM_END).
+pub(crate) type StreamHandler = dyn Fn(&Context, Streams) -> Result<Reply, Status> + Send + Sync;
+
+/// One stream's state, shared by the pool thread that reads its frames and
+/// the handler thread.
+pub(crate) struct StreamShared {
+    inner: Mutex<Inner>,
+    cv: Condvar,
+}
+
+struct Inner {
+    queue: VecDeque<Frame>,
+    /// How the client's side ended: STREAM_END (`Ok`), CANCEL (`Err`), or
+    /// the connection closing.
+    client_end: Option<Result<(), Status>>,
+    out: OutCredit,
+    inc: InCredit,
+    /// The handler returned: credit released later is not given back.
+    over: bool,
+}
+
+impl StreamShared {
+    fn new(window_out: u64, window_in: u64, client_streams: bool) -> StreamShared {
+        StreamShared {
+            inner: Mutex::new(Inner {
+                queue: VecDeque::new(),
+                client_end: (!client_streams).then_some(Ok(())),
+                out: OutCredit::new(window_out),
+                inc: InCredit::new(window_in),
+                over: false,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// The stream is cut short (CANCEL, or the connection closed).
+    pub(crate) fn cancel(&self, status: Status) {
+        let mut inner = self.inner.lock();
+        if !matches!(inner.client_end, Some(Err(_))) {
+            inner.client_end = Some(Err(status));
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// Bytes a stream message costs in credit.
+fn cost(frame: &Frame) -> u64 {
+    frame.head.header.body.len() as u64 + frame.head.payload_len()
+}
+
+fn credit_frame(id: u64, credit: u64) -> OutFrame {
+    OutFrame {
+        header: Header {
+            call_id: id,
+            kind: Kind::Credit as i32,
+            credit,
+            ..Default::default()
+        },
+        payload: Payload::Empty,
+    }
+}
+
+impl Shared {
+    /// A REQUEST for a streaming method, already admitted to the call
+    /// table: starts its handler thread.
+    pub(crate) fn open_stream(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        frame: Frame,
+        shape: Shape,
+        handler: Arc<StreamHandler>,
+        cancelled: Arc<std::sync::atomic::AtomicBool>,
+        received: Instant,
+    ) -> Result<(), Status> {
+        let id = frame.head.call_id();
+        let client_streams = frame.head.header.client_stream;
+        let wants = shape != Shape::Server;
+        if client_streams != wants {
+            return Err(Status::invalid_argument(format!(
+                "method '{}' is {}: the request must {}set client_stream",
+                frame.head.header.method,
+                match shape {
+                    Shape::Client => "client-streaming",
+                    Shape::Server => "server-streaming",
+                    Shape::Bidi => "bidirectional",
+                },
+                if wants { "" } else { "not " }
+            )));
+        }
+        let open = self.streams_open.fetch_add(1, Ordering::SeqCst);
+        if open >= self.cfg.max_streams {
+            self.streams_open.fetch_sub(1, Ordering::SeqCst);
+            return Err(Status::resource_exhausted(format!(
+                "the server has {open} streams open, its max_streams limit of {}",
+                self.cfg.max_streams
+            )));
+        }
+        let stream = Arc::new(StreamShared::new(
+            conn.peer_stream_window.load(Ordering::SeqCst),
+            self.cfg.stream_window,
+            client_streams,
+        ));
+        conn.streams.lock().insert(id, stream.clone());
+        let this = self.clone();
+        let c = conn.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pagerpc-stream".into())
+            .spawn(move || this.run_stream(c, frame, shape, handler, stream, cancelled, received));
+        if let Err(e) = spawned {
+            conn.streams.lock().remove(&id);
+            self.streams_open.fetch_sub(1, Ordering::SeqCst);
+            return Err(Status::resource_exhausted(format!(
+                "no thread for the stream's handler: {e}"
+            )));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_stream(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        frame: Frame,
+        shape: Shape,
+        handler: Arc<StreamHandler>,
+        stream: Arc<StreamShared>,
+        cancelled: Arc<std::sync::atomic::AtomicBool>,
+        received: Instant,
+    ) {
+        let h = frame.head.header;
+        let id = h.call_id;
+        let deadline = (h.deadline_us > 0).then(|| received + Duration::from_micros(h.deadline_us));
+        let ctx = Context {
+            call_id: id,
+            method: h.method,
+            deadline,
+            metadata: h.metadata,
+            cancelled: cancelled.clone(),
+            peer: conn.peer,
+            path: conn.path,
+        };
+        let half = || Half {
+            shared: Arc::downgrade(&self),
+            conn: conn.clone(),
+            stream: stream.clone(),
+            id,
+            deadline,
+            cancelled: cancelled.clone(),
+        };
+        let streams = Streams {
+            request: (shape == Shape::Server).then(|| (h.body, frame.payload)),
+            rx: InStream { half: half() },
+            tx: OutStream { half: half() },
+        };
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&ctx, streams)))
+            .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
+        stream.inner.lock().over = true;
+        let cut = stream.inner.lock().client_end.clone();
+        let closed = conn.closed.load(Ordering::SeqCst);
+        if !closed && !matches!(cut, Some(Err(_))) && !cancelled.load(Ordering::Relaxed) {
+            let out = match out {
+                Ok(_) if deadline.is_some_and(|d| Instant::now() >= d) => Err(
+                    Status::deadline_exceeded("deadline passed while the stream's handler ran"),
+                ),
+                other => other,
+            };
+            let frame = match (shape, out) {
+                (Shape::Client, result) => {
+                    response_frame(id, result, &conn.peer_limits.lock())
+                }
+                (_, Ok(reply)) => OutFrame {
+                    header: Header {
+                        call_id: id,
+                        kind: Kind::StreamEnd as i32,
+                        metadata: reply.metadata,
+                        ..Default::default()
+                    },
+                    payload: Payload::Empty,
+                },
+                (_, Err(status)) => error_frame(id, &status),
+            };
+            self.send(&conn, frame);
+        }
+        conn.streams.lock().remove(&id);
+        self.streams_open.fetch_sub(1, Ordering::SeqCst);
+        self.finish_call(&conn, id);
+    }
+
+    /// Routes a stream frame read from `conn` (STREAM_CHUNK, STREAM_END,
+    /// CREDIT) to its stream. Frames for a stream that is over are
+    /// dropped: the call ended while they were on the way.
+    pub(crate) fn stream_frame(self: &Arc<Self>, conn: &Arc<Conn>, frame: Frame) {
+        let id = frame.head.call_id();
+        let kind = frame.head.kind();
+        if kind == Kind::Credit && id == 0 {
+            return; // connection-level credit: not used by this version
+        }
+        let Some(stream) = conn.streams.lock().get(&id).cloned() else {
+            return;
+        };
+        let mut inner = stream.inner.lock();
+        match kind {
+            Kind::Credit => inner.out.grant(frame.head.header.credit),
+            Kind::StreamEnd => {
+                if inner.client_end.is_none() {
+                    inner.client_end = Some(Ok(()));
+                }
+            }
+            _ if inner.client_end.is_some() => {
+                // A message after STREAM_END, or on a server-streaming call.
+                let status = Status::invalid_argument(
+                    "stream message after the client ended its messages",
+                );
+                inner.client_end = Some(Err(status.clone()));
+                drop(inner);
+                stream.cv.notify_all();
+                self.send(conn, error_frame(id, &status));
+                return;
+            }
+            _ => match inner.inc.on_message(cost(&frame)) {
+                Ok(()) => inner.queue.push_back(frame),
+                Err(e) => {
+                    let status = Status::resource_exhausted(format!("stream ended: {e}"));
+                    inner.client_end = Some(Err(status.clone()));
+                    drop(inner);
+                    stream.cv.notify_all();
+                    self.send(conn, error_frame(id, &status));
+                    return;
+                }
+            },
+        }
+        drop(inner);
+        stream.cv.notify_all();
+    }
+}
+
+/// What both halves hold.
+struct Half {
+    shared: Weak<Shared>,
+    conn: Arc<Conn>,
+    stream: Arc<StreamShared>,
+    id: u64,
+    deadline: Option<Instant>,
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Half {
+    /// Waits on the stream until `ready`, the end of the call (its status),
+    /// or the deadline.
+    fn wait<'a>(
+        &'a self,
+        mut ready: impl FnMut(&mut Inner) -> bool,
+    ) -> Result<parking_lot::MutexGuard<'a, Inner>, Status> {
+        let mut inner = self.stream.inner.lock();
+        loop {
+            if ready(&mut inner) {
+                return Ok(inner);
+            }
+            if let Some(Err(s)) = &inner.client_end {
+                return Err(s.clone());
+            }
+            if self.conn.closed.load(Ordering::SeqCst) {
+                return Err(Status::unavailable("the connection closed"));
+            }
+            if self.cancelled.load(Ordering::Relaxed) {
+                return Err(Status::cancelled("the client cancelled the call"));
+            }
+            match self.deadline {
+                Some(d) if Instant::now() >= d => {
+                    return Err(Status::deadline_exceeded(
+                        "the stream's deadline passed",
+                    ))
+                }
+                Some(d) => {
+                    // Wake now and then: closing and cancelling set flags
+                    // and notify, but a notify can race the check above.
+                    let until = d.min(Instant::now() + Duration::from_millis(200));
+                    self.stream.cv.wait_until(&mut inner, until);
+                }
+                None => {
+                    self.stream
+                        .cv
+                        .wait_for(&mut inner, Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    /// The handler released `bytes` of what it was handed.
+    fn release(
+        shared: &Weak<Shared>,
+        conn: &Weak<Conn>,
+        stream: &Weak<StreamShared>,
+        id: u64,
+        bytes: u64,
+    ) {
+        let (Some(shared), Some(conn), Some(stream)) =
+            (shared.upgrade(), conn.upgrade(), stream.upgrade())
+        else {
+            return;
+        };
+        let grant = {
+            let mut inner = stream.inner.lock();
+            if inner.over {
+                return;
+            }
+            inner.inc.release(bytes);
+            inner.inc.take_grant()
+        };
+        if let Some(credit) = grant {
+            if !conn.closed.load(Ordering::SeqCst) {
+                shared.send(&conn, credit_frame(id, credit));
+            }
+        }
+    }
+}
+
+/// A message of a stream, as a handler receives it.
+#[derive(Debug)]
+pub struct InMessage {
+    /// The encoded message.
+    pub body: Vec<u8>,
+    /// Its payload. Credit for it goes back to the client when the last
+    /// handle to it is dropped.
+    pub payload: Pages,
+    /// Metadata sent with it.
+    pub metadata: Vec<MetadataEntry>,
+}
+
+impl InMessage {
+    /// Decodes the body as `T`.
+    ///
+    /// # Errors
+    /// [`Code::InvalidArgument`](crate::Code::InvalidArgument) when it is not a `T`.
+    pub fn decode<T: Message + Default>(&self) -> Result<T, Status> {
+        T::decode(self.body.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("undecodable stream message: {e}")))
+    }
+}
+
+/// The client's messages on a client-streaming or bidirectional call, as
+/// its handler reads them.
+pub struct InStream {
+    half: Half,
+}
+
+impl std::fmt::Debug for InStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InStream").field("id", &self.half.id).finish()
+    }
+}
+
+impl InStream {
+    /// The next message, or `None` once the client ended its messages
+    /// (STREAM_END). A stream the client cut short (CANCEL, a lost
+    /// connection, the deadline) is an error, never `None`.
+    ///
+    /// # Errors
+    /// The status that cut the stream short.
+    pub fn recv(&mut self) -> Result<Option<InMessage>, Status> {
+        let mut inner = self
+            .half
+            .wait(|i| !i.queue.is_empty() || matches!(i.client_end, Some(Ok(()))))?;
+        let Some(frame) = inner.queue.pop_front() else {
+            return Ok(None);
+        };
+        inner.inc.release(frame.head.header.body.len() as u64);
+        let grant = inner.inc.take_grant();
+        drop(inner);
+        let h = &self.half;
+        if let (Some(credit), Some(shared)) = (grant, h.shared.upgrade()) {
+            shared.send(&h.conn, credit_frame(h.id, credit));
+        }
+        let mut payload = frame.payload;
+        let n = payload.len() as u64;
+        if n > 0 {
+            let (shared, conn, stream, id) = (
+                h.shared.clone(),
+                Arc::downgrade(&h.conn),
+                Arc::downgrade(&h.stream),
+                h.id,
+            );
+            let hook: pagerpc_pages::ReleaseHook =
+                Box::new(move |_| Half::release(&shared, &conn, &stream, id, n));
+            if let Err(hook) = payload.on_release(hook) {
+                hook(0);
+            }
+        }
+        Ok(Some(InMessage {
+            body: frame.head.header.body,
+            payload,
+            metadata: frame.head.header.metadata,
+        }))
+    }
+
+    /// The next message decoded as `T`, with its payload.
+    ///
+    /// # Errors
+    /// As [`recv`](Self::recv), and [`Code::InvalidArgument`](crate::Code::InvalidArgument) for an
+    /// undecodable body.
+    pub fn recv_typed<T: Message + Default>(&mut self) -> Result<Option<(T, Pages)>, Status> {
+        match self.recv()? {
+            Some(m) => Ok(Some((m.decode()?, m.payload))),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The server's messages on a server-streaming or bidirectional call, as
+/// its handler sends them. The handler returning ends the stream (STREAM_END
+/// for `Ok`, ERROR for `Err`).
+pub struct OutStream {
+    half: Half,
+}
+
+impl std::fmt::Debug for OutStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutStream").field("id", &self.half.id).finish()
+    }
+}
+
+/// A stream message that could not be sent: why, and its payload back.
+#[derive(Debug)]
+pub struct StreamSendError {
+    /// Why.
+    pub status: Status,
+    /// The payload, handed back.
+    pub payload: Payload,
+}
+
+impl std::fmt::Display for StreamSendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stream message not sent: {}", self.status)
+    }
+}
+
+impl std::error::Error for StreamSendError {}
+
+impl From<StreamSendError> for Status {
+    fn from(e: StreamSendError) -> Status {
+        e.status
+    }
+}
+
+impl OutStream {
+    /// Sends one message, waiting while the client has given no credit for
+    /// it (its consumer has not released enough of what it got).
+    ///
+    /// # Errors
+    /// When the client cancelled, the connection closed or the deadline
+    /// passed; the error hands the payload back.
+    pub fn send<T: Message>(
+        &mut self,
+        msg: &T,
+        payload: impl Into<Payload>,
+    ) -> Result<(), StreamSendError> {
+        self.send_raw(msg.encode_to_vec(), payload.into())
+    }
+
+    /// [`send`](Self::send) with an already encoded body.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send).
+    pub fn send_raw(&mut self, body: Vec<u8>, payload: Payload) -> Result<(), StreamSendError> {
+        let bytes = body.len() as u64 + payload.len() as u64;
+        let h = &self.half;
+        let limits = *h.conn.peer_limits.lock();
+        let header = Header {
+            call_id: h.id,
+            kind: Kind::StreamChunk as i32,
+            body,
+            ..Default::default()
+        };
+        if let Err(e) = pagerpc_core::check_head(&header, payload.len() as u64, &limits) {
+            return Err(StreamSendError {
+                status: Status::resource_exhausted(format!(
+                    "stream message refused by the client's limits: {e}"
+                )),
+                payload,
+            });
+        }
+        match h.wait(|i| i.out.can_send(bytes)) {
+            Ok(mut inner) => inner.out.spend(bytes),
+            Err(status) => return Err(StreamSendError { status, payload }),
+        }
+        let Some(shared) = h.shared.upgrade() else {
+            return Err(StreamSendError {
+                status: Status::unavailable("the server is shutting down"),
+                payload,
+            });
+        };
+        shared.send(&h.conn, OutFrame { header, payload });
+        Ok(())
+    }
+
+    /// Whether the call is still going (not cancelled, connection open).
+    pub fn is_open(&self) -> bool {
+        let h = &self.half;
+        !h.conn.closed.load(Ordering::SeqCst)
+            && !h.cancelled.load(Ordering::Relaxed)
+            && !matches!(h.stream.inner.lock().client_end, Some(Err(_)))
+    }
+}
