@@ -78,7 +78,12 @@ fn start(cfg: ServerConfig, b: ServerBuilder) -> (Server, Client) {
 fn server_stream_delivers_every_message_then_ends_ok() {
     let (_server, client) = start(config(2), builder());
     let mut rx = client
-        .server_stream("count", &msg("200,65536"), Payload::Empty, &CallOptions::default())
+        .server_stream(
+            "count",
+            &msg("200,65536"),
+            Payload::Empty,
+            &CallOptions::default(),
+        )
         .unwrap();
     let mut i = 0u64;
     while let Some((m, p)) = rx.recv_typed::<MetadataEntry>().unwrap() {
@@ -94,7 +99,9 @@ fn server_stream_delivers_every_message_then_ends_ok() {
 #[test]
 fn client_stream_and_bidi_are_byte_exact() {
     let (_server, client) = start(config(2), builder());
-    let (mut tx, resp) = client.client_stream("sum", &CallOptions::default()).unwrap();
+    let (mut tx, resp) = client
+        .client_stream("sum", &CallOptions::default())
+        .unwrap();
     let mut want = Sha256::new();
     for i in 0..100u64 {
         let p = pattern(100 * KIB + i as usize, i);
@@ -106,10 +113,13 @@ fn client_stream_and_bidi_are_byte_exact() {
     assert_eq!(r.message.key, "100");
     assert_eq!(r.message.value, want.finalize().to_vec());
 
-    let (mut tx, mut rx) = client.bidi_stream("echo-stream", &CallOptions::default()).unwrap();
+    let (mut tx, mut rx) = client
+        .bidi_stream("echo-stream", &CallOptions::default())
+        .unwrap();
     let sender = std::thread::spawn(move || {
         for i in 0..300u64 {
-            tx.send(&msg(format!("b{i}")), payload(i, 10 * KIB)).unwrap();
+            tx.send(&msg(format!("b{i}")), payload(i, 10 * KIB))
+                .unwrap();
         }
         tx.finish().unwrap();
     });
@@ -128,7 +138,12 @@ fn client_stream_and_bidi_are_byte_exact() {
 fn a_server_error_mid_stream_is_an_error_not_an_end() {
     let (_server, client) = start(config(2), builder());
     let mut rx = client
-        .server_stream("count", &msg("1000,4096,100"), Payload::Empty, &CallOptions::default())
+        .server_stream(
+            "count",
+            &msg("1000,4096,100"),
+            Payload::Empty,
+            &CallOptions::default(),
+        )
         .unwrap();
     let mut got = 0;
     let err = loop {
@@ -186,20 +201,27 @@ fn cancellation_from_either_side() {
         r.map(|()| Reply::default())
     });
     let (_server, client) = start(config(2), b);
-    let (mut tx, resp) = client.client_stream("upload", &CallOptions::default()).unwrap();
+    let (mut tx, resp) = client
+        .client_stream("upload", &CallOptions::default())
+        .unwrap();
     for i in 0..10 {
         tx.send(&msg("u"), payload(i, 8192)).unwrap();
     }
     tx.abort(Status::data_loss("the source file went away"));
     let err = resp.wait::<MetadataEntry>().unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err}");
-    assert!(wait_until(Duration::from_secs(10), || got.lock().unwrap().is_some()));
+    assert!(wait_until(Duration::from_secs(10), || got
+        .lock()
+        .unwrap()
+        .is_some()));
     let server_saw = got.lock().unwrap().clone().unwrap().unwrap_err();
     assert_eq!(server_saw.code(), Code::DataLoss, "{server_saw}");
     assert!(server_saw.message().contains("went away"), "{server_saw}");
 
     // Dropping the sender without finishing cancels too.
-    let (mut tx, resp) = client.client_stream("upload", &CallOptions::default()).unwrap();
+    let (mut tx, resp) = client
+        .client_stream("upload", &CallOptions::default())
+        .unwrap();
     tx.send(&msg("u"), payload(0, 8192)).unwrap();
     drop(tx);
     let err = resp.wait::<MetadataEntry>().unwrap_err();
@@ -259,7 +281,11 @@ fn a_stalled_consumer_stops_its_sender_and_nothing_else() {
         "the server kept sending past the window: {stalled_at} messages"
     );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sent.load(Ordering::SeqCst), stalled_at, "the sender must stay stopped");
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        stalled_at,
+        "the sender must stay stopped"
+    );
     // Other calls on the same connection go on.
     for i in 0..20 {
         let r = client
@@ -281,7 +307,9 @@ fn a_stalled_consumer_stops_its_sender_and_nothing_else() {
 fn the_wrong_shape_is_refused_with_a_clear_error() {
     let (_server, client) = start(config(2), builder());
     // A unary method called as a client stream.
-    let (tx, resp) = client.client_stream("ping", &CallOptions::default()).unwrap();
+    let (tx, resp) = client
+        .client_stream("ping", &CallOptions::default())
+        .unwrap();
     let err = resp.wait::<MetadataEntry>().unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(err.message().contains("unary"), "{err}");
@@ -299,7 +327,12 @@ fn the_wrong_shape_is_refused_with_a_clear_error() {
 fn a_server_killed_mid_stream_is_never_a_complete_stream() {
     let (server, client) = start(config(2), builder());
     let mut rx = client
-        .server_stream("count", &msg("100000,4096"), Payload::Empty, &CallOptions::default())
+        .server_stream(
+            "count",
+            &msg("100000,4096"),
+            Payload::Empty,
+            &CallOptions::default(),
+        )
         .unwrap();
     for _ in 0..10 {
         rx.recv().unwrap().unwrap();

@@ -114,7 +114,10 @@ fn v1_request() -> Vec<u8> {
 
 #[test]
 fn a_version_1_client_gets_a_version_1_error_not_a_hang() {
-    let server = echo_builder().config(config(2)).bind("127.0.0.1:0").unwrap();
+    let server = echo_builder()
+        .config(config(2))
+        .bind("127.0.0.1:0")
+        .unwrap();
     let mut s = TcpStream::connect(server.local_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&v1_request()).unwrap();

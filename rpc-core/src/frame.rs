@@ -88,8 +88,9 @@ pub fn decode_header(bytes: &[u8], limits: &Limits) -> Result<Header, CodecError
     })?;
     if !header.body.is_empty() {
         return Err(CodecError::MalformedHeader {
-            reason: "the header carries a body field; in wire version 2 the body follows the header"
-                .into(),
+            reason:
+                "the header carries a body field; in wire version 2 the body follows the header"
+                    .into(),
         });
     }
     // Before validate_header: a truncated kind must be reported by its raw
@@ -461,7 +462,10 @@ mod tests {
         };
         assert_eq!(
             encode_head(&h, 0, Flags::NONE, &small_body, &mut out),
-            Err(CodecError::BodyTooLarge { limit: 99, got: 100 })
+            Err(CodecError::BodyTooLarge {
+                limit: 99,
+                got: 100
+            })
         );
         assert!(out.is_empty(), "nothing is written on failure");
     }

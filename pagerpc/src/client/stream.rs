@@ -46,9 +46,7 @@ impl StreamMessage {
     /// [`Code::Internal`](crate::Code::Internal) when the body is not a `T`.
     pub fn decode<T: Message + Default>(&self) -> Result<T, CallError> {
         T::decode(self.body.as_slice()).map_err(|e| {
-            CallError::new(Status::internal(format!(
-                "undecodable stream message: {e}"
-            )))
+            CallError::new(Status::internal(format!("undecodable stream message: {e}")))
         })
     }
 }
@@ -163,8 +161,7 @@ impl Client {
         payload: impl Into<Payload>,
         opts: &CallOptions,
     ) -> Result<StreamReceiver, CallError> {
-        let (id, deadline) =
-            self.open(method, false, req.encode_to_vec(), payload.into(), opts)?;
+        let (id, deadline) = self.open(method, false, req.encode_to_vec(), payload.into(), opts)?;
         Ok(StreamReceiver::new(self.shared.clone(), id, deadline))
     }
 
@@ -234,9 +231,7 @@ impl Shared {
                 Some(stream) => match stream.inc.on_message(cost(&frame)) {
                     Ok(()) => stream.queue.push_back(frame),
                     Err(e) => {
-                        let status = Status::resource_exhausted(format!(
-                            "stream ended: {e}"
-                        ));
+                        let status = Status::resource_exhausted(format!("stream ended: {e}"));
                         stream.end(Err(status.clone()));
                         violation = Some(status);
                     }
@@ -409,7 +404,9 @@ impl Shared {
             .wait_slot(id, deadline, |s| s.ready())
             .map_err(CallError::new)?;
         let Some(stream) = st.calls.get_mut(id).and_then(|s| s.stream.as_mut()) else {
-            return Err(CallError::new(Status::cancelled("the stream was cancelled")));
+            return Err(CallError::new(Status::cancelled(
+                "the stream was cancelled",
+            )));
         };
         if let Some(frame) = stream.queue.pop_front() {
             // The body is the consumer's now: its credit goes back at once.
@@ -424,7 +421,9 @@ impl Shared {
         let end = match stream.end.as_ref() {
             Some(Ok(_)) => Ok(None),
             Some(Err(s)) => Err(CallError::new(s.clone())),
-            None => Err(CallError::new(Status::internal("stream woke without an end"))),
+            None => Err(CallError::new(Status::internal(
+                "stream woke without an end",
+            ))),
         };
         end
     }
@@ -545,7 +544,11 @@ impl StreamSender {
     /// The server's status if it ended the call, `DeadlineExceeded` at the
     /// stream's deadline, `Unavailable` when the connection fails. The
     /// error hands the payload back when none of it was written.
-    pub fn send<T: Message>(&mut self, msg: &T, payload: impl Into<Payload>) -> Result<(), CallError> {
+    pub fn send<T: Message>(
+        &mut self,
+        msg: &T,
+        payload: impl Into<Payload>,
+    ) -> Result<(), CallError> {
         self.send_raw(msg.encode_to_vec(), payload.into())
     }
 

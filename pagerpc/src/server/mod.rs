@@ -422,7 +422,7 @@ struct Shared {
 /// Work for a pool thread besides socket readiness.
 enum Work {
     /// Run a call's handler.
-    Call(Job),
+    Call(Box<Job>),
     /// Own a connection for these events (resume reading, check timeouts,
     /// continue a batch).
     Conn(Arc<Conn>, Events),

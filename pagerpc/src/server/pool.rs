@@ -50,7 +50,7 @@ impl Shared {
                             self.jobs_signal.raise();
                         }
                         match work {
-                            Work::Call(job) => self.run_job(job),
+                            Work::Call(job) => self.run_job(*job),
                             Work::Conn(conn, ev) => self.drive(&conn, ev),
                             Work::Accept => self.rearm_listener(),
                         }
@@ -201,7 +201,7 @@ impl Shared {
                         if mine.is_none() {
                             *mine = Some(job);
                         } else {
-                            let _ = self.jobs_tx.send(Work::Call(job));
+                            let _ = self.jobs_tx.send(Work::Call(Box::new(job)));
                             dispatched += 1;
                         }
                     }
@@ -387,15 +387,10 @@ impl Shared {
                     return None;
                 }
                 *self.inflight.lock() += 1;
-                if let Some((shape, handler)) = self.stream_handlers.get(&frame.head.header.method) {
-                    let opened = self.open_stream(
-                        conn,
-                        frame,
-                        *shape,
-                        handler.clone(),
-                        cancelled,
-                        now,
-                    );
+                if let Some((shape, handler)) = self.stream_handlers.get(&frame.head.header.method)
+                {
+                    let opened =
+                        self.open_stream(conn, frame, *shape, handler.clone(), cancelled, now);
                     if let Err(status) = opened {
                         self.send(conn, error_frame(id, &status));
                         self.finish_call(conn, id);
@@ -570,7 +565,7 @@ impl Shared {
             return;
         }
         for job in jobs {
-            let _ = self.jobs_tx.send(Work::Call(job));
+            let _ = self.jobs_tx.send(Work::Call(Box::new(job)));
         }
         self.jobs_signal.raise();
     }

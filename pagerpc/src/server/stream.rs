@@ -203,7 +203,7 @@ impl Shared {
             cancelled: cancelled.clone(),
         };
         let streams = Streams {
-            request: (shape == Shape::Server).then(|| (h.body, frame.payload)),
+            request: (shape == Shape::Server).then_some((h.body, frame.payload)),
             rx: InStream { half: half() },
             tx: OutStream { half: half() },
         };
@@ -220,9 +220,7 @@ impl Shared {
                 other => other,
             };
             let frame = match (shape, out) {
-                (Shape::Client, result) => {
-                    response_frame(id, result, &conn.peer_limits.lock())
-                }
+                (Shape::Client, result) => response_frame(id, result, &conn.peer_limits.lock()),
                 (_, Ok(reply)) => OutFrame {
                     header: Header {
                         call_id: id,
@@ -263,9 +261,8 @@ impl Shared {
             }
             _ if inner.client_end.is_some() => {
                 // A message after STREAM_END, or on a server-streaming call.
-                let status = Status::invalid_argument(
-                    "stream message after the client ended its messages",
-                );
+                let status =
+                    Status::invalid_argument("stream message after the client ended its messages");
                 inner.client_end = Some(Err(status.clone()));
                 drop(inner);
                 stream.cv.notify_all();
@@ -322,9 +319,7 @@ impl Half {
             }
             match self.deadline {
                 Some(d) if Instant::now() >= d => {
-                    return Err(Status::deadline_exceeded(
-                        "the stream's deadline passed",
-                    ))
+                    return Err(Status::deadline_exceeded("the stream's deadline passed"))
                 }
                 Some(d) => {
                     // Wake now and then: closing and cancelling set flags
@@ -401,7 +396,9 @@ pub struct InStream {
 
 impl std::fmt::Debug for InStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InStream").field("id", &self.half.id).finish()
+        f.debug_struct("InStream")
+            .field("id", &self.half.id)
+            .finish()
     }
 }
 
@@ -470,7 +467,9 @@ pub struct OutStream {
 
 impl std::fmt::Debug for OutStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutStream").field("id", &self.half.id).finish()
+        f.debug_struct("OutStream")
+            .field("id", &self.half.id)
+            .finish()
     }
 }
 

@@ -18,9 +18,9 @@
 mod calls;
 mod client;
 pub mod flow;
-pub mod settings;
 #[cfg(feature = "model")]
 pub mod model;
+pub mod settings;
 mod timers;
 
 use std::time::{Duration, Instant};
