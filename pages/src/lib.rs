@@ -7,9 +7,17 @@
 //! - [`PageBuf`]: a writable, page-aligned buffer a sender fills in place and
 //!   sends without another copy.
 //! - [`Payload`]: what a send takes ownership of, and hands back on failure.
+//!
+//! A consumer that keeps many small payloads (a key-value store, say)
+//! should [`Pages::compact`] them: every zero-copy payload is a mapping of
+//! its own, and a process has at most `vm.max_map_count` (65,530 by
+//! default) mappings; compacted values share the slabs of one pool.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod pool;
 mod sys;
+
+pub use pool::POOL_MAX;
 
 use std::fmt;
 use std::io;
@@ -56,7 +64,9 @@ pub enum Origin {
     /// No bytes.
     Empty,
     /// A page of the process-wide small-payload pool (payloads of at most
-    /// [`HEAP_MAX`] bytes).
+    /// [`HEAP_MAX`] bytes), or page-aligned memory from the global
+    /// allocator when no mapping could be made for the payload (the
+    /// process at `vm.max_map_count`, say).
     Heap,
     /// An anonymous mapping the bytes were copied into.
     Anonymous,
@@ -64,6 +74,48 @@ pub enum Origin {
     /// receive queue without a copy. The mapping keeps the socket open until
     /// it is unmapped.
     Socket,
+    /// A slot of the compacting pool (see [`Pages::compact`]), shared with
+    /// other values' slots in one mapping. Slots of at most half a page
+    /// are aligned to their size (a power of two, at least 16 bytes), not
+    /// to a page.
+    Pooled,
+}
+
+/// What the compacting pool behind [`Pages::compact`] holds (see
+/// [`pool_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Slabs mapped: each one anonymous mapping of [`PoolStats::SLAB_BYTES`].
+    pub slabs: usize,
+    /// Compacted values alive.
+    pub values: usize,
+    /// Bytes of their slots (the sum of their [`Pages::footprint`]).
+    pub slot_bytes: usize,
+}
+
+impl PoolStats {
+    /// Bytes of one slab: 2 MiB.
+    pub const SLAB_BYTES: usize = pool::SLAB_BYTES;
+
+    /// Bytes of address space the slabs take (resident only where live
+    /// values are).
+    pub fn mapped_bytes(&self) -> usize {
+        self.slabs * Self::SLAB_BYTES
+    }
+}
+
+/// What the process-wide compacting pool holds now.
+pub fn pool_stats() -> PoolStats {
+    stats_of(&sys::POOL)
+}
+
+fn stats_of(pool: &sys::Pool) -> PoolStats {
+    let c = pool.counts();
+    PoolStats {
+        slabs: c.slabs,
+        values: c.values,
+        slot_bytes: c.slot_bytes,
+    }
 }
 
 /// An owned, read-only, page-aligned byte region.
@@ -72,10 +124,15 @@ pub enum Origin {
 /// the last clone is dropped. A consumer may keep it as long as it likes:
 /// it stays valid after the connection it came from closes.
 ///
+/// Every `Pages` starts on a page boundary except a compacted one of at
+/// most half a page ([`Origin::Pooled`]; see [`Pages::compact`]).
+///
 /// # Memory cost
-/// The region occupies `len` rounded up to 4 KiB. A region mapped from a
-/// socket also holds that socket's file open (a few KiB of kernel memory)
-/// until it is dropped, even after the connection is closed.
+/// [`footprint`](Pages::footprint) bytes: `len` rounded up to 4 KiB, or
+/// for a compacted value its pool slot. A region mapped from a socket is
+/// also one mapping of the process's `vm.max_map_count`, and holds that
+/// socket's file open (a few KiB of kernel memory) until it is dropped,
+/// even after the connection is closed.
 #[derive(Clone)]
 pub struct Pages {
     region: Option<Arc<Held>>,
@@ -216,9 +273,68 @@ impl Pages {
         self.region.as_ref().map_or(1, Arc::strong_count)
     }
 
-    /// Bytes of memory this value keeps alive (the region's size).
+    /// Bytes of memory this value keeps alive (shared with its clones):
+    /// the region's size, `len` rounded up to whole pages, or the slot of
+    /// a compacted value (see [`Pages::compact`]). 0 for empty pages.
+    ///
+    /// This is what a receiver's release hook is given, and what a keeper
+    /// of many values should count: a 1-byte payload received on its own
+    /// holds a whole page.
     pub fn footprint(&self) -> usize {
         self.region.as_ref().map_or(0, |r| r.region.capacity())
+    }
+
+    /// Makes these pages fit for keeping many of: a payload of at most
+    /// `threshold` bytes (and at most [`POOL_MAX`]) is copied into a slot
+    /// of the process-wide compacting pool, and the copy is returned;
+    /// anything larger (or already compacted) is returned as it is. Either
+    /// way the result is detached from receive accounting, as by
+    /// [`detach_accounting`](Pages::detach_accounting).
+    ///
+    /// The pool carves its slots from slabs of 2 MiB, each one anonymous
+    /// mapping shared by many values of one size class: powers of two
+    /// from 16 bytes to half a page, then whole pages. So 100,000 values
+    /// of 4 KiB take 196 mappings rather than 100,000, and a 1-byte value
+    /// takes 16 bytes rather than a page. A compacted value holds no
+    /// socket open.
+    ///
+    /// If the pool cannot grow (no memory, or the process is at
+    /// `vm.max_map_count`), the pages are returned as they are: check
+    /// [`origin`](Pages::origin) for [`Origin::Pooled`].
+    ///
+    /// # Memory cost
+    /// The slot ([`footprint`](Pages::footprint)): less than twice `len`
+    /// below half a page, `len` rounded up to whole pages above. Pages no
+    /// live slot uses are given back to the kernel as slots are freed,
+    /// and a slab is unmapped when its last value is dropped; a page with
+    /// one live small slot on it stays resident (up to 4 KiB for a value
+    /// whose footprint is 16 bytes, when its neighbours were dropped).
+    pub fn compact(self, threshold: usize) -> Pages {
+        self.compact_in(threshold, &sys::POOL)
+    }
+
+    fn compact_in(self, threshold: usize, pool: &'static sys::Pool) -> Pages {
+        self.detach_accounting();
+        if self.len == 0 {
+            return Pages::empty();
+        }
+        if self.origin == Origin::Pooled || self.len > threshold.min(POOL_MAX) {
+            return self;
+        }
+        match pool.alloc(self.len) {
+            Ok(mut region) => {
+                region.slice_mut(self.len).copy_from_slice(&self);
+                Pages {
+                    region: Some(Arc::new(Held {
+                        region,
+                        on_release: Mutex::new(None),
+                    })),
+                    len: self.len,
+                    origin: Origin::Pooled,
+                }
+            }
+            Err(_) => self,
+        }
     }
 }
 
@@ -271,15 +387,18 @@ pub struct PageBuf {
 }
 
 impl PageBuf {
-    /// A zero-filled buffer of `len` bytes.
+    /// A zero-filled buffer of `len` bytes: a page of the small-payload
+    /// pool up to [`HEAP_MAX`], an anonymous mapping above. When no mapping
+    /// can be made (`ENOMEM`: out of memory, or the process is at
+    /// `vm.max_map_count`), page-aligned memory from the global allocator.
     ///
     /// # Errors
-    /// When the memory cannot be allocated or mapped.
+    /// When the memory can be neither mapped nor allocated.
     pub fn new(len: usize) -> io::Result<PageBuf> {
         let region = match len {
             0 => None,
             n if n <= HEAP_MAX => Some(Region::small(n, true)?),
-            n => Some(Region::anon(n)?),
+            n => Some(Region::anon_or_heap(n, true)?),
         };
         Ok(PageBuf { region, len })
     }
@@ -303,15 +422,16 @@ impl PageBuf {
     /// byte before anyone reads it. Large buffers come from the recycle
     /// cache (see [`set_cache_limit`]), so their pages are already faulted
     /// in; the initial contents are unspecified (zeros or bytes of an
-    /// earlier payload of this process).
+    /// earlier payload of this process). Falls back to the global
+    /// allocator as [`PageBuf::new`] does.
     ///
     /// # Errors
-    /// When the memory cannot be allocated or mapped.
+    /// When the memory can be neither mapped nor allocated.
     pub fn for_overwrite(len: usize) -> io::Result<PageBuf> {
         let region = match len {
             0 => None,
             n if n <= HEAP_MAX => Some(Region::small(n, false)?),
-            n => Some(Region::recycled(n)?),
+            n => Some(Region::anon_or_heap(n, false)?),
         };
         Ok(PageBuf { region, len })
     }
@@ -512,6 +632,229 @@ mod tests {
         let mut a = Pages::copy_from_slice(&[1u8; 10]).unwrap();
         let _b = a.clone();
         assert!(a.on_release(Box::new(|_| {})).is_err());
+    }
+
+    /// A pool of the test's own, so that tests running in parallel do not
+    /// see each other's values in its counts.
+    fn own_pool() -> &'static sys::Pool {
+        Box::leak(Box::new(sys::Pool::new()))
+    }
+
+    fn bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// The footprint a payload of `len` bytes has once compacted.
+    fn slot_of(len: usize) -> usize {
+        pool::class_size(pool::class_for(len).unwrap())
+    }
+
+    #[test]
+    fn compact_copies_small_values_and_detaches_them() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let p = own_pool();
+        let released = Arc::new(AtomicUsize::new(0));
+        let want = bytes(1, 1);
+        let mut v = Pages::copy_from_slice(&want).unwrap();
+        assert_eq!(v.footprint(), 4096, "a 1-byte payload holds a page");
+        let r = released.clone();
+        v.on_release(Box::new(move |n| {
+            r.fetch_add(n, Ordering::SeqCst);
+        }))
+        .ok()
+        .unwrap();
+        let keep_original = v.clone();
+        let c = v.compact_in(4096, p);
+        assert_eq!(
+            released.load(Ordering::SeqCst),
+            4096,
+            "the receive accounting is released at once, though a clone lives"
+        );
+        drop(keep_original);
+        assert_eq!(released.load(Ordering::SeqCst), 4096, "and only once");
+        assert_eq!(c.origin(), Origin::Pooled);
+        assert_eq!(c.footprint(), 16);
+        assert_eq!(*c, want[..]);
+        assert_eq!(
+            stats_of(p),
+            PoolStats {
+                slabs: 1,
+                values: 1,
+                slot_bytes: 16
+            }
+        );
+        // Compacting again changes nothing.
+        let c2 = c.clone().compact_in(4096, p);
+        assert_eq!(stats_of(p).values, 1);
+        assert_eq!(c2.as_ptr(), c.as_ptr());
+        drop((c, c2));
+        assert_eq!(stats_of(p), PoolStats::default(), "the slab is unmapped");
+
+        // Over the threshold, or over POOL_MAX: kept as is, but detached.
+        let big = Pages::copy_from_slice(&bytes(5000, 2)).unwrap();
+        let at = big.as_ptr();
+        let same = big.compact_in(4096, p);
+        assert_eq!((same.as_ptr(), same.origin()), (at, Origin::Anonymous));
+        let huge = Pages::copy_from_slice(&bytes(POOL_MAX + 1, 3)).unwrap();
+        assert_eq!(huge.compact_in(usize::MAX, p).origin(), Origin::Anonymous);
+        assert!(Pages::empty().compact_in(4096, p).is_empty());
+        assert_eq!(stats_of(p), PoolStats::default());
+    }
+
+    #[test]
+    fn many_compacted_values_share_few_slabs() {
+        let p = own_pool();
+        let vals: Vec<Pages> = (0..3000u64)
+            .map(|i| {
+                Pages::copy_from_slice(&bytes(4096, i))
+                    .unwrap()
+                    .compact_in(4096, p)
+            })
+            .collect();
+        let s = stats_of(p);
+        assert_eq!(s.values, 3000);
+        assert_eq!(s.slabs, 3000usize.div_ceil(512), "{s:?}");
+        assert_eq!(s.slot_bytes, 3000 * 4096);
+        for (i, v) in vals.iter().enumerate() {
+            assert_eq!(v.as_ptr() as usize % 4096, 0, "page slots stay aligned");
+            assert!(**v == bytes(4096, i as u64)[..]);
+        }
+        drop(vals);
+        assert_eq!(stats_of(p), PoolStats::default());
+    }
+
+    /// A freed slot's pages go back to the kernel while its slab stays
+    /// mapped for the values still in it; the slab goes when they do.
+    #[test]
+    fn freed_slots_are_given_back_and_empty_slabs_unmapped() {
+        let p = own_pool();
+        // Page-sized slots: each freed one is discarded at once.
+        let a = Pages::copy_from_slice(&bytes(8192, 1))
+            .unwrap()
+            .compact_in(POOL_MAX, p);
+        let b = Pages::copy_from_slice(&bytes(8192, 2))
+            .unwrap()
+            .compact_in(POOL_MAX, p);
+        let (a_at, b_at) = (a.as_ptr() as usize, b.as_ptr() as usize);
+        assert_eq!(sys::resident_pages(a_at, 8192), 2);
+        drop(a);
+        assert_eq!(
+            sys::resident_pages(a_at, 8192),
+            0,
+            "a's pages are given back"
+        );
+        assert_eq!(sys::resident_pages(b_at, 8192), 2);
+        assert!(*b == bytes(8192, 2)[..]);
+        drop(b);
+        assert!(!sys::is_mapped(b_at), "the empty slab is unmapped");
+
+        // Sub-page slots: a page goes back once all its slots are free.
+        let small: Vec<Pages> = (0..300u64)
+            .map(|i| {
+                Pages::copy_from_slice(&bytes(20, i))
+                    .unwrap()
+                    .compact_in(64, p)
+            })
+            .collect();
+        assert!(small.iter().all(|v| v.footprint() == 32));
+        let first_page = small[0].as_ptr() as usize;
+        assert_eq!(first_page % 4096, 0);
+        let mut keep = Vec::new();
+        for (i, v) in small.into_iter().enumerate() {
+            // 128 slots of 32 bytes per page: keep one value on page 1 only.
+            if i == 200 {
+                keep.push(v);
+            }
+        }
+        assert_eq!(sys::resident_pages(first_page, 4096), 0);
+        assert_eq!(sys::resident_pages(first_page + 4096, 4096), 1);
+        assert!(*keep[0] == bytes(20, 200)[..]);
+        assert_eq!(stats_of(p).slabs, 1);
+        drop(keep);
+        assert_eq!(stats_of(p), PoolStats::default());
+        assert!(!sys::is_mapped(first_page));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Any mix of compacting and dropping: every live value keeps its
+        /// bytes, its footprint is its slot, the pool's counts are the sum
+        /// of the live values, and when the last value goes every slab is
+        /// unmapped.
+        #[test]
+        fn compacted_values_keep_their_bytes_and_accounting(
+            ops in proptest::collection::vec(
+                (0usize..=POOL_MAX + 100, proptest::prelude::any::<u16>(), 0u8..4),
+                1..120,
+            ),
+            threshold in proptest::prop_oneof![
+                proptest::strategy::Just(POOL_MAX),
+                0usize..=POOL_MAX + 1
+            ],
+        ) {
+            use proptest::prelude::*;
+            let p = own_pool();
+            let mut live: Vec<(Pages, Vec<u8>, usize)> = Vec::new();
+            for (step, (len, pick, op)) in ops.into_iter().enumerate() {
+                // Mostly small sizes: most slabs should hold several values.
+                let len = if op == 0 { len } else { len % 600 };
+                if op == 3 && !live.is_empty() {
+                    live.swap_remove(pick as usize % live.len());
+                } else {
+                    let want = bytes(len, step as u64);
+                    let orig = Pages::copy_from_slice(&want).unwrap();
+                    let orig_footprint = orig.footprint();
+                    let c = orig.compact_in(threshold, p);
+                    prop_assert_eq!(&*c, &want[..]);
+                    if len > 0 && len <= threshold.min(POOL_MAX) {
+                        prop_assert_eq!(c.origin(), Origin::Pooled);
+                        prop_assert_eq!(c.footprint(), slot_of(len));
+                        prop_assert_eq!(c.as_ptr() as usize % slot_of(len).min(4096), 0);
+                    } else {
+                        prop_assert!(c.origin() != Origin::Pooled);
+                        prop_assert_eq!(c.footprint(), orig_footprint);
+                    }
+                    live.push((c, want, len));
+                }
+                for (v, want, _) in &live {
+                    prop_assert_eq!(&**v, &want[..]);
+                }
+                let pooled: Vec<&Pages> =
+                    live.iter().map(|l| &l.0).filter(|v| v.origin() == Origin::Pooled).collect();
+                let s = stats_of(p);
+                prop_assert_eq!(s.values, pooled.len());
+                prop_assert_eq!(s.slot_bytes, pooled.iter().map(|v| v.footprint()).sum::<usize>());
+                prop_assert!(s.slabs <= pooled.len());
+            }
+            drop(live);
+            prop_assert_eq!(stats_of(p), PoolStats::default());
+        }
+    }
+
+    /// The allocator fallback (used when no mapping can be made) gives
+    /// page-aligned, zeroed, whole-page memory.
+    #[test]
+    fn heap_fallback_regions_are_page_aligned_and_zeroed() {
+        let mut b = PageBuf {
+            region: Some(sys::Region::heap(5000).unwrap()),
+            len: 5000,
+        };
+        assert!(b.iter().all(|&x| x == 0));
+        b.copy_from_slice(&bytes(5000, 9));
+        let p = b.freeze();
+        assert_eq!(p.origin(), Origin::Heap);
+        assert_eq!(p.as_ptr() as usize % 4096, 0);
+        assert_eq!(p.footprint(), 8192);
+        assert!(*p == bytes(5000, 9)[..]);
     }
 
     #[test]
