@@ -204,6 +204,36 @@ fn verify_checksum(frame: Frame) -> Result<Frame, RecvError> {
     }
 }
 
+/// Whether a mapping failed for want of memory or of mappings (`ENOMEM`:
+/// the process is out of memory or at `vm.max_map_count`): a shortage that
+/// passes, unlike a socket that cannot be mapped at all.
+fn is_enomem(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOMEM)
+}
+
+/// A zero-copy payload region could not be made writable where the kernel
+/// could not map (`e`): with `ENOMEM` (no mapping can be made now), move
+/// the payload into page-aligned memory (which falls back to the
+/// allocator), keeping the bytes already mapped, and copy the rest of it
+/// there instead of failing the connection. Other errors are returned.
+fn zc_to_buf(p: &mut Partial, e: io::Error) -> Result<(), RecvError> {
+    let Sink::Zc(region) = &p.sink else {
+        return Err(RecvError::Io(e));
+    };
+    if !is_enomem(&e) {
+        return Err(RecvError::Io(e));
+    }
+    let len = p.head.payload_len() as usize;
+    let Ok(mut buf) = PageBuf::for_overwrite(len) else {
+        return Err(RecvError::Io(e));
+    };
+    buf[..p.filled].copy_from_slice(region.received(p.filled));
+    // Unmaps the region.
+    p.sink = Sink::Buf(buf);
+    p.copy_until = len;
+    Ok(())
+}
+
 /// What one step of [`Receiver::poll_frame`] achieved.
 enum Step {
     Frame(Frame),
@@ -696,13 +726,22 @@ impl Receiver {
     /// Chooses where a payload of `len` bytes goes.
     fn new_sink(&mut self, head: &FrameHead, len: usize) -> Result<Sink, RecvError> {
         if self.mmap_on && !head.inline_payload() && len >= pagerpc_core::PAGE_SIZE {
-            return Ok(Sink::Consume(
-                sys::ConsumeRegion::new(len).map_err(RecvError::Io)?,
-            ));
+            match sys::ConsumeRegion::new(len) {
+                Ok(r) => return Ok(Sink::Consume(r)),
+                // No mapping can be made now (out of memory, or the process
+                // is at vm.max_map_count): copy this payload; the next one
+                // tries mapping again.
+                Err(e) if is_enomem(&e) => {}
+                Err(e) => return Err(RecvError::Io(e)),
+            }
         }
         if self.zc.is_some() && !head.inline_payload() && len >= pagerpc_core::PAGE_SIZE {
             match sys::SockRegion::new(self.fd.as_fd(), len) {
                 Ok(r) => return Ok(Sink::Zc(r)),
+                // No mapping can be made now (out of memory, or the process
+                // is at vm.max_map_count, which kept payloads fill): copy
+                // this payload, and keep zero-copy on for the next ones.
+                Err(e) if is_enomem(&e) => {}
                 // The socket cannot be mapped (no zero-copy support here):
                 // copy from now on.
                 Err(e) => self.zc_disable(format!("mmap() on the socket failed: {e}")),
@@ -934,7 +973,9 @@ impl Receiver {
         };
         let Some(zc) = self.zc.as_mut() else {
             // Switched off mid-payload: copy the rest.
-            region.make_writable_from(p.filled).map_err(RecvError::Io)?;
+            if let Err(e) = region.make_writable_from(p.filled) {
+                zc_to_buf(p, e)?;
+            }
             p.copy_reason = CopyReason::BackendOff;
             return Ok(Step::Progress);
         };
@@ -974,12 +1015,13 @@ impl Receiver {
                 };
                 let skip = out.skip.min(want);
                 if skip.is_multiple_of(pagerpc_core::PAGE_SIZE) {
-                    region
-                        .make_writable(p.filled, p.filled + skip)
-                        .map_err(RecvError::Io)?;
-                    p.copy_until = p.filled + skip;
+                    match region.make_writable(p.filled, p.filled + skip) {
+                        Ok(()) => p.copy_until = p.filled + skip,
+                        Err(e) => zc_to_buf(p, e)?,
+                    }
+                } else if let Err(e) = region.make_writable_from(p.filled) {
+                    zc_to_buf(p, e)?;
                 } else {
-                    region.make_writable_from(p.filled).map_err(RecvError::Io)?;
                     p.copy_until = p.head.payload_len() as usize;
                 }
                 Ok(Step::Progress)

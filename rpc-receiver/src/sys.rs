@@ -417,6 +417,15 @@ impl SockRegion {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) }
     }
 
+    /// The first `len` bytes, mapped or written so far.
+    pub(crate) fn received(&self, len: usize) -> &[u8] {
+        assert!(len <= self.map_len);
+        // SAFETY: the whole region is mapped readable (socket pages
+        // read-only, the rest read-write) and owned by this region; writes
+        // need `&mut self`, so none happen while this borrow lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len) }
+    }
+
     /// Hands the region to a `Pages` of `len` bytes.
     pub(crate) fn into_pages(mut self, len: usize) -> pagerpc_pages::Pages {
         // ManuallyDrop below skips every field's destructor: free the hole
