@@ -1,8 +1,9 @@
 #!/bin/bash
 # Build a trimmed User-mode Linux kernel (Debian's linux-source-6.12 plus the
-# TCP_MMAP_CONSUME series in this directory, CONFIG_PROVE_LOCKING on), boot it
-# with the host's / as a hostfs root, run tests inside it and turn the guest's
-# verdict into this script's exit status.
+# TCP_MMAP_CONSUME series in this directory, CONFIG_PROVE_LOCKING on, and the
+# harness fix uml-host/0*.patch so that UML runs on hosts with large XSAVE
+# areas), boot it with the host's / as a hostfs root, run tests inside it and
+# turn the guest's verdict into this script's exit status.
 #
 # usage: kernel-patch/run-uml.sh [options] [--] [guest-cmd ...]
 #
@@ -19,15 +20,15 @@
 #   --timeout SECONDS    limit for the boot + all guest commands (default 900)
 #   --jobs N             make -j (default: number of CPUs + 1)
 #   --rebuild            ignore the build cache stamp and run make again
-# Exit status: 0 passed, 1 failed, 2 harness error, 77 skipped because this
-# host cannot run a 6.12 UML guest's userspace (tests/uml_host_probe.c).
 #   --negative-control   also apply negative-control/*.patch (the 2018 lock
 #                        order) in target/uml/negative-control and expect
 #                        lockdep to catch it: exits 0 only if it does
 #   --verbose            show every kernel console line, not just warnings
 #
 # exit status: 0 guest PASS and lockdep clean; 1 test or lockdep failure or
-# guest timeout; 2 setup/build problem.
+# guest timeout; 2 setup/build problem, including a host that cannot run UML
+# at all (tests/uml_host_probe.c: no ptrace, or the host refuses its own FPU
+# state back).  There is no "skipped" status.
 #
 # Output (relative to the repository root):
 #   target/uml/src/linux-source-6.12   patched source      target/uml/build  O= dir
@@ -86,22 +87,6 @@ die() { log "ERROR: $*" >&2; exit 2; }
 case "$root$here" in *[[:space:]]*) die "the repository path must not contain spaces (it is passed on the UML kernel command line)" ;; esac
 mkdir -p "$src_parent" "$build" "$bin" "$run" "$logs"
 
-# ---- 0. can this host run a 6.12 UML guest's userspace at all? ----------------
-# Newer host kernels refuse UML 6.12's fixed-size FPU state (see
-# tests/uml_host_probe.c); the guest would panic before running anything.
-# Exit 77 ("skipped"), before spending minutes on a build that cannot boot.
-if command -v gcc > /dev/null 2>&1 &&
-   gcc -O2 -o "$bin/uml_host_probe" "$here/tests/uml_host_probe.c" 2> "$logs/probe.log"; then
-	set +e
-	probe=$("$bin/uml_host_probe")
-	probe_rc=$?
-	set -e
-	if [ "$probe_rc" = 3 ]; then
-		log "SKIPPED: this host cannot run a Linux 6.12 UML guest: $probe (host kernel $(uname -r))"
-		exit 77
-	fi
-fi
-
 # ---- 1. host packages ---------------------------------------------------------
 need_pkgs=(build-essential bc flex bison xz-utils patch perl "$KVER_PKG")
 missing=()
@@ -122,10 +107,27 @@ fi
 [ -f "$TARBALL" ] || die "$TARBALL missing although $KVER_PKG is installed"
 pkg_version=$(dpkg-query -W -f='${Version}' "$KVER_PKG")
 
+# ---- 1b. can this host run the UML guest's userspace at all? -------------------
+# UML moves each guest process's FPU state through ptrace with the host's
+# XSAVE size (uml-host/0001-*.patch; stock 6.12 used a fixed 2696 bytes, which
+# hosts with AMX refuse).  tests/uml_host_probe.c does the same round trip;
+# if it fails the guest could not start, so stop before spending minutes on a
+# build.  This is a failure, not a skip.
+gcc -O2 -o "$bin/uml_host_probe" "$here/tests/uml_host_probe.c" 2> "$logs/probe.log" ||
+	die "compiling tests/uml_host_probe.c failed, see $logs/probe.log"
+set +e
+probe=$("$bin/uml_host_probe")
+probe_rc=$?
+set -e
+[ "$probe_rc" = 0 ] ||
+	die "this host cannot run the UML guest (host kernel $(uname -r)): ${probe:-probe exited $probe_rc}"
+log "host: $probe"
+
 # ---- 2. source tree + patch series --------------------------------------------
-series=("$here"/0*.patch)
+# the harness fix for UML itself first, then the TCP_MMAP_CONSUME series
+series=("$here"/uml-host/0*.patch "$here"/0*.patch)
 [ "$negative" = 1 ] && series+=("$here"/negative-control/0*.patch)
-[ -f "${series[0]}" ] || die "no patches in $here"
+for p in "${series[@]}"; do [ -f "$p" ] || die "no patches matching $p"; done
 series_hash=$( { echo "$pkg_version"; for p in "${series[@]}"; do basename "$p"; cat "$p"; done; } | sha256sum | cut -c1-16)
 
 extract() {
@@ -192,7 +194,7 @@ if [ "$(cat "$src_parent/.applied/hash" 2>/dev/null)" != "$series_hash" ]; then
 	done
 fi
 kernelversion=$(make -s -C "$src" kernelversion 2>/dev/null)
-log "kernel $kernelversion (Debian $KVER_PKG $pkg_version), series $series_hash: ${series[*]##*/}"
+log "kernel $kernelversion (Debian $KVER_PKG $pkg_version), series $series_hash: ${series[*]#"$here"/}"
 
 # ---- 3./4. configure + build (cached) -------------------------------------------
 frag=$here/uml.config
