@@ -417,12 +417,15 @@ impl SockRegion {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) }
     }
 
-    /// The first `len` bytes, mapped or written so far.
+    /// The first `len` bytes, which must all have been mapped or written
+    /// already (a socket page the kernel has not mapped yet would fault
+    /// with `SIGBUS` when read).
     pub(crate) fn received(&self, len: usize) -> &[u8] {
         assert!(len <= self.map_len);
-        // SAFETY: the whole region is mapped readable (socket pages
-        // read-only, the rest read-write) and owned by this region; writes
-        // need `&mut self`, so none happen while this borrow lives.
+        // SAFETY: the range lies inside this region, which owns it; its
+        // pages are mapped readable (socket pages read-only, the rest
+        // read-write) and, below `len`, hold placed bytes. Writes need
+        // `&mut self`, so none happen while this borrow lives.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len) }
     }
 
