@@ -1,11 +1,17 @@
 //! An in-memory key-value server whose values are the page-aligned
 //! payloads it received.
 //!
-//! A PUT keeps the request's payload [`Pages`] as the value: no copy is made
-//! on the server, and with zero-copy receive the value's pages are the very
-//! pages the kernel mapped from the socket. A GET sends the kept pages back
-//! as they are (`Payload::Pages(value.clone())`, a reference-count bump),
-//! with `MSG_ZEROCOPY` when the server runs in zero-copy mode.
+//! A PUT keeps the request's payload [`Pages`] as the value. A large value
+//! is kept as it arrived: no copy is made on the server, and with zero-copy
+//! receive its pages are the very pages the kernel mapped from the socket.
+//! A small value (at most [`KvConfig::compact_below`], 64 KiB by default)
+//! is copied into the compacting pool ([`Pages::compact`]), where many
+//! values share one mapping: kept as received, every zero-copy value would
+//! be a mapping of its own, and a process has at most `vm.max_map_count`
+//! (65,530 by default) of them. A GET sends the kept pages back as they are
+//! (`Payload::Pages(value.clone())`, a reference-count bump), with
+//! `MSG_ZEROCOPY` when the server runs in zero-copy mode and the value is
+//! page-aligned.
 //!
 //! | method | request | payload in | response | payload out |
 //! |---|---|---|---|---|
@@ -16,14 +22,20 @@
 //! | `kv.stats` | [`StatsRequest`] | none | [`StatsResponse`] | none |
 //!
 //! # Memory cap
-//! The store accounts `key.len() + value.len()` bytes per entry and never
-//! holds more than [`KvConfig::max_bytes`]. A PUT that would go over is
-//! refused with [`Code::ResourceExhausted`] naming the cap, and changes
-//! nothing. Replacing a key counts the new value minus the old one.
+//! The store accounts, per entry, the memory it really holds: the key, the
+//! value's [`Pages::footprint`] (whole pages, or its pool slot once
+//! compacted; a 1-byte value received on its own holds a 4 KiB page) and
+//! [`ENTRY_OVERHEAD`] bytes of bookkeeping. It never accounts more than
+//! [`KvConfig::max_bytes`]. A PUT that would go over is refused with
+//! [`Code::ResourceExhausted`] naming the cap and the value, and changes
+//! nothing. Replacing a key counts the new entry minus the old one.
 //!
-//! A value received zero-copy is a mapping of the socket it came in on; it
-//! keeps that socket's file open (a few KiB of kernel memory) until the
-//! value is replaced or deleted.
+//! # Mappings
+//! A value larger than [`KvConfig::compact_below`] keeps the mapping it
+//! arrived in: at most `max_bytes / compact_below` of them. A value
+//! received zero-copy is a mapping of the socket it came in on; it keeps
+//! that socket's file open (a few KiB of kernel memory) until the value is
+//! replaced or deleted. Compacted values hold no socket.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -34,8 +46,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pagerpc::{
-    CallError, Client, ClientConfig, Code, CountersSnapshot, PageBuf, Pages, Payload, Server,
-    ServerConfig, Status,
+    CallError, Client, ClientConfig, Code, CountersSnapshot, Origin, PageBuf, Pages, Payload,
+    Server, ServerConfig, Status,
 };
 
 use crate::util::{self, human_bytes, human_latency, percentile};
@@ -58,138 +70,167 @@ pub mod method {
 pub const MAX_KEY_LEN: usize = 1024;
 /// Entries a LIST returns when the request sets no limit.
 pub const DEFAULT_LIST_LIMIT: u32 = 1000;
+/// Bytes of bookkeeping the store accounts for every entry besides its key
+/// and value: the map's share of a tree node, the key's and the value
+/// handle's allocations (measured: about 180 bytes on x86-64).
+pub const ENTRY_OVERHEAD: u64 = 192;
+/// Values up to this many bytes are compacted by default
+/// ([`KvConfig::compact_below`]): the largest payload the pages crate's
+/// compacting pool takes.
+pub const DEFAULT_COMPACT_BELOW: usize = 64 * 1024;
 
-/// `kv.put` request; the value is the payload.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PutRequest {
-    /// The key (1..=1024 bytes of UTF-8).
-    #[prost(string, tag = "1")]
-    pub key: String,
-}
+pub use messages::*;
 
-/// `kv.put` response.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PutResponse {
-    /// Whether the key had a value, now replaced.
-    #[prost(bool, tag = "1")]
-    pub replaced: bool,
-    /// Length of the replaced value (0 if none).
-    #[prost(uint64, tag = "2")]
-    pub old_len: u64,
-    /// Bytes the store accounts after the PUT.
-    #[prost(uint64, tag = "3")]
-    pub stored_bytes: u64,
-}
+/// The messages of `examples/proto/kv.proto`.
+mod messages {
+    /// `kv.put` request; the value is the payload.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutRequest {
+        /// The key (1..=1024 bytes of UTF-8).
+        #[prost(string, tag = "1")]
+        pub key: String,
+    }
 
-/// A request naming one key (`kv.get`, `kv.del`).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct KeyRequest {
-    /// The key.
-    #[prost(string, tag = "1")]
-    pub key: String,
-}
+    /// `kv.put` response.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutResponse {
+        /// Whether the key had a value, now replaced.
+        #[prost(bool, tag = "1")]
+        pub replaced: bool,
+        /// Length of the replaced value (0 if none).
+        #[prost(uint64, tag = "2")]
+        pub old_len: u64,
+        /// Bytes the store accounts against its cap after the PUT (see
+        /// `StatsResponse.bytes`).
+        #[prost(uint64, tag = "3")]
+        pub stored_bytes: u64,
+    }
 
-/// `kv.get` response; the value is the payload.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct GetResponse {
-    /// The value's length (also the payload's).
-    #[prost(uint64, tag = "1")]
-    pub len: u64,
-}
+    /// A request naming one key (`kv.get`, `kv.del`).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyRequest {
+        /// The key.
+        #[prost(string, tag = "1")]
+        pub key: String,
+    }
 
-/// `kv.del` response.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct DeleteResponse {
-    /// Whether the key existed.
-    #[prost(bool, tag = "1")]
-    pub existed: bool,
-    /// Bytes freed (key and value).
-    #[prost(uint64, tag = "2")]
-    pub freed: u64,
-}
+    /// `kv.get` response; the value is the payload.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct GetResponse {
+        /// The value's length (also the payload's).
+        #[prost(uint64, tag = "1")]
+        pub len: u64,
+    }
 
-/// `kv.list` request.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ListRequest {
-    /// Only keys starting with this.
-    #[prost(string, tag = "1")]
-    pub prefix: String,
-    /// Most entries to return (0: [`DEFAULT_LIST_LIMIT`]).
-    #[prost(uint32, tag = "2")]
-    pub limit: u32,
-}
+    /// `kv.del` response.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DeleteResponse {
+        /// Whether the key existed.
+        #[prost(bool, tag = "1")]
+        pub existed: bool,
+        /// Bytes the store no longer accounts (key, value memory and
+        /// bookkeeping).
+        #[prost(uint64, tag = "2")]
+        pub freed: u64,
+    }
 
-/// One listed key.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ListEntry {
-    /// The key.
-    #[prost(string, tag = "1")]
-    pub key: String,
-    /// Its value's length.
-    #[prost(uint64, tag = "2")]
-    pub len: u64,
-}
+    /// `kv.list` request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ListRequest {
+        /// Only keys starting with this.
+        #[prost(string, tag = "1")]
+        pub prefix: String,
+        /// Most entries to return (0: [`DEFAULT_LIST_LIMIT`](super::DEFAULT_LIST_LIMIT)).
+        #[prost(uint32, tag = "2")]
+        pub limit: u32,
+    }
 
-/// `kv.list` response.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ListResponse {
-    /// Matching keys in byte order, at most `limit` of them.
-    #[prost(message, repeated, tag = "1")]
-    pub entries: Vec<ListEntry>,
-    /// Whether more keys match than were returned.
-    #[prost(bool, tag = "2")]
-    pub more: bool,
-}
+    /// One listed key.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ListEntry {
+        /// The key.
+        #[prost(string, tag = "1")]
+        pub key: String,
+        /// Its value's length.
+        #[prost(uint64, tag = "2")]
+        pub len: u64,
+    }
 
-/// `kv.stats` request.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct StatsRequest {}
+    /// `kv.list` response.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ListResponse {
+        /// Matching keys in byte order, at most `limit` of them.
+        #[prost(message, repeated, tag = "1")]
+        pub entries: Vec<ListEntry>,
+        /// Whether more keys match than were returned.
+        #[prost(bool, tag = "2")]
+        pub more: bool,
+    }
 
-/// `kv.stats` response: the store and the server's transfer counters.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct StatsResponse {
-    /// Keys stored.
-    #[prost(uint64, tag = "1")]
-    pub keys: u64,
-    /// Bytes accounted (keys plus values).
-    #[prost(uint64, tag = "2")]
-    pub bytes: u64,
-    /// The memory cap.
-    #[prost(uint64, tag = "3")]
-    pub max_bytes: u64,
-    /// Memory the values occupy (page-rounded regions).
-    #[prost(uint64, tag = "4")]
-    pub memory: u64,
-    /// PUTs stored.
-    #[prost(uint64, tag = "5")]
-    pub puts: u64,
-    /// PUTs refused by the cap.
-    #[prost(uint64, tag = "6")]
-    pub puts_refused: u64,
-    /// GETs served (found or not).
-    #[prost(uint64, tag = "7")]
-    pub gets: u64,
-    /// DELETEs served.
-    #[prost(uint64, tag = "8")]
-    pub deletes: u64,
-    /// Payload bytes the server received (all methods).
-    #[prost(uint64, tag = "9")]
-    pub payload_bytes_received: u64,
-    /// Payload bytes the server sent.
-    #[prost(uint64, tag = "10")]
-    pub payload_bytes_sent: u64,
-    /// Received payload bytes mapped from the socket (zero-copy).
-    #[prost(uint64, tag = "11")]
-    pub bytes_mapped: u64,
-    /// Received payload bytes copied.
-    #[prost(uint64, tag = "12")]
-    pub bytes_copied: u64,
-    /// `MSG_ZEROCOPY` sends issued.
-    #[prost(uint64, tag = "13")]
-    pub zc_sends: u64,
-    /// `MSG_ZEROCOPY` sends the kernel reported as copied anyway.
-    #[prost(uint64, tag = "14")]
-    pub zc_send_copied: u64,
+    /// `kv.stats` request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StatsRequest {}
+
+    /// `kv.stats` response: the store and the server's transfer counters.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StatsResponse {
+        /// Keys stored.
+        #[prost(uint64, tag = "1")]
+        pub keys: u64,
+        /// Bytes accounted against the cap: for each entry its key, the
+        /// memory its value holds (`memory`) and a fixed bookkeeping cost.
+        #[prost(uint64, tag = "2")]
+        pub bytes: u64,
+        /// The memory cap.
+        #[prost(uint64, tag = "3")]
+        pub max_bytes: u64,
+        /// Memory the values hold: whole pages, a whole mapping, or a pool
+        /// slot for a compacted value.
+        #[prost(uint64, tag = "4")]
+        pub memory: u64,
+        /// PUTs stored.
+        #[prost(uint64, tag = "5")]
+        pub puts: u64,
+        /// PUTs refused by the cap.
+        #[prost(uint64, tag = "6")]
+        pub puts_refused: u64,
+        /// GETs served (found or not).
+        #[prost(uint64, tag = "7")]
+        pub gets: u64,
+        /// DELETEs served.
+        #[prost(uint64, tag = "8")]
+        pub deletes: u64,
+        /// Payload bytes the server received (all methods).
+        #[prost(uint64, tag = "9")]
+        pub payload_bytes_received: u64,
+        /// Payload bytes the server sent.
+        #[prost(uint64, tag = "10")]
+        pub payload_bytes_sent: u64,
+        /// Received payload bytes mapped from the socket (zero-copy).
+        #[prost(uint64, tag = "11")]
+        pub bytes_mapped: u64,
+        /// Received payload bytes copied.
+        #[prost(uint64, tag = "12")]
+        pub bytes_copied: u64,
+        /// `MSG_ZEROCOPY` sends issued.
+        #[prost(uint64, tag = "13")]
+        pub zc_sends: u64,
+        /// `MSG_ZEROCOPY` sends the kernel reported as copied anyway.
+        #[prost(uint64, tag = "14")]
+        pub zc_send_copied: u64,
+        /// Bytes of the values themselves (the sum of their lengths).
+        #[prost(uint64, tag = "15")]
+        pub value_bytes: u64,
+        /// Values kept in the compacting pool (copied out of the pages they
+        /// arrived in).
+        #[prost(uint64, tag = "16")]
+        pub compacted: u64,
+        /// Values kept as a mapping of their own (larger than
+        /// `compact_below`, or not compactable): each is one of the
+        /// process's `vm.max_map_count` mappings.
+        #[prost(uint64, tag = "17")]
+        pub own_mappings: u64,
+    }
 }
 
 impl StatsResponse {
@@ -211,12 +252,24 @@ fn mapped_percent(mapped: u64, copied: u64) -> f64 {
 /// Server settings.
 #[derive(Clone, Debug)]
 pub struct KvConfig {
-    /// The memory cap: most bytes (keys plus values) the store holds.
+    /// The memory cap: most bytes the store accounts (keys, the memory the
+    /// values hold, and [`ENTRY_OVERHEAD`] per entry).
     pub max_bytes: u64,
     /// Zero-copy receive and `MSG_ZEROCOPY` send.
     pub zerocopy: bool,
     /// Server pool threads (`None`: pagerpc's default).
     pub threads: Option<usize>,
+    /// Values of at most this many bytes (at most 64 KiB take effect) are
+    /// copied into the compacting pool instead of keeping the pages they
+    /// arrived in (see [`Pages::compact`]); 0 keeps every value as
+    /// received. Default [`DEFAULT_COMPACT_BELOW`].
+    ///
+    /// # Memory cost
+    /// A compacted value holds its pool slot (less than twice its length
+    /// below 2 KiB, whole pages above) instead of whole pages of its own;
+    /// the PUT pays one copy of it. Values above this keep a mapping each:
+    /// at most `max_bytes / compact_below` of them.
+    pub compact_below: usize,
 }
 
 impl Default for KvConfig {
@@ -225,19 +278,63 @@ impl Default for KvConfig {
             max_bytes: 1 << 30,
             zerocopy: true,
             threads: None,
+            compact_below: DEFAULT_COMPACT_BELOW,
         }
+    }
+}
+
+/// What one stored entry costs against the cap: its key, the memory its
+/// value holds, and the bookkeeping.
+pub fn entry_cost(key: &str, value: &Pages) -> u64 {
+    key.len() as u64 + value.footprint() as u64 + ENTRY_OVERHEAD
+}
+
+/// Whether a value is a mapping of its own (one of the process's
+/// `vm.max_map_count`).
+fn own_mapping(value: &Pages) -> bool {
+    matches!(value.origin(), Origin::Socket | Origin::Anonymous)
+}
+
+/// What the store holds, besides the map.
+#[derive(Default)]
+struct Totals {
+    /// Accounted bytes (the sum of `entry_cost`).
+    bytes: u64,
+    /// Sum of footprints.
+    memory: u64,
+    /// Sum of lengths.
+    value_bytes: u64,
+    compacted: u64,
+    own_mappings: u64,
+}
+
+impl Totals {
+    fn add(&mut self, key: &str, v: &Pages) {
+        self.bytes += entry_cost(key, v);
+        self.memory += v.footprint() as u64;
+        self.value_bytes += v.len() as u64;
+        self.compacted += u64::from(v.origin() == Origin::Pooled);
+        self.own_mappings += u64::from(own_mapping(v));
+    }
+
+    fn remove(&mut self, key: &str, v: &Pages) {
+        self.bytes -= entry_cost(key, v);
+        self.memory -= v.footprint() as u64;
+        self.value_bytes -= v.len() as u64;
+        self.compacted -= u64::from(v.origin() == Origin::Pooled);
+        self.own_mappings -= u64::from(own_mapping(v));
     }
 }
 
 #[derive(Default)]
 struct Inner {
     map: BTreeMap<String, Pages>,
-    bytes: u64,
-    memory: u64,
+    totals: Totals,
 }
 
 struct Store {
     max_bytes: u64,
+    compact_below: usize,
     inner: Mutex<Inner>,
     puts: AtomicU64,
     puts_refused: AtomicU64,
@@ -247,8 +344,15 @@ struct Store {
     server: Mutex<Option<Server>>,
 }
 
-fn cost(key: &str, value: &Pages) -> u64 {
-    (key.len() + value.len()) as u64
+/// How a value is held, for messages.
+fn held_as(v: &Pages) -> &'static str {
+    match v.origin() {
+        Origin::Empty => "nothing",
+        Origin::Pooled => "a compacted pool slot",
+        Origin::Heap => "whole pages",
+        Origin::Anonymous => "a mapping of its own",
+        Origin::Socket => "a mapping of the socket",
+    }
 }
 
 impl Store {
@@ -274,34 +378,43 @@ impl Store {
 
     fn put(&self, key: String, value: Pages) -> Result<PutResponse, Status> {
         Self::check_key(&key)?;
-        let add = cost(&key, &value);
+        // The store keeps these pages for good and bounds them with its own
+        // cap (`max_bytes`, across all connections): compacting takes them
+        // out of the server's per-connection count, which would otherwise
+        // stop reading a connection once one client had stored that much.
+        // A small value is copied into the shared pool (outside the lock):
+        // it no longer holds a page or a mapping of its own.
+        let value = value.compact(self.compact_below);
+        let add = entry_cost(&key, &value);
         let mut inner = self.lock();
-        let (old_cost, old_len, old_mem) = inner.map.get(&key).map_or((0, 0, 0), |v| {
-            (cost(&key, v), v.len() as u64, v.footprint() as u64)
-        });
-        let after = inner.bytes - old_cost + add;
+        let (old_cost, old_len) = inner
+            .map
+            .get(&key)
+            .map_or((0, 0), |v| (entry_cost(&key, v), v.len() as u64));
+        let after = inner.totals.bytes - old_cost + add;
         if after > self.max_bytes {
-            let held = inner.bytes;
+            let held = inner.totals.bytes;
             let keys = inner.map.len();
             drop(inner);
             self.puts_refused.fetch_add(1, Ordering::Relaxed);
             return Err(Status::resource_exhausted(format!(
-                "PUT '{key}' refused: storing {} would bring the store to {after} bytes, \
-                 over its memory cap of {} bytes (--max-bytes {}); it holds {held} bytes in \
-                 {keys} keys, and nothing was changed",
+                "PUT '{key}' refused: the value of {} ({} bytes) holds {} of memory ({}), \
+                 {add} bytes with its key and bookkeeping; storing it would bring the store \
+                 to {after} bytes, over its memory cap of {} bytes (--max-bytes {}); it \
+                 holds {held} bytes in {keys} keys, and nothing was changed",
                 human_bytes(value.len() as u64),
+                value.len(),
+                human_bytes(value.footprint() as u64),
+                held_as(&value),
                 self.max_bytes,
                 self.max_bytes,
             )));
         }
-        inner.bytes = after;
-        inner.memory = inner.memory - old_mem + value.footprint() as u64;
-        // The store keeps these pages for good and bounds them with its own
-        // cap (`max_bytes`, across all connections): take them out of the
-        // server's per-connection count, which would otherwise stop reading
-        // a connection once one client had stored that much.
-        value.detach_accounting();
-        let old = inner.map.insert(key, value);
+        inner.totals.add(&key, &value);
+        let old = inner.map.insert(key.clone(), value);
+        if let Some(old) = &old {
+            inner.totals.remove(&key, old);
+        }
         drop(inner);
         // The old value (maybe a socket mapping) is unmapped here, outside
         // the lock.
@@ -332,9 +445,8 @@ impl Store {
                 freed: 0,
             };
         };
-        let freed = cost(key, &old);
-        inner.bytes -= freed;
-        inner.memory -= old.footprint() as u64;
+        let freed = entry_cost(key, &old);
+        inner.totals.remove(key, &old);
         drop(inner);
         drop(old);
         DeleteResponse {
@@ -375,11 +487,12 @@ impl Store {
             .map(Server::counters)
             .unwrap_or_default();
         let inner = self.lock();
+        let t = &inner.totals;
         StatsResponse {
             keys: inner.map.len() as u64,
-            bytes: inner.bytes,
+            bytes: t.bytes,
             max_bytes: self.max_bytes,
-            memory: inner.memory,
+            memory: t.memory,
             puts: self.puts.load(Ordering::Relaxed),
             puts_refused: self.puts_refused.load(Ordering::Relaxed),
             gets: self.gets.load(Ordering::Relaxed),
@@ -390,6 +503,9 @@ impl Store {
             bytes_copied: c.bytes_copied(),
             zc_sends: c.zc_sends,
             zc_send_copied: c.zc_send_copied,
+            value_bytes: t.value_bytes,
+            compacted: t.compacted,
+            own_mappings: t.own_mappings,
         }
     }
 }
@@ -416,6 +532,7 @@ impl KvServer {
     pub fn start(listen: impl ToSocketAddrs, cfg: &KvConfig) -> io::Result<KvServer> {
         let store = Arc::new(Store {
             max_bytes: cfg.max_bytes,
+            compact_below: cfg.compact_below,
             inner: Mutex::new(Inner::default()),
             puts: AtomicU64::new(0),
             puts_refused: AtomicU64::new(0),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{addr_in, assert_bytes_eq, spawn_and_wait_for, value_bytes, TempDir};
-use pagerpc::{Code, PageBuf};
+use pagerpc::{Code, PageBuf, Pages};
 use pagerpc_examples::kv::{self, BenchOptions, KvClient, KvConfig, KvServer};
 use pagerpc_examples::util::FastRng;
 
@@ -19,11 +19,19 @@ fn server(max_bytes: u64) -> KvServer {
         "127.0.0.1:0",
         &KvConfig {
             max_bytes,
-            zerocopy: true,
-            threads: None,
+            ..KvConfig::default()
         },
     )
     .unwrap()
+}
+
+/// What storing `value` under `key` costs against the cap: the store
+/// compacts values of at most 64 KiB, as `Pages::compact` does here.
+fn cost_of(key: &str, value: &[u8]) -> u64 {
+    let p = Pages::copy_from_slice(value)
+        .unwrap()
+        .compact(kv::DEFAULT_COMPACT_BELOW);
+    kv::entry_cost(key, &p)
 }
 
 fn page_buf(bytes: &[u8]) -> PageBuf {
@@ -93,7 +101,14 @@ fn ten_thousand_mixed_size_puts_and_gets_round_trip() {
     }
     let s = c.stats().unwrap();
     assert_eq!(s.keys, 10_000);
-    assert_eq!(s.bytes, (total + 10_000 * 7) as u64);
+    assert_eq!(s.value_bytes, total as u64);
+    let want_cost: u64 = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| cost_of(&format!("k/{i:05}"), &vec![0u8; len]))
+        .sum();
+    assert_eq!(s.bytes, want_cost);
+    assert_eq!(s.bytes, s.memory + 10_000 * (7 + kv::ENTRY_OVERHEAD));
     assert_eq!(s.payload_bytes_received, total as u64);
     let cs = c.inner().counters();
     println!(
@@ -118,17 +133,25 @@ fn memory_cap_refuses_a_put_clearly_and_keeps_what_is_stored() {
     let a = value_bytes(300_000, 1);
     let b = value_bytes(300_000, 2);
     let d = value_bytes(300_000, 3);
+    // 300,000 bytes hold 74 pages (303,104 bytes), plus the key and the
+    // bookkeeping.
+    let entry = 303_104 + 1 + kv::ENTRY_OVERHEAD;
+    assert_eq!(cost_of("a", &a), entry);
     c.put("a", page_buf(&a)).unwrap();
     c.put("b", page_buf(&b)).unwrap();
     c.put("c", page_buf(&a)).unwrap();
     let before = c.stats().unwrap();
-    assert_eq!(before.bytes, 900_003);
+    assert_eq!(before.bytes, 3 * entry);
+    assert_eq!(before.value_bytes, 900_000);
 
     let e = c.put("d", page_buf(&d)).unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(
-        e.message().contains("memory cap of 1048576 bytes") && e.message().contains("'d'"),
-        "the error names the key and the cap: {}",
+        e.message().contains("memory cap of 1048576 bytes")
+            && e.message().contains("'d'")
+            && e.message()
+                .contains("(300000 bytes) holds 296 KiB of memory"),
+        "the error names the key, the value, its memory and the cap: {}",
         e.message()
     );
     assert_eq!(c.get("d").unwrap(), None, "the refused value is not stored");
@@ -141,10 +164,11 @@ fn memory_cap_refuses_a_put_clearly_and_keeps_what_is_stored() {
     assert_eq!(after.puts_refused, 1);
 
     // Replacing a key counts only the difference: a 400 kB value in place
-    // of a 300 kB one fits (1,000,003 bytes), a 500 kB one does not.
+    // of a 300 kB one fits (1,008,195 bytes), a 500 kB one does not.
     let a2 = value_bytes(400_000, 4);
     let r = c.put("a", page_buf(&a2)).unwrap();
-    assert!(r.replaced && r.old_len == 300_000 && r.stored_bytes == 1_000_003);
+    assert!(r.replaced && r.old_len == 300_000);
+    assert_eq!(r.stored_bytes, 2 * entry + cost_of("a", &a2));
     let e = c.put("a", page_buf(&value_bytes(500_000, 5))).unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert_bytes_eq(
@@ -156,10 +180,12 @@ fn memory_cap_refuses_a_put_clearly_and_keeps_what_is_stored() {
     c.put("a", page_buf(&a2)).unwrap();
 
     // Freeing room lets the refused PUT in.
-    assert!(c.delete("b").unwrap().existed);
+    let freed = c.delete("b").unwrap();
+    assert!(freed.existed);
+    assert_eq!(freed.freed, entry);
     c.put("d", page_buf(&d)).unwrap();
     assert_bytes_eq(&c.get("d").unwrap().unwrap(), &d, "d");
-    assert_eq!(c.stats().unwrap().bytes, 1_000_003);
+    assert_eq!(c.stats().unwrap().bytes, 2 * entry + cost_of("a", &a2));
 }
 
 #[test]
@@ -325,4 +351,260 @@ fn command_line_programs() {
     assert!(!ok && err.contains("no key 'photo'"), "{err}");
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// Kills and reaps a server process when the test ends, however it ends.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the real `kv-server` with `args`; returns it and its address.
+fn kv_server_process(args: &[&str]) -> (ChildGuard, String) {
+    let mut all = vec!["--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let (child, line) = spawn_and_wait_for(env!("CARGO_BIN_EXE_kv-server"), &all, "listening on");
+    (ChildGuard(child), addr_in(&line))
+}
+
+/// Resident memory of process `pid`, in bytes (`VmRSS`).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kib * 1024
+}
+
+/// Mappings of process `pid` (lines of `/proc/<pid>/maps`), which the
+/// kernel caps at `vm.max_map_count`.
+fn map_count(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .count()
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Regression: the cap counted `key.len() + value.len()`, but a one-byte
+/// value received on its own holds a whole 4 KiB page: 100,000 one-byte
+/// PUTs under a 4 MiB cap were all stored and took the server to 413 MiB
+/// of RSS. Now the cap counts the memory each entry really holds (values
+/// compacted into 16-byte pool slots), refuses PUTs clearly once it is
+/// reached, and the process stays near it.
+#[test]
+fn one_byte_values_are_refused_at_the_cap_and_rss_stays_bounded() {
+    const CAP: u64 = 4 * MIB;
+    let (server, addr) = kv_server_process(&["--max-bytes", "4MiB"]);
+    let pid = server.0.id();
+    let c = KvClient::connect(addr.as_str(), true).unwrap();
+    let rss0 = rss(pid);
+    let mut stored = 0u64;
+    let mut first_refused = None;
+    for i in 0..100_000u64 {
+        let key = format!("k{i:06}");
+        match c.put(&key, vec![i as u8]) {
+            Ok(r) => {
+                assert!(
+                    first_refused.is_none(),
+                    "{key} stored after {first_refused:?} was refused"
+                );
+                assert!(r.stored_bytes <= CAP);
+                stored += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{key}: {e}");
+                let m = e.message();
+                assert!(
+                    m.contains(&format!("PUT '{key}' refused"))
+                        && m.contains("the value of 1 B (1 bytes)")
+                        && m.contains("memory cap of 4194304 bytes (--max-bytes 4194304)")
+                        && m.contains("nothing was changed"),
+                    "the refusal names the key, the value and the cap: {m}"
+                );
+                first_refused.get_or_insert(i);
+            }
+        }
+    }
+    let s = c.stats().unwrap();
+    let rss1 = rss(pid);
+    println!(
+        "100000 one-byte PUTs under a 4 MiB cap: {stored} stored, {} refused; {} accounted, \
+         {} of value memory; server RSS {:.1} MiB -> {:.1} MiB",
+        s.puts_refused,
+        s.bytes,
+        s.memory,
+        rss0 as f64 / MIB as f64,
+        rss1 as f64 / MIB as f64
+    );
+    assert!(
+        first_refused.is_some(),
+        "all 100000 one-byte values fit a 4 MiB cap: the cap does not count what they hold"
+    );
+    assert_eq!(s.keys, stored);
+    assert_eq!(s.puts_refused, 100_000 - stored);
+    assert!(s.bytes <= CAP);
+    // Full: another entry like these would not fit.
+    assert!(s.bytes + 7 + 16 + kv::ENTRY_OVERHEAD > CAP, "{s:?}");
+    assert_eq!(s.compacted, stored, "every value went to the pool");
+    assert_eq!(
+        s.memory,
+        16 * stored,
+        "a one-byte value holds a 16-byte slot"
+    );
+    assert!(
+        rss1 < rss0 + 3 * CAP,
+        "server RSS grew by {} MiB under a {} MiB cap",
+        (rss1 - rss0) / MIB,
+        CAP / MIB
+    );
+    // What was stored is intact.
+    for i in (0..stored).step_by(97) {
+        let v = c.get(&format!("k{i:06}")).unwrap().expect("stored value");
+        assert_eq!(*v, [i as u8][..]);
+    }
+}
+
+/// 4 KiB values, each with its own first bytes so that mix-ups show.
+fn numbered_page(i: u64) -> PageBuf {
+    let mut b = PageBuf::new(4096).unwrap();
+    FastRng::new(i).fill(&mut b);
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    b
+}
+
+fn check_numbered_page(v: &[u8], i: u64) {
+    assert_eq!(v.len(), 4096, "value {i}");
+    assert_eq!(v[..8], i.to_le_bytes(), "value {i} holds another's bytes");
+    let mut want = vec![0u8; 4096];
+    FastRng::new(i).fill(&mut want);
+    assert_bytes_eq(&v[8..], &want[8..], &format!("value {i}"));
+}
+
+/// Regression: every value kept from a zero-copy receive was a mapping of
+/// its own, and after about 65,000 of them the server process reached
+/// `vm.max_map_count` (65,530) and answered PUTs by closing the
+/// connection. Now the store compacts them into shared pool slabs: 100,000
+/// zero-copy 4 KiB values are all stored and readable with the server far
+/// below the limit.
+#[test]
+fn hundred_thousand_zero_copy_values_use_few_mappings() {
+    const N: u64 = 100_000;
+    let (server, addr) = kv_server_process(&["--max-bytes", "2GiB"]);
+    let pid = server.0.id();
+    let c = KvClient::connect(addr.as_str(), true).unwrap();
+    let maps0 = map_count(pid);
+    let t0 = Instant::now();
+    for i in 0..N {
+        c.put(&format!("v{i:06}"), numbered_page(i))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PUT {i} failed: {e} (server has {} mappings)",
+                    map_count(pid)
+                )
+            });
+    }
+    let put_time = t0.elapsed();
+    let maps1 = map_count(pid);
+    let s = c.stats().unwrap();
+    println!(
+        "{N} zero-copy 4 KiB PUTs in {:.1} s: server mappings {maps0} -> {maps1}, {:.1} % of \
+         received bytes mapped, {} values compacted, {} in mappings of their own",
+        put_time.as_secs_f64(),
+        s.mapped_percent(),
+        s.compacted,
+        s.own_mappings
+    );
+    assert_eq!(s.keys, N);
+    assert!(
+        s.mapped_percent() > 50.0,
+        "the values should arrive zero-copy (mapped): {s:?}"
+    );
+    assert!(
+        maps1 < 5_000,
+        "{maps1} mappings for {N} values (vm.max_map_count is 65530)"
+    );
+    for i in 0..N {
+        let v = c
+            .get(&format!("v{i:06}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("value {i} missing"));
+        check_numbered_page(&v, i);
+    }
+}
+
+/// Regression: where mappings do run out (here: compaction off, so every
+/// zero-copy value keeps its own mapping and 70,000 of them pass
+/// `vm.max_map_count`), a PUT whose payload could not be mapped was
+/// answered by closing the connection, silently, and the connection gave
+/// zero-copy up for good. Now it is copied into memory the process still
+/// has, every PUT is answered, and mapping resumes once mappings are free.
+#[test]
+fn puts_past_the_mapping_limit_are_answered_not_dropped() {
+    const N: u64 = 70_000;
+    let (server, addr) = kv_server_process(&["--max-bytes", "2GiB", "--compact-below", "0"]);
+    let pid = server.0.id();
+    let c = KvClient::connect(addr.as_str(), true).unwrap();
+    let mut refused = 0u64;
+    for i in 0..N {
+        match c.put(&format!("v{i:06}"), numbered_page(i)) {
+            Ok(_) => {}
+            // A typed refusal is an answer too; a closed connection is not.
+            Err(e) if e.code() == Code::ResourceExhausted => refused += 1,
+            Err(e) => panic!(
+                "PUT {i} failed: {e} (code {:?}; server has {} mappings)",
+                e.code(),
+                map_count(pid)
+            ),
+        }
+    }
+    let maps = map_count(pid);
+    let s = c.stats().unwrap();
+    println!(
+        "{N} zero-copy 4 KiB PUTs without compaction: {} stored, {refused} refused, server at \
+         {maps} mappings, {} values in mappings of their own",
+        s.keys, s.own_mappings
+    );
+    assert!(
+        maps > 65_000,
+        "the test should take the server to vm.max_map_count: {maps} mappings"
+    );
+    assert_eq!(s.keys + refused, N);
+    assert!(s.keys > 65_000, "{s:?}");
+    for i in (0..N).step_by(7) {
+        if let Some(v) = c.get(&format!("v{i:06}")).unwrap() {
+            check_numbered_page(&v, i);
+        }
+    }
+    // The shortage passes: once values are deleted, the same connection
+    // maps payloads again (it used to give zero-copy up for good).
+    for i in 0..10_000 {
+        assert!(c.delete(&format!("v{i:06}")).unwrap().existed);
+    }
+    let before = c.stats().unwrap();
+    for i in N..N + 5_000 {
+        c.put(&format!("w{i:06}"), numbered_page(i)).unwrap();
+    }
+    let after = c.stats().unwrap();
+    let mapped = after.bytes_mapped - before.bytes_mapped;
+    println!(
+        "after deleting 10000 values: {} of 5000 new values' bytes mapped, server at {} mappings",
+        mapped / 4096,
+        map_count(pid)
+    );
+    assert!(
+        mapped >= 4_000 * 4096,
+        "zero-copy should resume on the connection: only {mapped} bytes mapped"
+    );
+    for i in N..N + 5_000 {
+        check_numbered_page(&c.get(&format!("w{i:06}")).unwrap().unwrap(), i);
+    }
 }

@@ -201,7 +201,13 @@ fn run(args: Args) -> Result<(), String> {
                 human_bytes(s.max_bytes),
                 s.max_bytes
             );
-            println!("memory          {}", human_bytes(s.memory));
+            println!(
+                "memory          {} held by {} of values ({} compacted, {} in mappings of their own)",
+                human_bytes(s.memory),
+                human_bytes(s.value_bytes),
+                s.compacted,
+                s.own_mappings
+            );
             println!(
                 "operations      {} puts ({} refused), {} gets, {} deletes",
                 s.puts, s.puts_refused, s.gets, s.deletes
