@@ -164,7 +164,7 @@ fn memory_cap_refuses_a_put_clearly_and_keeps_what_is_stored() {
     assert_eq!(after.puts_refused, 1);
 
     // Replacing a key counts only the difference: a 400 kB value in place
-    // of a 300 kB one fits (1,008,195 bytes), a 500 kB one does not.
+    // of a 300 kB one fits (1,008,219 bytes), a 500 kB one does not.
     let a2 = value_bytes(400_000, 4);
     let r = c.put("a", page_buf(&a2)).unwrap();
     assert!(r.replaced && r.old_len == 300_000);
