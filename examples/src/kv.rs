@@ -36,10 +36,16 @@
 //! received zero-copy is a mapping of the socket it came in on; it keeps
 //! that socket's file open (a few KiB of kernel memory) until the value is
 //! replaced or deleted. Compacted values hold no socket.
+//!
+//! # Listing
+//! `kv.list` returns one page of keys, at most [`DEFAULT_LIST_LIMIT`] and
+//! about [`LIST_PAGE_BYTES`] of them; [`KvClient::keys`] pages through all
+//! of them with `start_after`.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -70,6 +76,10 @@ pub mod method {
 pub const MAX_KEY_LEN: usize = 1024;
 /// Entries a LIST returns when the request sets no limit.
 pub const DEFAULT_LIST_LIMIT: u32 = 1000;
+/// About how many bytes of keys one LIST response carries at most: a page
+/// ends early rather than grow past this (and past the response size the
+/// protocol allows), and says `more`. Each page has at least one entry.
+pub const LIST_PAGE_BYTES: usize = 32 * 1024;
 /// Bytes of bookkeeping the store accounts for every entry besides its key
 /// and value: the map's share of a tree node, the key's and the value
 /// handle's allocations. Measured on x86-64: `kv-server`'s RSS grows by
@@ -136,15 +146,20 @@ mod messages {
         pub freed: u64,
     }
 
-    /// `kv.list` request.
+    /// `kv.list` request: one page of the keys starting with `prefix`, in
+    /// byte order, after `start_after`.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct ListRequest {
         /// Only keys starting with this.
         #[prost(string, tag = "1")]
         pub prefix: String,
-        /// Most entries to return (0: [`DEFAULT_LIST_LIMIT`](super::DEFAULT_LIST_LIMIT)).
+        /// Most entries to return (0: the server's default, 1000). The
+        /// server also ends a page early to keep the response small.
         #[prost(uint32, tag = "2")]
         pub limit: u32,
+        /// Only keys after this one (empty: from the first key).
+        #[prost(string, tag = "3")]
+        pub start_after: String,
     }
 
     /// One listed key.
@@ -164,7 +179,7 @@ mod messages {
         /// Matching keys in byte order, at most `limit` of them.
         #[prost(message, repeated, tag = "1")]
         pub entries: Vec<ListEntry>,
-        /// Whether more keys match than were returned.
+        /// Whether more keys match after the last one returned.
         #[prost(bool, tag = "2")]
         pub more: bool,
     }
@@ -463,20 +478,36 @@ impl Store {
         } else {
             req.limit
         } as usize;
+        // Start at the prefix, or just after `start_after` if that is
+        // further on (a `start_after` before the prefix must not start the
+        // scan among keys that do not match).
+        let from = if req.start_after.as_str() >= req.prefix.as_str() {
+            Bound::Excluded(req.start_after.as_str())
+        } else {
+            Bound::Included(req.prefix.as_str())
+        };
         let inner = self.lock();
         let mut it = inner
             .map
-            .range(req.prefix.clone()..)
+            .range::<str, _>((from, Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(&req.prefix));
-        let entries: Vec<ListEntry> = it
-            .by_ref()
-            .take(limit)
-            .map(|(k, v)| ListEntry {
+        let mut entries = Vec::new();
+        let mut size = 0;
+        let more = loop {
+            let Some((k, v)) = it.next() else {
+                break false;
+            };
+            // A key, its length and the field tags: within a few bytes.
+            let cost = k.len() + 16;
+            if entries.len() == limit || (!entries.is_empty() && size + cost > LIST_PAGE_BYTES) {
+                break true;
+            }
+            size += cost;
+            entries.push(ListEntry {
                 key: k.clone(),
                 len: v.len() as u64,
-            })
-            .collect();
-        let more = it.next().is_some();
+            });
+        };
         ListResponse { entries, more }
     }
 
@@ -685,20 +716,49 @@ impl KvClient {
             .message)
     }
 
-    /// Lists up to `limit` keys starting with `prefix` (0: the server's
-    /// default limit).
+    /// One page of the keys starting with `prefix`: up to `limit` of them
+    /// (0: the server's default limit), fewer if the server ends the page
+    /// early (`more` then says so). See [`keys`](Self::keys) for all.
     ///
     /// # Errors
     /// A transport error.
     pub fn list(&self, prefix: &str, limit: u32) -> Result<ListResponse, CallError> {
+        self.list_after(prefix, "", limit)
+    }
+
+    /// One page of the keys starting with `prefix` that come after
+    /// `start_after` (empty: from the first).
+    ///
+    /// # Errors
+    /// A transport error.
+    pub fn list_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: u32,
+    ) -> Result<ListResponse, CallError> {
         let req = ListRequest {
             prefix: prefix.into(),
             limit,
+            start_after: start_after.into(),
         };
         Ok(self
             .client
             .call(method::LIST, &req, Payload::Empty)?
             .message)
+    }
+
+    /// Every key starting with `prefix`, in byte order, fetched a page at a
+    /// time as the iterator is advanced. Keys stored or deleted meanwhile
+    /// show up if they come after the last page fetched.
+    pub fn keys(&self, prefix: &str) -> Keys<'_> {
+        Keys {
+            client: self,
+            prefix: prefix.into(),
+            after: String::new(),
+            page: Vec::new().into_iter(),
+            done: false,
+        }
     }
 
     /// The server's statistics.
@@ -710,6 +770,44 @@ impl KvClient {
             .client
             .call(method::STATS, &StatsRequest {}, Payload::Empty)?
             .message)
+    }
+}
+
+/// The keys under a prefix, page by page (see [`KvClient::keys`]).
+#[derive(Debug)]
+pub struct Keys<'a> {
+    client: &'a KvClient,
+    prefix: String,
+    after: String,
+    page: std::vec::IntoIter<ListEntry>,
+    done: bool,
+}
+
+impl Iterator for Keys<'_> {
+    type Item = Result<ListEntry, CallError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(e) = self.page.next() {
+                self.after.clone_from(&e.key);
+                return Some(Ok(e));
+            }
+            if self.done {
+                return None;
+            }
+            match self.client.list_after(&self.prefix, &self.after, 0) {
+                Ok(r) => {
+                    // A page with nothing in it ends the listing even if it
+                    // says `more` (a server that did so would loop us).
+                    self.done = !r.more || r.entries.is_empty();
+                    self.page = r.entries.into_iter();
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
     }
 }
 

@@ -253,6 +253,32 @@ fn list_prefix_limit_and_errors() {
     assert_eq!(l.entries.len(), 2);
     assert!(l.more);
     assert_eq!(c.list("", 0).unwrap().entries.len(), 5);
+    // Paging: after a key, and a start before the prefix starts at it.
+    let keys =
+        |l: kv::ListResponse| -> Vec<String> { l.entries.into_iter().map(|e| e.key).collect() };
+    assert_eq!(
+        keys(c.list_after("ap", "app", 0).unwrap()),
+        ["apple", "apricot"]
+    );
+    assert_eq!(keys(c.list_after("b", "a", 0).unwrap()), ["b", "banana"]);
+    assert_eq!(
+        keys(c.list_after("ap", "apricot", 0).unwrap()),
+        Vec::<String>::new()
+    );
+    let all: Vec<String> = c.keys("").map(|e| e.unwrap().key).collect();
+    assert_eq!(all, ["app", "apple", "apricot", "b", "banana"]);
+    // Long keys: a page ends before its response grows past
+    // LIST_PAGE_BYTES, and says more; keys() goes through every page.
+    for i in 0..300 {
+        c.put(&format!("long/{i:04}{}", "x".repeat(1000)), vec![1u8])
+            .unwrap();
+    }
+    let page = c.list("long/", 0).unwrap();
+    assert!(page.more && page.entries.len() < 300);
+    assert!(page.entries.len() * 1000 <= kv::LIST_PAGE_BYTES);
+    let long: Vec<String> = c.keys("long/").map(|e| e.unwrap().key).collect();
+    assert_eq!(long.len(), 300);
+    assert!(long.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(c.get("nope").unwrap(), None);
     assert!(!c.delete("nope").unwrap().existed);
     assert_eq!(
@@ -607,4 +633,50 @@ fn puts_past_the_mapping_limit_are_answered_not_dropped() {
     for i in N..N + 5_000 {
         check_numbered_page(&c.get(&format!("w{i:06}")).unwrap().unwrap(), i);
     }
+}
+
+/// Regression: `kv ls` sent every key in one response, which failed once
+/// the keys passed the 64 KiB header limit (1,000 keys of 64 bytes). Now
+/// it pages through them.
+#[test]
+fn kv_ls_lists_a_hundred_thousand_keys_of_a_hundred_bytes() {
+    const N: usize = 100_000;
+    let (_server, addr) = kv_server_process(&[]);
+    let c = KvClient::connect(addr.as_str(), false).unwrap();
+    let key = |i: usize| format!("{i:08}{}", "k".repeat(92));
+    for i in 0..N {
+        c.put(&key(i), vec![(i % 251) as u8; 1 + i % 3]).unwrap();
+    }
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["--addr", &addr, "ls"])
+        .output()
+        .unwrap();
+    let elapsed = t0.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kv ls failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    println!(
+        "kv ls: {} keys of 100 bytes in {:.2} s",
+        lines.len(),
+        elapsed.as_secs_f64()
+    );
+    assert_eq!(lines.len(), N);
+    for (i, line) in lines.iter().enumerate() {
+        let (len, k) = line.trim_start().split_once("  ").unwrap();
+        assert_eq!(k, key(i), "line {i}");
+        assert_eq!(len, (1 + i % 3).to_string(), "line {i}");
+    }
+    // --limit stops early, and says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["--addr", &addr, "ls", "--limit", "2500", "0000"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2500);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("raise --limit"));
 }

@@ -48,14 +48,14 @@ enum Cmd {
         /// The key.
         key: String,
     },
-    /// List keys (with their sizes) starting with PREFIX.
+    /// List keys (with their sizes) starting with PREFIX, a page at a time.
     Ls {
         /// Only keys starting with this.
         #[arg(default_value = "")]
         prefix: String,
-        /// Most keys to list.
-        #[arg(long, default_value_t = kv::DEFAULT_LIST_LIMIT)]
-        limit: u32,
+        /// Most keys to list (0: all of them).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
     },
     /// Show the server's store and transfer statistics.
     Stats,
@@ -175,18 +175,24 @@ fn run(args: Args) -> Result<(), String> {
             eprintln!("deleted '{key}' (freed {})", human_bytes(r.freed));
         }
         Cmd::Ls { prefix, limit } => {
-            let r = c
-                .list(&prefix, limit)
-                .map_err(|e| format!("ls failed: {}", call_error(&e)))?;
-            if r.entries.is_empty() {
+            let mut out = io::BufWriter::new(io::stdout().lock());
+            let mut listed = 0u64;
+            let mut keys = c.keys(&prefix);
+            for e in keys.by_ref() {
+                if limit > 0 && listed == limit {
+                    eprintln!("(more keys match; raise --limit to see them)");
+                    break;
+                }
+                let e =
+                    e.map_err(|e| format!("ls failed after {listed} keys: {}", call_error(&e)))?;
+                writeln!(out, "{:>12}  {}", e.len, e.key)
+                    .map_err(|e| format!("cannot write stdout: {e}"))?;
+                listed += 1;
+            }
+            out.flush()
+                .map_err(|e| format!("cannot write stdout: {e}"))?;
+            if listed == 0 {
                 eprintln!("(no keys)");
-            }
-            let mut out = io::stdout().lock();
-            for e in &r.entries {
-                let _ = writeln!(out, "{:>12}  {}", e.len, e.key);
-            }
-            if r.more {
-                eprintln!("(more keys match; raise --limit to see them)");
             }
         }
         Cmd::Stats => {
