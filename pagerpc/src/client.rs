@@ -625,6 +625,9 @@ fn authenticate(
                 "authentication refused by the server: {}",
                 f.head.header.status_message
             ))),
+            Ok(f) if f.head.kind() == Kind::Settings => Err(refused(format!(
+                "no {what} from the server: it does not require authentication (it sent its SETTINGS instead)"
+            ))),
             Ok(f) => Err(refused(format!(
                 "expected the server's {what}, got a {:?} frame",
                 f.head.kind()

@@ -831,9 +831,10 @@ fn refused_send_hands_the_payload_back() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 
-    // Nothing reached the wire: the connection is fine.
+    // Nothing reached the wire but the SETTINGS sent at connect: the
+    // connection is fine.
     assert_eq!(client.pending_calls(), 0);
-    assert_eq!(client.counters().frames_sent, 0);
+    assert_eq!(client.counters().frames_sent, 1);
     echo_ok(&client, "after refused sends");
 }
 
@@ -858,10 +859,14 @@ fn payload_over_the_peer_limit_is_refused_locally() {
 
 #[test]
 fn reply_over_the_client_limit_is_resource_exhausted() {
-    let mut cfg = config(2);
-    cfg.send.limits.max_payload_bytes = 8192;
-    let server = echo_builder().config(cfg).bind("127.0.0.1:0").unwrap();
-    let client = Client::connect(server.local_addr()).unwrap();
+    // The client announces (SETTINGS) that it takes payloads of 8 KiB.
+    let server = echo_builder()
+        .config(config(2))
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let mut ccfg = ClientConfig::default();
+    ccfg.limits.max_payload_bytes = 8192;
+    let client = Client::connect_with(server.local_addr(), ccfg).unwrap();
     let err = client
         .call::<_, MetadataEntry>("echo", &msg("big"), pattern(8193, 1))
         .unwrap_err();

@@ -105,7 +105,9 @@ fn drain(mut peer: TcpStream) -> JoinHandle<Vec<(Kind, u64)>> {
                         .expect("the client sent a malformed frame");
                     i += used;
                     if let Some(h) = head {
-                        frames.push((h.kind(), h.call_id()));
+                        if h.kind() != Kind::Settings {
+                            frames.push((h.kind(), h.call_id()));
+                        }
                     }
                 }
             }

@@ -162,8 +162,18 @@ pub fn raw_request(call_id: u64, method: &str, payload: &[u8]) -> Vec<u8> {
     wire
 }
 
+/// Frames a raw peer reads, without the server's SETTINGS (connection
+/// setup, not an answer to anything).
+fn answers(buf: &[u8]) -> Vec<DecodedFrame> {
+    decode_stream(buf, Limits::default(), &[])
+        .frames
+        .into_iter()
+        .filter(|f| f.head.kind() != Kind::Settings)
+        .collect()
+}
+
 /// Reads frames from a raw connection until `n` arrived, it closes, or
-/// `limit` passes.
+/// `limit` passes. The server's SETTINGS frame is left out.
 pub fn read_raw_frames(s: &mut TcpStream, n: usize, limit: Duration) -> Vec<DecodedFrame> {
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -171,12 +181,12 @@ pub fn read_raw_frames(s: &mut TcpStream, n: usize, limit: Duration) -> Vec<Deco
     let mut buf = Vec::new();
     let mut chunk = [0u8; 65536];
     loop {
-        let out = decode_stream(&buf, Limits::default(), &[]);
-        if out.frames.len() >= n || Instant::now() > end {
-            return out.frames;
+        let out = answers(&buf);
+        if out.len() >= n || Instant::now() > end {
+            return out;
         }
         match s.read(&mut chunk) {
-            Ok(0) => return decode_stream(&buf, Limits::default(), &[]).frames,
+            Ok(0) => return answers(&buf),
             Ok(k) => buf.extend_from_slice(&chunk[..k]),
             Err(_) => {}
         }
