@@ -10,11 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{addr_in, sha256_file, spawn_and_wait_for, wait_until, write_random_file, TempDir};
+use pagerpc::prost::Message;
 use pagerpc::{Client, ClientConfig, Code, Payload};
 use pagerpc_examples::storage::format::BlobHeader;
 use pagerpc_examples::storage::{
-    method, ClientOptions, NodeConfig, PutBegin, PutBeginResponse, PutChunk, PutChunkResponse,
-    PutCommit, StorageClient, StorageNode,
+    method, BlobInfo, BlobList, BlobRef, ClientOptions, Empty, GetChunk, GetChunkResponse,
+    NodeConfig, NodeStats, PutBegin, PutBeginResponse, PutChunk, PutChunkResponse, PutCommit,
+    StorageClient, StorageNode, UploadRef,
 };
 use pagerpc_examples::util::FastRng;
 
@@ -483,4 +485,187 @@ fn command_line_serve_put_get_ls_rm() {
     assert!(!ok && err.contains("no blob 'report.pdf'"), "{err}");
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// The protocol is defined in `examples/proto/storage.proto`, package
+/// `pagerpc.examples.storage`: an outside client compiling that file gets
+/// the messages this node speaks. Checks every message's fields (numbers
+/// and wire types) against the bytes of the node's own encoding.
+#[test]
+fn the_protocol_is_defined_in_a_proto_file() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+    let fds = protox::compile(["storage.proto"], [dir]).expect("storage.proto compiles");
+    let file = fds
+        .file
+        .iter()
+        .find(|f| f.name() == "storage.proto")
+        .unwrap();
+    assert_eq!(file.package(), "pagerpc.examples.storage");
+    // Encodings of every message with every field set, as the node and
+    // client send them.
+    let info = BlobInfo {
+        id: "a".into(),
+        size: 1,
+        crc32c: 2,
+        chunk_size: 3,
+        version: 4,
+        credits: 5,
+        problem: "p".into(),
+    };
+    let samples: Vec<(&str, Vec<u8>)> = vec![
+        ("Empty", Empty {}.encode_to_vec()),
+        (
+            "PutBegin",
+            PutBegin {
+                crc32c: Some(9),
+                id: "a".into(),
+                size: 7,
+                chunk_size: 65536,
+                version: 1,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "PutBeginResponse",
+            PutBeginResponse {
+                upload: 1,
+                credits: 2,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "PutChunk",
+            PutChunk {
+                upload: 1,
+                offset: 2,
+                crc32c: Some(3),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "PutChunkResponse",
+            PutChunkResponse { received: 1 }.encode_to_vec(),
+        ),
+        (
+            "PutCommit",
+            PutCommit {
+                upload: 1,
+                crc32c: Some(2),
+            }
+            .encode_to_vec(),
+        ),
+        ("UploadRef", UploadRef { upload: 1 }.encode_to_vec()),
+        ("BlobRef", BlobRef { id: "a".into() }.encode_to_vec()),
+        ("BlobInfo", info.encode_to_vec()),
+        (
+            "GetChunk",
+            GetChunk {
+                id: "a".into(),
+                offset: 1,
+                len: 2,
+                version: 3,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "GetChunkResponse",
+            GetChunkResponse { crc32c: 1 }.encode_to_vec(),
+        ),
+        (
+            "BlobList",
+            BlobList {
+                blobs: vec![info.clone()],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "DeleteResponse",
+            pagerpc_examples::storage::DeleteResponse { existed: true }.encode_to_vec(),
+        ),
+        (
+            "NodeStats",
+            NodeStats {
+                blobs: 1,
+                bytes: 2,
+                uploads: 3,
+                direct_io: true,
+                payload_bytes_received: 5,
+                payload_bytes_sent: 6,
+                bytes_mapped: 7,
+                bytes_copied: 8,
+                direct_write_copies: 9,
+                corrupt_chunks_read: 10,
+                uploads_rejected: 11,
+                uploads_expired: 12,
+            }
+            .encode_to_vec(),
+        ),
+    ];
+    assert_eq!(
+        file.message_type.len(),
+        samples.len(),
+        "every message of the .proto is checked"
+    );
+    for (name, bytes) in samples {
+        let msg = file
+            .message_type
+            .iter()
+            .find(|m| m.name() == name)
+            .unwrap_or_else(|| panic!("message {name} in storage.proto"));
+        let on_wire = wire_fields(&bytes);
+        let mut declared: Vec<(u64, u64)> = msg
+            .field
+            .iter()
+            .map(|f| {
+                // FieldDescriptorProto.Type: 8 bool, 9 string, 11 message,
+                // 4 uint64, 13 uint32.
+                let wire = match f.r#type.unwrap() {
+                    9 | 11 => 2,
+                    4 | 8 | 13 => 0,
+                    t => panic!("{name}.{}: unexpected type {t}", f.name()),
+                };
+                (f.number() as u64, wire)
+            })
+            .collect();
+        declared.sort();
+        assert_eq!(
+            on_wire, declared,
+            "{name}: fields on the wire vs storage.proto"
+        );
+    }
+}
+
+/// The (field number, wire type) pairs of an encoded message, sorted.
+fn wire_fields(mut b: &[u8]) -> Vec<(u64, u64)> {
+    fn varint(b: &mut &[u8]) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let byte = b[0];
+            *b = &b[1..];
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b);
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                varint(&mut b);
+            }
+            2 => {
+                let len = varint(&mut b) as usize;
+                b = &b[len..];
+            }
+            w => panic!("unexpected wire type {w}"),
+        }
+        out.push((field, wire));
+    }
+    out.sort();
+    out.dedup();
+    out
 }

@@ -4,9 +4,11 @@
 //! nodes by rendezvous hashing.
 //!
 //! # Protocol
-//! A blob is moved in chunks of `chunk_size` bytes (a page multiple chosen
-//! by the client, 4 MiB by default; only the last chunk may be shorter), so
-//! neither side ever holds more than a few chunks of it.
+//! The messages are defined in `examples/proto/storage.proto` (package
+//! `pagerpc.examples.storage`, see [`messages`]). A blob is moved in chunks
+//! of `chunk_size` bytes (a page multiple chosen by the client, 4 MiB by
+//! default; only the last chunk may be shorter), so neither side ever holds
+//! more than a few chunks of it.
 //!
 //! | method | request | payload | response |
 //! |---|---|---|---|
@@ -81,204 +83,17 @@ pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 /// The page size chunk sizes are multiples of.
 pub const PAGE: u64 = 4096;
 
-/// No fields.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Empty {}
-
-/// `put.begin` request.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PutBegin {
-    /// The blob id.
-    #[prost(string, tag = "1")]
-    pub id: String,
-    /// The blob's size in bytes.
-    #[prost(uint64, tag = "2")]
-    pub size: u64,
-    /// The blob's CRC32C, if the client knows it already (otherwise it is
-    /// sent with the commit).
-    #[prost(uint32, optional, tag = "3")]
-    pub crc32c: Option<u32>,
-    /// Chunk size: a page multiple between 64 KiB and 64 MiB.
-    #[prost(uint64, tag = "4")]
-    pub chunk_size: u64,
-    /// The writer's version stamp (wall clock, ns); readers prefer the
-    /// highest one.
-    #[prost(uint64, tag = "5")]
-    pub version: u64,
+/// The protocol's messages, generated from `examples/proto/storage.proto`
+/// (package `pagerpc.examples.storage`) by `examples/build.rs`; an outside
+/// client can compile the same file. Re-exported at the module root.
+pub mod messages {
+    include!(concat!(env!("OUT_DIR"), "/pagerpc.examples.storage.rs"));
 }
 
-/// `put.begin` response.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PutBeginResponse {
-    /// The upload handle.
-    #[prost(uint64, tag = "1")]
-    pub upload: u64,
-    /// Chunk calls the client may have in flight.
-    #[prost(uint32, tag = "2")]
-    pub credits: u32,
-}
-
-/// `put.chunk` request; the chunk is the payload.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PutChunk {
-    /// The upload handle.
-    #[prost(uint64, tag = "1")]
-    pub upload: u64,
-    /// Byte offset of the chunk in the blob (a multiple of the chunk size).
-    #[prost(uint64, tag = "2")]
-    pub offset: u64,
-    /// The chunk's CRC32C.
-    #[prost(uint32, optional, tag = "3")]
-    pub crc32c: Option<u32>,
-}
-
-/// `put.chunk` response.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PutChunkResponse {
-    /// Bytes of the blob received so far.
-    #[prost(uint64, tag = "1")]
-    pub received: u64,
-}
-
-/// `put.commit` request.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PutCommit {
-    /// The upload handle.
-    #[prost(uint64, tag = "1")]
-    pub upload: u64,
-    /// The blob's CRC32C (required unless `put.begin` had it).
-    #[prost(uint32, optional, tag = "2")]
-    pub crc32c: Option<u32>,
-}
-
-/// Names an upload (`put.abort`).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct UploadRef {
-    /// The upload handle.
-    #[prost(uint64, tag = "1")]
-    pub upload: u64,
-}
-
-/// Names a blob (`get.begin`, `blob.delete`).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct BlobRef {
-    /// The blob id.
-    #[prost(string, tag = "1")]
-    pub id: String,
-}
-
-/// A stored blob.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct BlobInfo {
-    /// The blob id.
-    #[prost(string, tag = "1")]
-    pub id: String,
-    /// Size in bytes.
-    #[prost(uint64, tag = "2")]
-    pub size: u64,
-    /// CRC32C of the whole blob.
-    #[prost(uint32, tag = "3")]
-    pub crc32c: u32,
-    /// Chunk size it was written with (reads use the same chunks).
-    #[prost(uint64, tag = "4")]
-    pub chunk_size: u64,
-    /// The writer's version stamp.
-    #[prost(uint64, tag = "5")]
-    pub version: u64,
-    /// Chunk calls a reader may have in flight (`get.begin` only).
-    #[prost(uint32, tag = "6")]
-    pub credits: u32,
-    /// Empty when the blob is readable; otherwise what is wrong with it
-    /// (`blob.list` only), e.g. a corrupt header.
-    #[prost(string, tag = "7")]
-    pub problem: String,
-}
-
-/// `get.chunk` request.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct GetChunk {
-    /// The blob id.
-    #[prost(string, tag = "1")]
-    pub id: String,
-    /// Byte offset (a multiple of the blob's chunk size).
-    #[prost(uint64, tag = "2")]
-    pub offset: u64,
-    /// Length: the chunk size, or what is left for the last chunk.
-    #[prost(uint64, tag = "3")]
-    pub len: u64,
-    /// The version `get.begin` returned; the node refuses with `Aborted`
-    /// if the blob was replaced since.
-    #[prost(uint64, tag = "4")]
-    pub version: u64,
-}
-
-/// `get.chunk` response; the chunk is the payload.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct GetChunkResponse {
-    /// The chunk's CRC32C as stored at PUT time (already checked by the
-    /// node against what it read; the client checks it again).
-    #[prost(uint32, tag = "1")]
-    pub crc32c: u32,
-}
-
-/// `blob.list` response.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct BlobList {
-    /// Every blob, by id.
-    #[prost(message, repeated, tag = "1")]
-    pub blobs: Vec<BlobInfo>,
-}
-
-/// `blob.delete` response.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct DeleteResponse {
-    /// Whether the blob existed.
-    #[prost(bool, tag = "1")]
-    pub existed: bool,
-}
-
-/// `node.stats` response.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct NodeStats {
-    /// Blobs stored.
-    #[prost(uint64, tag = "1")]
-    pub blobs: u64,
-    /// Bytes of blob data stored.
-    #[prost(uint64, tag = "2")]
-    pub bytes: u64,
-    /// Uploads under way.
-    #[prost(uint64, tag = "3")]
-    pub uploads: u64,
-    /// Whether the node writes and reads with `O_DIRECT` (false when the
-    /// filesystem refuses it).
-    #[prost(bool, tag = "4")]
-    pub direct_io: bool,
-    /// Payload bytes received.
-    #[prost(uint64, tag = "5")]
-    pub payload_bytes_received: u64,
-    /// Payload bytes sent.
-    #[prost(uint64, tag = "6")]
-    pub payload_bytes_sent: u64,
-    /// Received payload bytes mapped from the socket.
-    #[prost(uint64, tag = "7")]
-    pub bytes_mapped: u64,
-    /// Received payload bytes copied.
-    #[prost(uint64, tag = "8")]
-    pub bytes_copied: u64,
-    /// Chunks copied into fresh memory before their `O_DIRECT` write
-    /// because the kernel refused to write from the received pages.
-    #[prost(uint64, tag = "9")]
-    pub direct_write_copies: u64,
-    /// Chunks that failed their checksum when read back from disk.
-    #[prost(uint64, tag = "10")]
-    pub corrupt_chunks_read: u64,
-    /// Uploads discarded for a checksum mismatch.
-    #[prost(uint64, tag = "11")]
-    pub uploads_rejected: u64,
-    /// Uploads removed after their client went quiet.
-    #[prost(uint64, tag = "12")]
-    pub uploads_expired: u64,
-}
+pub use messages::{
+    BlobInfo, BlobList, BlobRef, DeleteResponse, Empty, GetChunk, GetChunkResponse, NodeStats,
+    PutBegin, PutBeginResponse, PutChunk, PutChunkResponse, PutCommit, UploadRef,
+};
 
 impl NodeStats {
     /// Percentage of received payload bytes that were mapped.
