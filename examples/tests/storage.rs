@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{addr_in, sha256_file, spawn_and_wait_for, wait_until, write_random_file, TempDir};
 use pagerpc::prost::Message;
-use pagerpc::{Client, ClientConfig, Code, Payload};
+use pagerpc::{CallError, CallOptions, Client, ClientConfig, Code, Payload, PendingCall};
 use pagerpc_examples::storage::format::BlobHeader;
 use pagerpc_examples::storage::{
     method, BlobInfo, BlobList, BlobRef, ClientOptions, Empty, GetChunk, GetChunkResponse,
@@ -487,6 +487,513 @@ fn command_line_serve_put_get_ls_rm() {
     server.wait().unwrap();
 }
 
+// ---------------------------------------------------------------------------
+// Helpers for the regression tests below.
+
+/// A `storage-node serve` process on a loopback port, killed on drop.
+struct NodeProc {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl NodeProc {
+    fn start(dir: &std::path::Path, extra: &[&str]) -> NodeProc {
+        let mut args = vec![
+            "serve",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        let (child, line) =
+            spawn_and_wait_for(env!("CARGO_BIN_EXE_storage-node"), &args, "serving");
+        NodeProc {
+            child,
+            addr: addr_in(&line).parse().unwrap(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the node process, in KiB (`VmRSS`).
+    fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .expect("VmRSS in /proc/PID/status");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Open file descriptors of the node process.
+    fn fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn client(&self) -> StorageClient {
+        let mut opts = ClientOptions::new(vec![self.addr]);
+        opts.progress = false;
+        StorageClient::new(opts).on_warning(|_| {})
+    }
+
+    /// Runs the `storage-node` client binary against this node.
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_storage-node"))
+            .args(["--nodes", &self.addr.to_string(), "--quiet"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes blob `id` straight into `dir` in the on-disk format (the same
+/// bytes a commit writes), with `header_id` recorded in its header
+/// (`None`: a format-1 file, which records no id).
+fn write_blob_file(
+    dir: &std::path::Path,
+    id: &str,
+    header_id: Option<&str>,
+    data: &[u8],
+    version: u64,
+) {
+    let cs = 64u64 << 10;
+    let chunk_crcs: Vec<u32> = data.chunks(cs as usize).map(crc32c::crc32c).collect();
+    let header = BlobHeader {
+        id: header_id.map(str::to_owned),
+        size: data.len() as u64,
+        crc32c: crc32c::crc32c(data),
+        chunk_size: cs,
+        version,
+        chunk_crcs,
+    };
+    let mut bytes = header.encode().unwrap().to_vec();
+    bytes.extend_from_slice(data);
+    // Written aside and renamed in, as a node publishes a blob.
+    let tmp = dir.join(format!(".tmp-helper-{id}"));
+    fs::write(&tmp, &bytes).unwrap();
+    fs::rename(&tmp, dir.join(format!("{id}.blob"))).unwrap();
+}
+
+fn begin_req(id: &str, size: u64) -> PutBegin {
+    PutBegin {
+        id: id.into(),
+        size,
+        crc32c: None,
+        chunk_size: 64 << 10,
+        version: 1,
+    }
+}
+
+/// Starts `n` `put.begin` calls on `c` without waiting, then waits for all.
+fn pipelined_begins(
+    c: &Client,
+    prefix: &str,
+    n: usize,
+) -> Vec<Result<PutBeginResponse, CallError>> {
+    let calls: Vec<PendingCall> = (0..n)
+        .map(|i| {
+            let body = begin_req(&format!("{prefix}-{i}"), 1 << 20).encode_to_vec();
+            c.start_call(
+                method::PUT_BEGIN,
+                body,
+                Payload::Empty,
+                &CallOptions::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    calls
+        .into_iter()
+        .map(|call| call.wait_typed::<PutBeginResponse>().map(|r| r.message))
+        .collect()
+}
+
+fn get_chunk(
+    c: &Client,
+    id: &str,
+    info: &BlobInfo,
+) -> Result<(GetChunkResponse, Vec<u8>), CallError> {
+    let r = c.call::<_, GetChunkResponse>(
+        method::GET_CHUNK,
+        &GetChunk {
+            id: id.into(),
+            offset: 0,
+            len: info.size.min(info.chunk_size),
+            version: info.version,
+        },
+        Payload::Empty,
+    )?;
+    Ok((r.message, r.payload.to_vec()))
+}
+
+fn get_begin(c: &Client, id: &str) -> Result<BlobInfo, CallError> {
+    c.call::<_, BlobInfo>(
+        method::GET_BEGIN,
+        &BlobRef { id: id.into() },
+        Payload::Empty,
+    )
+    .map(|r| r.message)
+}
+
+/// A small PUT and GET through the node, to show it still serves.
+fn round_trip(c: &StorageClient, tmp: &TempDir, id: &str) {
+    let src = tmp.join(&format!("{id}.src"));
+    let dst = tmp.join(&format!("{id}.dst"));
+    let want = write_random_file(&src, 300_000, 77);
+    c.put_file(&src, id).unwrap();
+    c.get_to_file(id, &dst).unwrap();
+    assert_eq!(sha256_file(&dst), want);
+}
+
+// ---------------------------------------------------------------------------
+// Regression tests.
+
+/// `put.begin`'s size comes from the peer: an absurd one is refused by the
+/// node's limits, naming the limit and the value, without allocating
+/// anything for it (the old node allocated a CRC table of one entry per
+/// announced chunk: 34 GB for 2^32-1 chunks, and died).
+#[test]
+fn put_begin_with_an_absurd_size_is_refused_without_allocating() {
+    let tmp = TempDir::new("huge");
+    let node = NodeProc::start(&tmp.join("node"), &[]);
+    let raw = Client::connect(node.addr).unwrap();
+    let stats = || -> NodeStats {
+        raw.call(method::STATS, &Empty {}, Payload::Empty)
+            .unwrap()
+            .message
+    };
+    stats();
+    let rss_before = node.rss_kib();
+    let begin = |size: u64, chunk_size: u64| {
+        raw.call::<_, PutBeginResponse>(
+            method::PUT_BEGIN,
+            &PutBegin {
+                chunk_size,
+                ..begin_req("huge", size)
+            },
+            Payload::Empty,
+        )
+        .unwrap_err()
+    };
+    // 2^60 bytes: over max_blob_bytes (default 1 TiB).
+    let e = begin(1 << 60, 64 << 10);
+    println!("put.begin of 2^60 bytes: {e}");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(
+        e.message().contains("max_blob_bytes")
+            && e.message().contains(&(1u64 << 60).to_string())
+            && e.message().contains(&(1u64 << 40).to_string()),
+        "the message names the limit and the value: {e}"
+    );
+    // (2^32 - 1) chunks of 64 KiB, the size that made the old node
+    // allocate 34 GB.
+    let e = begin(u64::from(u32::MAX) * (64 << 10), 64 << 10);
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("max_blob_bytes"), "{e}");
+    assert!(
+        node.rss_kib() < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} KiB to {} KiB",
+        node.rss_kib()
+    );
+
+    // A node without a size cap still refuses what does not fit its disk.
+    let mut node = NodeProc::start(
+        &tmp.join("uncapped"),
+        &["--max-blob-bytes", &u64::MAX.to_string()],
+    );
+    let raw = Client::connect(node.addr).unwrap();
+    let rss_before = node.rss_kib();
+    for (size, cs) in [
+        (1u64 << 60, 64u64 << 20),
+        (u64::from(u32::MAX) * (64 << 10), 64 << 10),
+    ] {
+        let e = raw
+            .call::<_, PutBeginResponse>(
+                method::PUT_BEGIN,
+                &PutBegin {
+                    chunk_size: cs,
+                    ..begin_req("huge", size)
+                },
+                Payload::Empty,
+            )
+            .unwrap_err();
+        println!("put.begin of {size} bytes on a node without a size cap: {e}");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        assert!(
+            e.message().contains("bytes free") && e.message().contains(&size.to_string()),
+            "the message names the free space and the size: {e}"
+        );
+    }
+    let rss_after = node.rss_kib();
+    println!("node RSS: {rss_before} KiB before the absurd put.begin calls, {rss_after} KiB after");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert!(node.alive(), "the node is still running");
+    let s: NodeStats = raw
+        .call(method::STATS, &Empty {}, Payload::Empty)
+        .unwrap()
+        .message;
+    assert_eq!(s.uploads, 0);
+    assert_eq!(s.uploads_refused, 2);
+    round_trip(&node.client(), &tmp, "after-huge");
+}
+
+/// 1,000 concurrent uploads from one connection, then 1,000 more over 20
+/// connections: refused past `max_uploads_per_conn` (16) and `max_uploads`
+/// (128) with ResourceExhausted naming the limit, the node's descriptors
+/// stay within 2 per upload, and it keeps serving.
+#[test]
+fn concurrent_uploads_are_bounded_per_connection_and_per_node() {
+    let tmp = TempDir::new("uploads");
+    let node = NodeProc::start(&tmp.join("node"), &[]);
+    let client = node.client();
+    round_trip(&client, &tmp, "existing");
+    let fds_before = node.fds();
+
+    let one = Client::connect(node.addr).unwrap();
+    let results = pipelined_begins(&one, "one", 1000);
+    let ok: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|b| b.upload))
+        .collect();
+    assert_eq!(ok.len(), 16, "max_uploads_per_conn");
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        assert!(
+            e.message().contains("max_uploads_per_conn") && e.message().contains("is 16"),
+            "{e}"
+        );
+    }
+    println!(
+        "1000 uploads on one connection: 16 accepted; {}",
+        results.iter().find_map(|r| r.as_ref().err()).unwrap()
+    );
+    let fds_one = node.fds();
+
+    let conns: Vec<Client> = (0..20)
+        .map(|_| Client::connect(node.addr).unwrap())
+        .collect();
+    let mut accepted = vec![(0usize, ok)];
+    let mut node_refusals = 0;
+    for (i, c) in conns.iter().enumerate() {
+        let results = pipelined_begins(c, &format!("many-{i}"), 50);
+        let ok: Vec<u64> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|b| b.upload))
+            .collect();
+        assert!(ok.len() <= 16);
+        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+            if e.message().contains("(max_uploads) is 128") {
+                node_refusals += 1;
+            } else {
+                assert!(e.message().contains("max_uploads_per_conn"), "{e}");
+            }
+        }
+        accepted.push((i + 1, ok));
+    }
+    let total: usize = accepted.iter().map(|(_, v)| v.len()).sum();
+    assert_eq!(total, 128, "max_uploads");
+    assert!(node_refusals > 0);
+    let fds_peak = node.fds();
+    println!(
+        "node descriptors: {fds_before} before, {fds_one} with 16 uploads, {fds_peak} with 128 \
+         uploads and 21 more connections ({node_refusals} begins refused by max_uploads)"
+    );
+    assert!(
+        fds_peak <= fds_before + 2 * 128 + 21 + 8,
+        "{fds_peak} descriptors open"
+    );
+
+    // The node keeps serving everything but new uploads.
+    let s = client.node_stats(node.addr).unwrap();
+    assert_eq!(s.uploads, 128);
+    assert_eq!(s.uploads_refused, 2000 - 128);
+    let dst = tmp.join("existing.again");
+    client.get_to_file("existing", &dst).unwrap();
+    assert_eq!(client.list().unwrap().len(), 1);
+
+    // Aborted uploads give their descriptors and slots back.
+    for (i, handles) in accepted {
+        let c = if i == 0 { &one } else { &conns[i - 1] };
+        for h in handles {
+            c.call::<_, Empty>(method::PUT_ABORT, &UploadRef { upload: h }, Payload::Empty)
+                .unwrap();
+        }
+    }
+    drop(conns);
+    drop(one);
+    assert!(
+        wait_until(Duration::from_secs(10), || node.fds() <= fds_before + 2),
+        "descriptors back to {fds_before}: {}",
+        node.fds()
+    );
+    round_trip(&client, &tmp, "after-uploads");
+    assert!(
+        !visible_files(&tmp.join("node"))
+            .iter()
+            .any(|f| f.starts_with(".tmp")),
+        "no temporary file is left"
+    );
+}
+
+/// The open-file cache never serves a file its path no longer names: an
+/// overwrite or a delete between `get.begin` and the next `get.chunk`
+/// (here by another process's rename or unlink, then through the node) is
+/// seen by that read.
+#[test]
+fn a_blob_replaced_or_deleted_after_get_begin_is_not_served_stale() {
+    let tmp = TempDir::new("stale");
+    let dir = tmp.join("node");
+    let n = node(&dir);
+    let raw = Client::connect(n.local_addr()).unwrap();
+    let old = common::value_bytes(100_000, 1);
+    let new = common::value_bytes(100_000, 2);
+    write_blob_file(&dir, "x", Some("x"), &old, 10);
+
+    // get.begin opens (and caches) the file of version 10.
+    let v10 = get_begin(&raw, "x").unwrap();
+    assert_eq!(v10.version, 10);
+    // Another process replaces the file (rename over it) before the read.
+    write_blob_file(&dir, "x", Some("x"), &new, 11);
+    let e = get_chunk(&raw, "x", &v10).unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert!(e.message().contains("replaced"), "{e}");
+    let v11 = get_begin(&raw, "x").unwrap();
+    assert_eq!(v11.version, 11, "get.begin sees the new file");
+    let (_, bytes) = get_chunk(&raw, "x", &v11).unwrap();
+    assert!(bytes == new[..bytes.len()], "the new content is served");
+
+    // Deleted by another process between get.begin and the read.
+    fs::remove_file(dir.join("x.blob")).unwrap();
+    let e = get_chunk(&raw, "x", &v11).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    assert_eq!(get_begin(&raw, "x").unwrap_err().code(), Code::NotFound);
+
+    // Overwritten and deleted through the node, between begin and read.
+    let (c, _) = client(&[&n]);
+    let src = tmp.join("src");
+    write_random_file(&src, 100_000, 3);
+    c.put_file(&src, "y").unwrap();
+    let first = get_begin(&raw, "y").unwrap();
+    get_chunk(&raw, "y", &first).unwrap();
+    write_random_file(&src, 100_000, 4);
+    c.put_file(&src, "y").unwrap();
+    assert_eq!(
+        get_chunk(&raw, "y", &first).unwrap_err().code(),
+        Code::Aborted
+    );
+    let second = get_begin(&raw, "y").unwrap();
+    c.delete("y").unwrap();
+    assert_eq!(
+        get_chunk(&raw, "y", &second).unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+/// `ls` over 5,000 blobs leaves the node's descriptors where they were
+/// (the old cache kept every file it listed open, up to 1,024, and PUTs
+/// then failed for want of descriptors); GETs keep at most
+/// `max_open_blobs` (128) open.
+#[test]
+fn ls_over_5000_blobs_leaves_no_descriptors_open() {
+    let tmp = TempDir::new("fds");
+    let dir = tmp.join("node");
+    fs::create_dir_all(&dir).unwrap();
+    for i in 0..5000 {
+        let id = format!("blob-{i:05}");
+        write_blob_file(&dir, &id, Some(&id), &[i as u8; 100], 1);
+    }
+    let node = NodeProc::start(&dir, &[]);
+    let fds_before = node.fds();
+    let (ok, out, err) = node.run(&["ls"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 5000);
+    // The node closes the finished client's connection on its own time.
+    let settled = wait_until(Duration::from_secs(5), || node.fds() <= fds_before + 2);
+    let fds_after_ls = node.fds();
+    println!("node descriptors: {fds_before} before `ls` over 5000 blobs, {fds_after_ls} after");
+    assert!(
+        settled,
+        "{fds_after_ls} descriptors open after ls, {fds_before} before"
+    );
+    let client = node.client();
+
+    // Reading 300 different blobs keeps at most 128 files open.
+    let raw = Client::connect(node.addr).unwrap();
+    for i in 0..300 {
+        get_begin(&raw, &format!("blob-{i:05}")).unwrap();
+    }
+    let s = client.node_stats(node.addr).unwrap();
+    assert_eq!(s.open_blobs, 128);
+    let fds_after_gets = node.fds();
+    println!("after get.begin of 300 blobs: {fds_after_gets} descriptors, 128 cached files");
+    assert!(fds_after_gets <= fds_before + 128 + 3);
+    round_trip(&client, &tmp, "after-ls");
+}
+
+/// A blob's header records its id: a file renamed (or copied) to another
+/// blob's name is refused with DataLoss rather than served as that blob;
+/// format-1 files, which record no id, are still read.
+#[test]
+fn a_blob_file_renamed_to_another_id_is_not_served_as_that_blob() {
+    let tmp = TempDir::new("renamed");
+    let n = node(&tmp.join("node"));
+    let (c, _) = client(&[&n]);
+    let (src_a, src_b) = (tmp.join("a"), tmp.join("b"));
+    write_random_file(&src_a, 200_000, 1);
+    write_random_file(&src_b, 200_000, 2);
+    c.put_file(&src_a, "a").unwrap();
+    c.put_file(&src_b, "b").unwrap();
+    let dst = tmp.join("out");
+    c.get_to_file("b", &dst).unwrap(); // now cached
+    fs::rename(n.blob_path("a"), n.blob_path("b")).unwrap();
+    let e = c.get_to_file("b", &dst).unwrap_err();
+    println!("renamed file: {e}");
+    assert_eq!(e.code, Code::DataLoss, "{e}");
+    assert!(e.message.contains("holds blob 'a'"), "{e}");
+    let listed = c.list().unwrap();
+    assert_eq!(listed.len(), 1, "'a' is gone, 'b' is listed with a problem");
+    assert_eq!(listed[0].info.id, "b");
+    assert!(
+        listed[0].problems[0].1.contains("holds blob 'a'"),
+        "{listed:?}"
+    );
+
+    // A format-1 file (no id in its header) is still served.
+    let data = common::value_bytes(70_000, 5);
+    write_blob_file(n.dir(), "legacy", None, &data, 3);
+    let out = tmp.join("legacy.out");
+    let r = c.get_to_file("legacy", &out).unwrap();
+    assert_eq!(r.size, 70_000);
+    assert_eq!(fs::read(&out).unwrap(), data);
+}
+
 /// The protocol is defined in `examples/proto/storage.proto`, package
 /// `pagerpc.examples.storage`: an outside client compiling that file gets
 /// the messages this node speaks. Checks every message's fields (numbers
@@ -518,10 +1025,7 @@ fn the_protocol_is_defined_in_a_proto_file() {
             "PutBegin",
             PutBegin {
                 crc32c: Some(9),
-                id: "a".into(),
-                size: 7,
-                chunk_size: 65536,
-                version: 1,
+                ..begin_req("a", 7)
             }
             .encode_to_vec(),
         ),
@@ -597,6 +1101,8 @@ fn the_protocol_is_defined_in_a_proto_file() {
                 corrupt_chunks_read: 10,
                 uploads_rejected: 11,
                 uploads_expired: 12,
+                uploads_refused: 13,
+                open_blobs: 14,
             }
             .encode_to_vec(),
         ),

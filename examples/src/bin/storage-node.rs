@@ -65,6 +65,18 @@ enum Cmd {
         /// Use buffered I/O instead of O_DIRECT.
         #[arg(long)]
         no_direct: bool,
+        /// Largest blob accepted (blobs must also fit the free disk space).
+        #[arg(long, default_value = "1TiB", value_parser = parse_size)]
+        max_blob_bytes: u64,
+        /// Most uploads under way on the node (2 file descriptors each).
+        #[arg(long, default_value_t = 128)]
+        max_uploads: usize,
+        /// Most uploads under way from one connection.
+        #[arg(long, default_value_t = 16)]
+        max_uploads_per_conn: usize,
+        /// Most blob files kept open for reads (1 file descriptor each).
+        #[arg(long, default_value_t = 128)]
+        max_open_blobs: usize,
     },
     /// Store FILE as a blob (id: the file name unless --id).
     Put {
@@ -114,6 +126,10 @@ fn serve(args: &Args) -> Result<(), String> {
         memory_budget,
         upload_timeout,
         no_direct,
+        max_blob_bytes,
+        max_uploads,
+        max_uploads_per_conn,
+        max_open_blobs,
     } = &args.cmd
     else {
         unreachable!("serve only")
@@ -127,6 +143,10 @@ fn serve(args: &Args) -> Result<(), String> {
     cfg.memory_budget = *memory_budget;
     cfg.upload_timeout = Duration::from_secs(*upload_timeout);
     cfg.direct_io = !no_direct;
+    cfg.max_blob_bytes = *max_blob_bytes;
+    cfg.max_uploads = *max_uploads;
+    cfg.max_uploads_per_conn = *max_uploads_per_conn;
+    cfg.max_open_blobs = *max_open_blobs;
     let node = StorageNode::start(listen.as_str(), cfg)
         .map_err(|e| format!("cannot serve {} on {listen}: {e}", dir.display()))?;
     eprintln!(
@@ -246,7 +266,8 @@ fn run(args: Args) -> Result<(), String> {
                         println!(
                             "{a}: {} blobs, {}; {} uploads under way; {}; received {} ({:.1} % \
                              mmap'ed), sent {}; {} chunks copied before O_DIRECT; {} corrupt \
-                             chunks read; {} uploads rejected, {} expired",
+                             chunks read; {} uploads rejected, {} expired, {} refused by a \
+                             limit; {} blob files open",
                             s.blobs,
                             human_bytes(s.bytes),
                             s.uploads,
@@ -261,7 +282,9 @@ fn run(args: Args) -> Result<(), String> {
                             s.direct_write_copies,
                             s.corrupt_chunks_read,
                             s.uploads_rejected,
-                            s.uploads_expired
+                            s.uploads_expired,
+                            s.uploads_refused,
+                            s.open_blobs
                         );
                     }
                     Err(e) => eprintln!("storage-node: warning: {e}"),

@@ -29,12 +29,20 @@
 //! holds at most about `budget` bytes of chunks, and a client at most W
 //! chunks per replica, whatever the blob's size.
 //!
+//! **Limits.** `put.begin` is refused with [`Code::ResourceExhausted`],
+//! naming the limit and the value, when the blob is over the node's
+//! `max_blob_bytes` or its free disk space (less what uploads under way
+//! will still write), or when the connection or the node already has its
+//! most uploads under way (`max_uploads_per_conn`, `max_uploads`). Nothing
+//! is allocated in proportion to the size a client announces.
+//!
 //! **Integrity.** The client sends each chunk's CRC32C with it and the
 //! blob's CRC32C with `put.begin` or `put.commit`; the node checks each
 //! chunk as it arrives and the whole blob (combining the chunk CRCs) before
 //! it acknowledges the commit. A mismatch is [`Code::DataLoss`] and the
-//! upload is discarded. The node stores every chunk's CRC in the blob's
-//! header, checks each chunk it reads back from disk, and the client checks
+//! upload is discarded. The node stores every chunk's CRC and the blob's id
+//! in the blob's header, checks each chunk it reads back from disk, refuses
+//! to serve a file whose header names another blob, and the client checks
 //! each chunk and the whole blob again after a GET.
 //!
 //! **Durability.** Chunks are written to `DIR/.tmp-<id>-<random>`; the
@@ -43,11 +51,21 @@
 //! whole. Temporary files of a client that went away are removed after
 //! `upload_timeout` without activity, and at startup.
 //!
+//! # Inside the node
+//! An upload is an [`upload::UploadSession`] (begin with a size, write
+//! chunks, commit or abort) and a download a [`reader::BlobReader`] over an
+//! open blob file, so a streaming handler can drive either directly; the
+//! unary handlers above are thin adapters over them.
+//!
 //! [`Code::DataLoss`]: pagerpc::Code::DataLoss
+//! [`Code::ResourceExhausted`]: pagerpc::Code::ResourceExhausted
 
+mod cache;
 pub mod client;
 pub mod format;
 pub mod node;
+pub mod reader;
+pub mod upload;
 
 pub use client::{ClientOptions, GetReport, ListedBlob, PutReport, StorageClient, StorageError};
 pub use node::{NodeConfig, StorageNode};
@@ -227,6 +245,26 @@ pub fn open_split(
     };
     let b = std::fs::OpenOptions::new().write(true).open(path)?;
     Ok((d, b, direct))
+}
+
+/// A status for an I/O error while doing `what`: a full disk or a node out
+/// of file descriptors is [`ResourceExhausted`](pagerpc::Code), anything
+/// else [`Internal`](pagerpc::Code).
+pub(crate) fn io_status(what: impl std::fmt::Display, e: &std::io::Error) -> pagerpc::Status {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            pagerpc::Status::resource_exhausted(format!("{what}: the node's disk is full ({e})"))
+        }
+        Some(libc::EMFILE) | Some(libc::ENFILE) => pagerpc::Status::resource_exhausted(format!(
+            "{what}: the node is out of file descriptors ({e})"
+        )),
+        _ => pagerpc::Status::internal(format!("{what}: {e}")),
+    }
+}
+
+/// Fsyncs a directory (after a rename or unlink in it).
+pub(crate) fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Rounds `n` up to a whole number of pages.

@@ -4,32 +4,40 @@
 //! `O_DIRECT` (whole pages), the tail of the last chunk (`len % 4096`)
 //! through an ordinary buffered descriptor; reads come from the disk with
 //! `O_DIRECT` into page-aligned [`PageBuf`]s that are sent as they are.
+//!
+//! An upload is admitted under the node's limits (blob size, disk space,
+//! uploads per connection and per node) as an [`UploadSession`] plus a
+//! ticket that holds its place under those limits until it ends; the unary
+//! handlers keep it in a table under a handle, a streaming handler would
+//! keep it for the life of its stream. Reads go through [`BlobFile`]s kept
+//! in a bounded cache that only serves a file while the blob's path still
+//! names it.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pagerpc::{CountersSnapshot, PageBuf, Pages, Payload, Server, ServerConfig, Status};
+use pagerpc::{Context, CountersSnapshot, PageBuf, Pages, Payload, Server, ServerConfig, Status};
 
-use super::format::{chunk_count, header_len, BlobHeader};
+use super::cache::OpenBlobs;
+use super::format::{chunk_count, header_len};
+use super::reader::{read_header, BlobFile, FileIdent};
+use super::upload::{clean_temps, probe_direct, ChunkWritten, UploadSession};
 use super::{
-    check_id, chunk_len, method, open_split, round_up_page, write_split, BlobInfo, BlobList,
-    BlobRef, DeleteResponse, Empty, GetChunk, GetChunkResponse, NodeStats, PutBegin,
-    PutBeginResponse, PutChunk, PutChunkResponse, PutCommit, UploadRef, MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE, PAGE,
+    check_id, io_status, method, sync_dir, BlobInfo, BlobList, BlobRef, DeleteResponse, Empty,
+    GetChunk, GetChunkResponse, NodeStats, PutBegin, PutBeginResponse, PutChunk, PutChunkResponse,
+    PutCommit, UploadRef, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE,
 };
 use crate::util::FastRng;
 
-/// Prefix of temporary upload files in the node's directory.
-pub const TMP_PREFIX: &str = ".tmp-";
+pub use super::upload::TMP_PREFIX;
 /// Suffix of blob files.
 pub const BLOB_SUFFIX: &str = ".blob";
 
@@ -52,6 +60,36 @@ pub struct NodeConfig {
     pub upload_timeout: Duration,
     /// Use `O_DIRECT` (falls back to buffered I/O if the filesystem refuses).
     pub direct_io: bool,
+    /// Largest blob `put.begin` accepts; a larger size is refused with
+    /// `ResourceExhausted` naming this limit. Default 1 TiB. Independently,
+    /// a blob must fit the free space of the node's filesystem, less what
+    /// the uploads under way will still write.
+    pub max_blob_bytes: u64,
+    /// Most uploads under way on the node; `put.begin` past it is refused
+    /// with `ResourceExhausted`. Default 128.
+    ///
+    /// # Cost
+    /// Each upload holds two file descriptors (an `O_DIRECT` one and a
+    /// buffered one for the last chunk's tail), a temporary file, and about
+    /// 300 bytes plus 4 bytes per chunk received. Its chunk memory is
+    /// bounded by the credits it was granted (see `memory_budget`), not by
+    /// this count. An upload whose client went away counts until
+    /// `upload_timeout` removes it.
+    pub max_uploads: usize,
+    /// Most uploads under way from one connection (one client address and
+    /// port); `put.begin` past it is refused with `ResourceExhausted`.
+    /// Default 16. A client that needs more opens more connections, up to
+    /// `max_uploads` for the node.
+    pub max_uploads_per_conn: usize,
+    /// Most blob files the node keeps open for reads (a cache, least
+    /// recently used closed first). Default 128; 0 opens the file for
+    /// every read call.
+    ///
+    /// # Cost
+    /// One file descriptor each, and its header in memory (4 bytes per
+    /// chunk; the cache keeps at most 64 MiB of them). Reads in progress
+    /// keep their file open even after it is evicted.
+    pub max_open_blobs: usize,
 }
 
 impl NodeConfig {
@@ -65,31 +103,88 @@ impl NodeConfig {
             memory_budget: 256 << 20,
             upload_timeout: Duration::from_secs(60),
             direct_io: true,
+            max_blob_bytes: 1 << 40,
+            max_uploads: 128,
+            max_uploads_per_conn: 16,
+            max_open_blobs: 128,
         }
     }
 }
 
-struct Upload {
-    id: String,
-    tmp: PathBuf,
-    size: u64,
-    chunk_size: u64,
-    version: u64,
-    crc: Option<u32>,
-    header_len: u64,
-    /// `O_DIRECT` descriptor for whole pages (buffered if direct I/O is off).
-    direct: File,
-    /// Buffered descriptor for tails.
-    buffered: File,
-    chunk_crcs: Mutex<Vec<Option<u32>>>,
-    received: AtomicU64,
-    last_active: Mutex<Instant>,
-    busy: AtomicUsize,
+/// Uploads under way, per node and per connection, and the disk bytes
+/// each will still write: what `put.begin` checks its limits against.
+#[derive(Default)]
+struct Admissions {
+    per_conn: HashMap<SocketAddr, usize>,
+    to_come: HashMap<u64, Arc<AtomicU64>>,
+    next_key: u64,
 }
 
-struct OpenBlob {
-    file: File,
-    header: BlobHeader,
+impl Admissions {
+    fn total(&self) -> usize {
+        self.to_come.len()
+    }
+
+    fn promised(&self) -> u64 {
+        self.to_come
+            .values()
+            .map(|t| t.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// An upload's place under the node's limits; dropping it gives it back.
+struct Ticket {
+    admissions: Arc<Mutex<Admissions>>,
+    peer: SocketAddr,
+    key: u64,
+    /// Bytes the blob's file will still grow by (for the disk-space check).
+    to_come: Arc<AtomicU64>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut a = lock(&self.admissions);
+        a.to_come.remove(&self.key);
+        if let Some(n) = a.per_conn.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                a.per_conn.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// An admitted upload: the session and its place under the node's limits,
+/// given back when it is committed, aborted or dropped.
+struct Upload {
+    session: UploadSession,
+    ticket: Ticket,
+}
+
+impl Upload {
+    /// [`UploadSession::write_chunk`], keeping the disk reservation current.
+    fn write_chunk(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        crc32c: Option<u32>,
+    ) -> Result<ChunkWritten, Status> {
+        let r = self.session.write_chunk(offset, data, crc32c);
+        self.ticket
+            .to_come
+            .store(self.session.bytes_to_come(), Ordering::Relaxed);
+        r
+    }
+}
+
+/// An upload in the unary handlers' table.
+struct UploadSlot {
+    /// `None` once committed, aborted or expired. Chunk writes hold this
+    /// lock, so they run one at a time per upload and a commit waits for
+    /// the write in progress.
+    upload: Mutex<Option<Upload>>,
+    last_active: Mutex<Instant>,
 }
 
 #[derive(Default)]
@@ -98,15 +193,18 @@ struct Tallies {
     corrupt_chunks_read: AtomicU64,
     uploads_rejected: AtomicU64,
     uploads_expired: AtomicU64,
+    uploads_refused: AtomicU64,
 }
 
 struct Node {
     dir: PathBuf,
     cfg: NodeConfig,
     direct_io: bool,
-    uploads: Mutex<HashMap<u64, Arc<Upload>>>,
+    admissions: Arc<Mutex<Admissions>>,
+    /// Uploads of the unary protocol, by handle.
+    uploads: Mutex<HashMap<u64, Arc<UploadSlot>>>,
     next_upload: AtomicU64,
-    open: Mutex<HashMap<String, Arc<OpenBlob>>>,
+    open: OpenBlobs,
     server: Mutex<Option<Server>>,
     tallies: Tallies,
     rng: Mutex<FastRng>,
@@ -118,39 +216,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn io_status(what: impl std::fmt::Display, e: &io::Error) -> Status {
-    if e.raw_os_error() == Some(libc::ENOSPC) {
-        Status::resource_exhausted(format!("{what}: the node's disk is full ({e})"))
-    } else {
-        Status::internal(format!("{what}: {e}"))
-    }
+/// Bytes of the filesystem holding `dir` that an unprivileged writer may
+/// still use: `statvfs(2)`'s `f_bavail × f_frsize`, through nix's safe
+/// wrapper (no `unsafe` here).
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
+    // Both are u64 on 64-bit Linux, narrower elsewhere.
+    #[allow(clippy::unnecessary_cast)]
+    let (avail, frsize) = (s.blocks_available() as u64, s.fragment_size() as u64);
+    Ok(avail.saturating_mul(frsize))
 }
 
-fn open_flags(direct: bool) -> i32 {
-    if direct {
-        libc::O_DIRECT
-    } else {
-        0
+/// The bytes a blob file will take: header and data. `None` when the
+/// request's chunk size is unusable (the session refuses it with a
+/// precise message).
+fn file_bytes(req: &PutBegin) -> Option<u64> {
+    let cs = req.chunk_size;
+    if !cs.is_multiple_of(PAGE) || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+        return None;
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Reads `buf.len()` bytes at `pos` (fewer at end of file), page by page
-/// aligned as `O_DIRECT` needs; returns the bytes read.
-fn read_full_at(f: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], pos + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
+    header_len(req.id.len(), chunk_count(req.size, cs)).checked_add(req.size)
 }
 
 impl Node {
@@ -158,392 +243,311 @@ impl Node {
         self.dir.join(format!("{id}{BLOB_SUFFIX}"))
     }
 
-    fn credits(&self, chunk_size: u64) -> u32 {
-        let transfers = lock(&self.uploads).len() as u64 + 1;
+    fn credits_for(&self, chunk_size: u64, transfers: u64) -> u32 {
         let fit = self.cfg.memory_budget / (chunk_size * transfers).max(1);
         fit.clamp(1, u64::from(self.cfg.max_credits.max(1))) as u32
     }
 
-    fn upload(&self, handle: u64) -> Result<Arc<Upload>, Status> {
-        lock(&self.uploads).get(&handle).cloned().ok_or_else(|| {
-            Status::not_found(format!(
-                "no upload {handle} on this node (aborted, committed, expired after {:?} \
-                 without a chunk, or the node restarted)",
-                self.cfg.upload_timeout
-            ))
-        })
+    fn credits(&self, chunk_size: u64) -> u32 {
+        let transfers = lock(&self.admissions).total() as u64 + 1;
+        self.credits_for(chunk_size, transfers)
     }
 
-    fn discard(&self, up: &Upload) {
-        let _ = fs::remove_file(&up.tmp);
+    fn slot(&self, handle: u64) -> Result<Arc<UploadSlot>, Status> {
+        lock(&self.uploads)
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| self.gone(handle))
     }
 
-    fn put_begin(&self, req: PutBegin) -> Result<PutBeginResponse, Status> {
+    fn gone(&self, handle: u64) -> Status {
+        Status::not_found(format!(
+            "no upload {handle} on this node (aborted, committed, expired after {:?} without a \
+             chunk, or the node restarted)",
+            self.cfg.upload_timeout
+        ))
+    }
+
+    fn refuse(&self, msg: String) -> Status {
+        self.tallies.uploads_refused.fetch_add(1, Ordering::Relaxed);
+        Status::resource_exhausted(msg)
+    }
+
+    /// Admits an upload under the node's limits and begins its session.
+    /// Nothing is allocated in proportion to `req.size`.
+    ///
+    /// # Errors
+    /// `ResourceExhausted` naming the limit and the value when the blob is
+    /// over `max_blob_bytes` or the free disk space (less what uploads
+    /// under way will still write), or when the node or the connection
+    /// `peer` has its most uploads under way; the session's errors.
+    fn begin_upload(&self, peer: SocketAddr, req: &PutBegin) -> Result<Upload, Status> {
         check_id(&req.id).map_err(Status::invalid_argument)?;
-        let cs = req.chunk_size;
-        if !cs.is_multiple_of(PAGE) || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-            return Err(Status::invalid_argument(format!(
-                "chunk size {cs} must be a multiple of {PAGE} between {MIN_CHUNK_SIZE} and \
-                 {MAX_CHUNK_SIZE}"
-            )));
-        }
-        let n = chunk_count(req.size, cs);
-        if n > u64::from(u32::MAX) {
-            return Err(Status::invalid_argument(format!(
-                "{} bytes in chunks of {cs} is too many chunks",
+        let id = &req.id;
+        let max = self.cfg.max_blob_bytes;
+        if req.size > max {
+            return Err(self.refuse(format!(
+                "blob '{id}' of {} bytes is over this node's limit of {max} bytes per blob \
+                 (max_blob_bytes); nothing was allocated",
                 req.size
             )));
         }
+        // Held while the file is created, so concurrent begins cannot
+        // overshoot the limits together.
+        let mut adm = lock(&self.admissions);
+        let (n, max) = (adm.total(), self.cfg.max_uploads);
+        if n >= max {
+            return Err(self.refuse(format!(
+                "put.begin of '{id}' refused: the node has {n} uploads under way, its limit \
+                 (max_uploads) is {max}; retry when some finish"
+            )));
+        }
+        let mine = adm.per_conn.get(&peer).copied().unwrap_or(0);
+        let max = self.cfg.max_uploads_per_conn;
+        if mine >= max {
+            return Err(self.refuse(format!(
+                "put.begin of '{id}' refused: this connection ({peer}) has {mine} uploads under \
+                 way, the limit per connection (max_uploads_per_conn) is {max}; finish or abort \
+                 some first"
+            )));
+        }
+        if let Some(need) = file_bytes(req) {
+            let free = free_bytes(&self.dir)
+                .map_err(|e| io_status(format_args!("statvfs {}", self.dir.display()), &e))?;
+            let promised = adm.promised();
+            if need > free.saturating_sub(promised) {
+                return Err(self.refuse(format!(
+                    "blob '{id}' of {} bytes ({need} on disk with its header) does not fit: the \
+                     filesystem of {} has {free} bytes free, {promised} of them promised to the \
+                     {n} uploads under way",
+                    req.size,
+                    self.dir.display()
+                )));
+            }
+        }
         let tag = lock(&self.rng).next_u64();
-        let tmp = self.dir.join(format!("{TMP_PREFIX}{}-{tag:016x}", req.id));
-        let mut oo = OpenOptions::new();
-        oo.write(true).create_new(true).mode(0o644);
-        let (direct, buffered, _) = open_split(&tmp, &oo, self.direct_io).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_status(format_args!("cannot create {}", tmp.display()), &e)
-        })?;
-        let handle = self.next_upload.fetch_add(1, Ordering::Relaxed);
-        let up = Arc::new(Upload {
-            id: req.id,
-            tmp,
-            size: req.size,
-            chunk_size: cs,
-            version: req.version,
-            crc: req.crc32c,
-            header_len: header_len(n),
-            direct,
-            buffered,
-            chunk_crcs: Mutex::new(vec![None; n as usize]),
-            received: AtomicU64::new(0),
-            last_active: Mutex::new(Instant::now()),
-            busy: AtomicUsize::new(0),
-        });
-        let credits = self.credits(cs);
-        lock(&self.uploads).insert(handle, up);
-        Ok(PutBeginResponse {
-            upload: handle,
-            credits,
+        let session = UploadSession::begin(&self.dir, req, tag, self.direct_io)?;
+        let key = adm.next_key;
+        adm.next_key += 1;
+        let to_come = Arc::new(AtomicU64::new(session.bytes_to_come()));
+        adm.to_come.insert(key, to_come.clone());
+        *adm.per_conn.entry(peer).or_default() += 1;
+        drop(adm);
+        Ok(Upload {
+            session,
+            ticket: Ticket {
+                admissions: self.admissions.clone(),
+                peer,
+                key,
+                to_come,
+            },
         })
     }
 
-    /// [`write_split`], counting the chunks that had to be copied first.
-    fn write(&self, up: &Upload, data: &[u8], pos: u64) -> io::Result<()> {
-        if write_split(&up.direct, &up.buffered, data, pos)? {
+    fn put_begin(&self, peer: SocketAddr, req: PutBegin) -> Result<PutBeginResponse, Status> {
+        let upload = self.begin_upload(peer, &req)?;
+        let handle = self.next_upload.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(UploadSlot {
+            upload: Mutex::new(Some(upload)),
+            last_active: Mutex::new(Instant::now()),
+        });
+        lock(&self.uploads).insert(handle, slot);
+        Ok(PutBeginResponse {
+            upload: handle,
+            // The transfers under way include this one now.
+            credits: self.credits_for(req.chunk_size, lock(&self.admissions).total().max(1) as u64),
+        })
+    }
+
+    fn put_chunk(&self, req: PutChunk, pages: Pages) -> Result<PutChunkResponse, Status> {
+        let slot = self.slot(req.upload)?;
+        let r = match lock(&slot.upload).as_mut() {
+            Some(upload) => upload.write_chunk(req.offset, &pages, req.crc32c),
+            None => return Err(self.gone(req.upload)),
+        };
+        *lock(&slot.last_active) = Instant::now();
+        let w = r?;
+        if w.copied {
             self.tallies
                 .direct_write_copies
                 .fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
-    }
-
-    fn put_chunk(&self, req: PutChunk, pages: Pages) -> Result<PutChunkResponse, Status> {
-        let up = self.upload(req.upload)?;
-        up.busy.fetch_add(1, Ordering::SeqCst);
-        let r = self.put_chunk_inner(&up, &req, &pages);
-        *lock(&up.last_active) = Instant::now();
-        up.busy.fetch_sub(1, Ordering::SeqCst);
-        r
-    }
-
-    fn put_chunk_inner(
-        &self,
-        up: &Upload,
-        req: &PutChunk,
-        pages: &Pages,
-    ) -> Result<PutChunkResponse, Status> {
-        let off = req.offset;
-        if !off.is_multiple_of(up.chunk_size) || off >= up.size {
-            return Err(Status::invalid_argument(format!(
-                "offset {off} is not a chunk boundary of '{}' ({} bytes in chunks of {})",
-                up.id, up.size, up.chunk_size
-            )));
-        }
-        let want = chunk_len(up.size, up.chunk_size, off);
-        if pages.len() as u64 != want {
-            return Err(Status::invalid_argument(format!(
-                "chunk at offset {off} of '{}' has {} bytes; it must have {want}",
-                up.id,
-                pages.len()
-            )));
-        }
-        let crc = crc32c::crc32c(pages);
-        if let Some(sent) = req.crc32c {
-            if sent != crc {
-                return Err(Status::data_loss(format!(
-                    "chunk at offset {off} of '{}' arrived with CRC32C {crc:#010x}, but the \
-                     client computed {sent:#010x}; it was not stored",
-                    up.id
-                )));
-            }
-        }
-        self.write(up, pages, up.header_len + off)
-            .map_err(|e| io_status(format_args!("writing '{}' at {off}", up.id), &e))?;
-        let idx = (off / up.chunk_size) as usize;
-        let first = lock(&up.chunk_crcs)[idx].replace(crc).is_none();
-        let received = if first {
-            up.received.fetch_add(want, Ordering::Relaxed) + want
-        } else {
-            up.received.load(Ordering::Relaxed)
-        };
-        Ok(PutChunkResponse { received })
-    }
-
-    fn put_commit(&self, req: PutCommit) -> Result<BlobInfo, Status> {
-        let up = {
-            let mut uploads = lock(&self.uploads);
-            let Some(up) = uploads.get(&req.upload) else {
-                drop(uploads);
-                return Err(self
-                    .upload(req.upload)
-                    .err()
-                    .unwrap_or_else(|| Status::not_found(format!("no upload {}", req.upload))));
-            };
-            if up.busy.load(Ordering::SeqCst) > 0 {
-                return Err(Status::failed_precondition(format!(
-                    "commit of '{}' while chunks are still being written",
-                    up.id
-                )));
-            }
-            let crcs = lock(&up.chunk_crcs);
-            let missing = crcs.iter().filter(|c| c.is_none()).count();
-            if missing > 0 {
-                return Err(Status::failed_precondition(format!(
-                    "commit of '{}' with {missing} of {} chunks still missing",
-                    up.id,
-                    crcs.len()
-                )));
-            }
-            drop(crcs);
-            uploads
-                .remove(&req.upload)
-                .expect("the upload was just found")
-        };
-        match self.commit(&up, req.crc32c) {
-            Ok(info) => Ok(info),
-            Err(s) => {
-                self.discard(&up);
-                Err(s)
-            }
-        }
-    }
-
-    fn commit(&self, up: &Upload, commit_crc: Option<u32>) -> Result<BlobInfo, Status> {
-        let expected = match (up.crc, commit_crc) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(Status::invalid_argument(format!(
-                    "'{}': put.begin gave CRC32C {a:#010x} but put.commit gave {b:#010x}",
-                    up.id
-                )))
-            }
-            (Some(a), _) | (None, Some(a)) => a,
-            (None, None) => {
-                return Err(Status::invalid_argument(format!(
-                    "'{}': no CRC32C given in put.begin or put.commit",
-                    up.id
-                )))
-            }
-        };
-        let crcs: Vec<u32> = lock(&up.chunk_crcs)
-            .iter()
-            .map(|c| c.unwrap_or(0))
-            .collect();
-        let mut whole = 0u32;
-        let mut off = 0;
-        for c in &crcs {
-            let len = chunk_len(up.size, up.chunk_size, off);
-            whole = crc32c::crc32c_combine(whole, *c, len as usize);
-            off += len;
-        }
-        if whole != expected {
-            self.tallies
-                .uploads_rejected
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(Status::data_loss(format!(
-                "blob '{}' ({} bytes) failed its checksum: the client's CRC32C is \
-                 {expected:#010x}, the data received has {whole:#010x}; the upload was discarded",
-                up.id, up.size
-            )));
-        }
-        let header = BlobHeader {
-            size: up.size,
-            crc32c: whole,
-            chunk_size: up.chunk_size,
-            version: up.version,
-            chunk_crcs: crcs,
-        };
-        let what = |step: &str| format!("committing '{}': {step}", up.id);
-        let hb = header
-            .encode()
-            .map_err(|e| io_status(what("header memory"), &e))?;
-        self.write(up, &hb, 0)
-            .map_err(|e| io_status(what("writing the header"), &e))?;
-        up.direct
-            .sync_all()
-            .map_err(|e| io_status(what("fsync"), &e))?;
-        let path = self.blob_path(&up.id);
-        fs::rename(&up.tmp, &path).map_err(|e| io_status(what("rename"), &e))?;
-        lock(&self.open).remove(&up.id);
-        sync_dir(&self.dir).map_err(|e| io_status(what("fsync of the directory"), &e))?;
-        Ok(BlobInfo {
-            id: up.id.clone(),
-            size: up.size,
-            crc32c: whole,
-            chunk_size: up.chunk_size,
-            version: up.version,
-            credits: 0,
-            problem: String::new(),
+        Ok(PutChunkResponse {
+            received: w.received,
         })
     }
 
-    fn put_abort(&self, req: UploadRef) {
-        let up = lock(&self.uploads).remove(&req.upload);
-        if let Some(up) = up {
-            self.discard(&up);
+    /// Commits an upload: verifies it, publishes the blob, and gives the
+    /// upload's place under the limits back.
+    fn commit_upload(&self, upload: Upload, crc32c: Option<u32>) -> Result<BlobInfo, Status> {
+        let Upload { session, ticket } = upload;
+        let id = session.id().to_owned();
+        let r = session.commit(&self.blob_path(&id), crc32c);
+        drop(ticket);
+        match &r {
+            Ok(_) => self.open.remove(&id),
+            Err(s) if s.code() == pagerpc::Code::DataLoss => {
+                self.tallies
+                    .uploads_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {}
         }
+        r
     }
 
-    fn open_blob(&self, id: &str) -> Result<Arc<OpenBlob>, Status> {
-        check_id(id).map_err(Status::invalid_argument)?;
-        if let Some(b) = lock(&self.open).get(id) {
-            return Ok(b.clone());
-        }
-        let path = self.blob_path(id);
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(open_flags(self.direct_io))
-            .open(&path)
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    Status::not_found(format!("no blob '{id}' on this node"))
-                } else {
-                    io_status(format_args!("cannot open {}", path.display()), &e)
+    fn put_commit(&self, req: PutCommit) -> Result<BlobInfo, Status> {
+        let slot = self.slot(req.upload)?;
+        let upload = {
+            let mut u = lock(&slot.upload);
+            match u.as_ref() {
+                None => return Err(self.gone(req.upload)),
+                // Refused, but the upload goes on: the client may send the
+                // missing chunks and commit again.
+                Some(up) if up.session.missing() > 0 => {
+                    return Err(Status::failed_precondition(format!(
+                        "commit of '{}' with {} chunks still missing",
+                        up.session.id(),
+                        up.session.missing()
+                    )))
                 }
-            })?;
-        let read_err = |e: io::Error| io_status(format_args!("reading the header of '{id}'"), &e);
-        let mut first = PageBuf::new(PAGE as usize).map_err(read_err)?;
-        let n = read_full_at(&file, &mut first, 0).map_err(read_err)?;
-        let corrupt = |e: String| {
-            Status::data_loss(format!(
-                "blob '{id}' is corrupt on this node: its header is unreadable: {e}"
-            ))
+                Some(_) => u.take(),
+            }
         };
-        let declared = BlobHeader::declared_len(&first[..n]).map_err(corrupt)?;
-        let header = if declared <= PAGE {
-            BlobHeader::decode(&first[..n]).map_err(corrupt)?
-        } else {
-            let mut all = PageBuf::new(round_up_page(declared) as usize).map_err(read_err)?;
-            let n = read_full_at(&file, &mut all, 0).map_err(read_err)?;
-            BlobHeader::decode(&all[..n]).map_err(corrupt)?
-        };
-        let b = Arc::new(OpenBlob { file, header });
-        let mut open = lock(&self.open);
-        if open.len() >= 1024 {
-            open.clear();
+        lock(&self.uploads).remove(&req.upload);
+        match upload {
+            Some(up) => self.commit_upload(up, req.crc32c),
+            None => Err(self.gone(req.upload)),
         }
-        open.insert(id.to_owned(), b.clone());
-        Ok(b)
     }
 
-    fn info(&self, id: &str, b: &OpenBlob) -> BlobInfo {
-        BlobInfo {
-            id: id.to_owned(),
-            size: b.header.size,
-            crc32c: b.header.crc32c,
-            chunk_size: b.header.chunk_size,
-            version: b.header.version,
-            credits: self.credits(b.header.chunk_size),
-            problem: String::new(),
+    fn put_abort(&self, req: UploadRef) {
+        let slot = lock(&self.uploads).remove(&req.upload);
+        if let Some(slot) = slot {
+            let upload = lock(&slot.upload).take();
+            if let Some(up) = upload {
+                up.session.abort();
+            }
         }
+    }
+
+    /// The open file of blob `id`, from the cache if the cached descriptor
+    /// is still the file at the blob's path, otherwise opened afresh (and
+    /// cached).
+    fn open_blob(&self, id: &str) -> Result<Arc<BlobFile>, Status> {
+        check_id(id).map_err(Status::invalid_argument)?;
+        let path = self.blob_path(id);
+        let now = match fs::metadata(&path) {
+            Ok(m) => FileIdent::of(&m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.open.remove(id);
+                return Err(Status::not_found(format!("no blob '{id}' on this node")));
+            }
+            Err(e) => {
+                return Err(io_status(
+                    format_args!("cannot stat {}", path.display()),
+                    &e,
+                ))
+            }
+        };
+        if let Some(b) = self.open.get(id, &now) {
+            return Ok(b);
+        }
+        let b = Arc::new(BlobFile::open(&path, id, self.direct_io)?);
+        self.open.insert(b.clone());
+        Ok(b)
     }
 
     fn get_begin(&self, req: BlobRef) -> Result<BlobInfo, Status> {
         let b = self.open_blob(&req.id)?;
-        Ok(self.info(&req.id, &b))
+        Ok(BlobInfo {
+            credits: self.credits(b.header().chunk_size),
+            ..b.info()
+        })
     }
 
     fn get_chunk(&self, req: GetChunk) -> Result<(GetChunkResponse, PageBuf), Status> {
         let b = self.open_blob(&req.id)?;
-        let h = &b.header;
-        if h.version != req.version {
+        let version = b.header().version;
+        if version != req.version {
             return Err(Status::aborted(format!(
-                "blob '{}' was replaced on this node since the read began (version {} now, {} \
-                 asked); start the read again",
-                req.id, h.version, req.version
+                "blob '{}' was replaced on this node since the read began (version {version} \
+                 now, {} asked); start the read again",
+                req.id, req.version
             )));
         }
-        let off = req.offset;
-        if !off.is_multiple_of(h.chunk_size)
-            || off >= h.size
-            || req.len != chunk_len(h.size, h.chunk_size, off)
-        {
-            return Err(Status::invalid_argument(format!(
-                "bytes {off}+{} are not a chunk of '{}' ({} bytes in chunks of {})",
-                req.len, req.id, h.size, h.chunk_size
-            )));
-        }
-        let len = req.len as usize;
-        let read_err = |e: io::Error| io_status(format_args!("reading '{}' at {off}", req.id), &e);
-        let mut buf = PageBuf::for_overwrite(round_up_page(req.len) as usize).map_err(read_err)?;
-        let n = read_full_at(&b.file, &mut buf, h.len() + off).map_err(read_err)?;
-        if n < len {
-            return Err(Status::data_loss(format!(
-                "blob '{}' is corrupt on this node: the file ends {} bytes into chunk at offset \
-                 {off}, which has {len}",
-                req.id, n
-            )));
-        }
-        buf.truncate(len);
-        let idx = (off / h.chunk_size) as usize;
-        let stored = h.chunk_crcs[idx];
-        let crc = crc32c::crc32c(&buf);
-        if crc != stored {
+        let r = b
+            .read_chunk(req.offset, req.len)
+            .map(|(crc32c, buf)| (GetChunkResponse { crc32c }, buf));
+        if matches!(&r, Err(s) if s.code() == pagerpc::Code::DataLoss) {
             self.tallies
                 .corrupt_chunks_read
                 .fetch_add(1, Ordering::Relaxed);
-            return Err(Status::data_loss(format!(
-                "blob '{}' is corrupt on this node: chunk {idx} (bytes {off}..{}) read from disk \
-                 has CRC32C {crc:#010x}, but {stored:#010x} was stored when it was written",
-                req.id,
-                off + req.len
-            )));
         }
-        Ok((GetChunkResponse { crc32c: stored }, buf))
+        r
     }
 
-    fn list(&self) -> Result<BlobList, Status> {
+    /// Blob ids in the directory, as `(id, DirEntry)`, in no order.
+    fn blob_entries(&self) -> Result<impl Iterator<Item = (String, fs::DirEntry)>, Status> {
         let rd = fs::read_dir(&self.dir)
             .map_err(|e| io_status(format_args!("listing {}", self.dir.display()), &e))?;
-        let mut blobs = Vec::new();
-        for ent in rd.flatten() {
-            let name = ent.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some(id) = name.strip_suffix(BLOB_SUFFIX) else {
-                continue;
-            };
-            if check_id(id).is_err() {
-                continue;
-            }
-            match self.open_blob(id) {
-                Ok(b) => blobs.push(BlobInfo {
-                    credits: 0,
-                    ..self.info(id, &b)
-                }),
-                Err(s) if s.code() == pagerpc::Code::NotFound => {}
-                Err(s) => blobs.push(BlobInfo {
-                    id: id.to_owned(),
-                    size: ent.metadata().map_or(0, |m| m.len()),
-                    problem: s.message().to_owned(),
-                    ..BlobInfo::default()
-                }),
-            }
+        Ok(rd.flatten().filter_map(|ent| {
+            let name = ent.file_name().into_string().ok()?;
+            let id = name.strip_suffix(BLOB_SUFFIX)?;
+            check_id(id).ok()?;
+            Some((id.to_owned(), ent))
+        }))
+    }
+
+    /// Describes blob `id` for a listing from its header, read through a
+    /// descriptor of its own that is closed at once (a listing never fills
+    /// the open-file cache). `None` if it is gone.
+    fn describe(&self, id: &str) -> Option<BlobInfo> {
+        let path = self.blob_path(id);
+        let header = File::open(&path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    None
+                } else {
+                    Some(io_status(
+                        format_args!("cannot open {}", path.display()),
+                        &e,
+                    ))
+                }
+            })
+            .and_then(|f| read_header(&f, id).map_err(Some));
+        match header {
+            Ok(h) => Some(BlobInfo {
+                id: id.to_owned(),
+                size: h.size,
+                crc32c: h.crc32c,
+                chunk_size: h.chunk_size,
+                version: h.version,
+                credits: 0,
+                problem: String::new(),
+            }),
+            Err(None) => None,
+            Err(Some(s)) => Some(BlobInfo {
+                id: id.to_owned(),
+                size: fs::metadata(&path).map_or(0, |m| m.len()),
+                problem: s.message().to_owned(),
+                ..BlobInfo::default()
+            }),
         }
-        blobs.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+
+    /// Every blob, in id order, each described from its header (the
+    /// listing does not go through the open-file cache).
+    fn list(&self) -> Result<BlobList, Status> {
+        let mut ids: Vec<String> = self.blob_entries()?.map(|(id, _)| id).collect();
+        ids.sort();
+        let blobs = ids.iter().filter_map(|id| self.describe(id)).collect();
         Ok(BlobList { blobs })
     }
 
     fn delete(&self, req: BlobRef) -> Result<DeleteResponse, Status> {
         check_id(&req.id).map_err(Status::invalid_argument)?;
-        lock(&self.open).remove(&req.id);
+        self.open.remove(&req.id);
         let path = self.blob_path(&req.id);
         match fs::remove_file(&path) {
             Ok(()) => {
@@ -562,14 +566,22 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// The statistics; blobs are counted from the directory (one `stat`
+    /// each, no header read).
     fn stats(&self) -> Result<NodeStats, Status> {
-        let list = self.list()?;
+        let (mut blobs, mut bytes) = (0, 0);
+        for (_, ent) in self.blob_entries()? {
+            if let Ok(m) = ent.metadata() {
+                blobs += 1;
+                bytes += m.len();
+            }
+        }
         let c = self.counters();
         let t = &self.tallies;
         Ok(NodeStats {
-            blobs: list.blobs.len() as u64,
-            bytes: list.blobs.iter().map(|b| b.size).sum(),
-            uploads: lock(&self.uploads).len() as u64,
+            blobs,
+            bytes,
+            uploads: lock(&self.admissions).total() as u64,
             direct_io: self.direct_io,
             payload_bytes_received: c.payload_bytes_received,
             payload_bytes_sent: c.payload_bytes_sent,
@@ -579,61 +591,49 @@ impl Node {
             corrupt_chunks_read: t.corrupt_chunks_read.load(Ordering::Relaxed),
             uploads_rejected: t.uploads_rejected.load(Ordering::Relaxed),
             uploads_expired: t.uploads_expired.load(Ordering::Relaxed),
+            uploads_refused: t.uploads_refused.load(Ordering::Relaxed),
+            open_blobs: self.open.len() as u64,
         })
     }
 
-    /// Discards uploads idle for longer than the timeout.
+    /// Discards unary uploads idle for longer than the timeout. One whose
+    /// chunk is being written right now is not idle, and is left alone.
     fn reap(&self) {
-        let expired: Vec<Arc<Upload>> = {
-            let mut uploads = lock(&self.uploads);
-            let dead: Vec<u64> = uploads
+        let mut expired = Vec::new();
+        {
+            let mut ups = lock(&self.uploads);
+            let dead: Vec<u64> = ups
                 .iter()
-                .filter(|(_, u)| {
-                    u.busy.load(Ordering::SeqCst) == 0
-                        && lock(&u.last_active).elapsed() > self.cfg.upload_timeout
-                })
+                .filter(|(_, s)| lock(&s.last_active).elapsed() > self.cfg.upload_timeout)
                 .map(|(h, _)| *h)
                 .collect();
-            dead.iter().filter_map(|h| uploads.remove(h)).collect()
-        };
+            for h in dead {
+                let taken = match ups[&h].upload.try_lock() {
+                    Ok(mut g) => Some(g.take()),
+                    Err(TryLockError::Poisoned(p)) => Some(p.into_inner().take()),
+                    Err(TryLockError::WouldBlock) => None,
+                };
+                if let Some(upload) = taken {
+                    ups.remove(&h);
+                    expired.extend(upload);
+                }
+            }
+        }
+        // Temporary files are removed here, outside the lock.
         for up in expired {
             self.tallies.uploads_expired.fetch_add(1, Ordering::Relaxed);
-            self.discard(&up);
+            up.session.abort();
         }
     }
-}
 
-/// Removes temporary files left by uploads that never committed (a crash
-/// or kill of the node); returns how many.
-fn clean_temps(dir: &Path) -> io::Result<usize> {
-    let mut n = 0;
-    for ent in fs::read_dir(dir)? {
-        let ent = ent?;
-        if ent.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-            fs::remove_file(ent.path())?;
-            n += 1;
-        }
+    /// Takes every unary upload out of the table.
+    fn drain_uploads(&self) -> Vec<Upload> {
+        let slots: Vec<Arc<UploadSlot>> = lock(&self.uploads).drain().map(|(_, s)| s).collect();
+        slots
+            .iter()
+            .filter_map(|s| lock(&s.upload).take())
+            .collect()
     }
-    Ok(n)
-}
-
-/// Whether `dir`'s filesystem accepts `O_DIRECT` writes from page-aligned
-/// memory.
-fn probe_direct(dir: &Path) -> bool {
-    let p = dir.join(format!("{TMP_PREFIX}probe-{}", std::process::id()));
-    let ok = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&p)
-        .and_then(|f| {
-            let b = PageBuf::new(PAGE as usize)?;
-            f.write_all_at(&b, 0)
-        })
-        .is_ok();
-    let _ = fs::remove_file(&p);
-    ok
 }
 
 /// A running storage node. Dropping it shuts it down.
@@ -670,9 +670,10 @@ impl StorageNode {
         let node = Arc::new(Node {
             dir: cfg.dir.clone(),
             direct_io,
+            admissions: Arc::new(Mutex::new(Admissions::default())),
             uploads: Mutex::new(HashMap::new()),
             next_upload: AtomicU64::new(1),
-            open: Mutex::new(HashMap::new()),
+            open: OpenBlobs::new(cfg.max_open_blobs),
             server: Mutex::new(None),
             tallies: Tallies::default(),
             rng: Mutex::new(FastRng::new(seed)),
@@ -688,9 +689,12 @@ impl StorageNode {
         let (n1, n2, n3, n4, n5, n6, n7, n8, n9) = (n(), n(), n(), n(), n(), n(), n(), n(), n());
         let server = Server::builder()
             .config(scfg)
-            .register(method::PUT_BEGIN, move |_c, req: PutBegin, _p: Pages| {
-                Ok((n1.put_begin(req)?, Payload::Empty))
-            })
+            .register(
+                method::PUT_BEGIN,
+                move |c: &Context, req: PutBegin, _p: Pages| {
+                    Ok((n1.put_begin(c.peer(), req)?, Payload::Empty))
+                },
+            )
             .register(method::PUT_CHUNK, move |_c, req: PutChunk, p: Pages| {
                 Ok((n2.put_chunk(req, p)?, Payload::Empty))
             })
@@ -747,6 +751,11 @@ impl StorageNode {
     /// The blob directory.
     pub fn dir(&self) -> &Path {
         &self.node.dir
+    }
+
+    /// The settings the node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.node.cfg
     }
 
     /// Whether the node uses `O_DIRECT`.
@@ -809,12 +818,14 @@ impl StorageNode {
             drop(tx);
             let _ = h.join();
         }
-        let ups: Vec<Arc<Upload>> = lock(&self.node.uploads).drain().map(|(_, u)| u).collect();
-        if discard {
-            for up in ups {
-                self.node.discard(&up);
+        for up in self.node.drain_uploads() {
+            if discard {
+                up.session.abort();
+            } else {
+                up.session.leave_behind();
             }
         }
+        self.node.open.clear();
     }
 }
 
