@@ -13,6 +13,9 @@
 //! `MSG_ZEROCOPY` when the server runs in zero-copy mode and the value is
 //! page-aligned.
 //!
+//! The messages are defined in `examples/proto/kv.proto` (package
+//! `pagerpc.examples.kv`), so clients in other languages can speak them.
+//!
 //! | method | request | payload in | response | payload out |
 //! |---|---|---|---|---|
 //! | `kv.put` | [`PutRequest`] | the value | [`PutResponse`] | none |
@@ -91,163 +94,16 @@ pub const ENTRY_OVERHEAD: u64 = 200;
 /// compacting pool takes.
 pub const DEFAULT_COMPACT_BELOW: usize = 64 * 1024;
 
-pub use messages::*;
+pub use proto::{
+    DeleteResponse, GetResponse, KeyRequest, ListEntry, ListRequest, ListResponse, PutRequest,
+    PutResponse, StatsRequest, StatsResponse,
+};
 
-/// The messages of `examples/proto/kv.proto`.
-mod messages {
-    /// `kv.put` request; the value is the payload.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PutRequest {
-        /// The key (1..=1024 bytes of UTF-8).
-        #[prost(string, tag = "1")]
-        pub key: String,
-    }
-
-    /// `kv.put` response.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PutResponse {
-        /// Whether the key had a value, now replaced.
-        #[prost(bool, tag = "1")]
-        pub replaced: bool,
-        /// Length of the replaced value (0 if none).
-        #[prost(uint64, tag = "2")]
-        pub old_len: u64,
-        /// Bytes the store accounts against its cap after the PUT (see
-        /// `StatsResponse.bytes`).
-        #[prost(uint64, tag = "3")]
-        pub stored_bytes: u64,
-    }
-
-    /// A request naming one key (`kv.get`, `kv.del`).
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct KeyRequest {
-        /// The key.
-        #[prost(string, tag = "1")]
-        pub key: String,
-    }
-
-    /// `kv.get` response; the value is the payload.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct GetResponse {
-        /// The value's length (also the payload's).
-        #[prost(uint64, tag = "1")]
-        pub len: u64,
-    }
-
-    /// `kv.del` response.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct DeleteResponse {
-        /// Whether the key existed.
-        #[prost(bool, tag = "1")]
-        pub existed: bool,
-        /// Bytes the store no longer accounts (key, value memory and
-        /// bookkeeping).
-        #[prost(uint64, tag = "2")]
-        pub freed: u64,
-    }
-
-    /// `kv.list` request: one page of the keys starting with `prefix`, in
-    /// byte order, after `start_after`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ListRequest {
-        /// Only keys starting with this.
-        #[prost(string, tag = "1")]
-        pub prefix: String,
-        /// Most entries to return (0: the server's default, 1000). The
-        /// server also ends a page early to keep the response small.
-        #[prost(uint32, tag = "2")]
-        pub limit: u32,
-        /// Only keys after this one (empty: from the first key).
-        #[prost(string, tag = "3")]
-        pub start_after: String,
-    }
-
-    /// One listed key.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ListEntry {
-        /// The key.
-        #[prost(string, tag = "1")]
-        pub key: String,
-        /// Its value's length.
-        #[prost(uint64, tag = "2")]
-        pub len: u64,
-    }
-
-    /// `kv.list` response.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ListResponse {
-        /// Matching keys in byte order, at most `limit` of them.
-        #[prost(message, repeated, tag = "1")]
-        pub entries: Vec<ListEntry>,
-        /// Whether more keys match after the last one returned.
-        #[prost(bool, tag = "2")]
-        pub more: bool,
-    }
-
-    /// `kv.stats` request.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct StatsRequest {}
-
-    /// `kv.stats` response: the store and the server's transfer counters.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct StatsResponse {
-        /// Keys stored.
-        #[prost(uint64, tag = "1")]
-        pub keys: u64,
-        /// Bytes accounted against the cap: for each entry its key, the
-        /// memory its value holds (`memory`) and a fixed bookkeeping cost.
-        #[prost(uint64, tag = "2")]
-        pub bytes: u64,
-        /// The memory cap.
-        #[prost(uint64, tag = "3")]
-        pub max_bytes: u64,
-        /// Memory the values hold: whole pages, a whole mapping, or a pool
-        /// slot for a compacted value.
-        #[prost(uint64, tag = "4")]
-        pub memory: u64,
-        /// PUTs stored.
-        #[prost(uint64, tag = "5")]
-        pub puts: u64,
-        /// PUTs refused by the cap.
-        #[prost(uint64, tag = "6")]
-        pub puts_refused: u64,
-        /// GETs served (found or not).
-        #[prost(uint64, tag = "7")]
-        pub gets: u64,
-        /// DELETEs served.
-        #[prost(uint64, tag = "8")]
-        pub deletes: u64,
-        /// Payload bytes the server received (all methods).
-        #[prost(uint64, tag = "9")]
-        pub payload_bytes_received: u64,
-        /// Payload bytes the server sent.
-        #[prost(uint64, tag = "10")]
-        pub payload_bytes_sent: u64,
-        /// Received payload bytes mapped from the socket (zero-copy).
-        #[prost(uint64, tag = "11")]
-        pub bytes_mapped: u64,
-        /// Received payload bytes copied.
-        #[prost(uint64, tag = "12")]
-        pub bytes_copied: u64,
-        /// `MSG_ZEROCOPY` sends issued.
-        #[prost(uint64, tag = "13")]
-        pub zc_sends: u64,
-        /// `MSG_ZEROCOPY` sends the kernel reported as copied anyway.
-        #[prost(uint64, tag = "14")]
-        pub zc_send_copied: u64,
-        /// Bytes of the values themselves (the sum of their lengths).
-        #[prost(uint64, tag = "15")]
-        pub value_bytes: u64,
-        /// Values kept in the compacting pool (copied out of the pages they
-        /// arrived in).
-        #[prost(uint64, tag = "16")]
-        pub compacted: u64,
-        /// Values kept as a mapping of their own (larger than
-        /// `compact_below`, or not compactable): each is one of the
-        /// process's `vm.max_map_count` mappings.
-        #[prost(uint64, tag = "17")]
-        pub own_mappings: u64,
-    }
+/// The messages of `examples/proto/kv.proto` (package
+/// `pagerpc.examples.kv`), generated by prost at build time; each is
+/// documented there.
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/pagerpc.examples.kv.rs"));
 }
 
 impl StatsResponse {
