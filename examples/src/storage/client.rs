@@ -16,8 +16,8 @@ use pagerpc::{CallError, CallOptions, Client, ClientConfig, Code, PageBuf, Paylo
 
 use super::{
     check_id, chunk_len, method, rank_nodes, BlobInfo, BlobList, BlobRef, DeleteResponse, Empty,
-    GetChunk, GetChunkResponse, NodeStats, PutBegin, PutBeginResponse, PutChunk, PutChunkResponse,
-    PutCommit, UploadRef, DEFAULT_CHUNK_SIZE,
+    GetChunk, GetChunkResponse, ListRequest, NodeStats, PutBegin, PutBeginResponse, PutChunk,
+    PutChunkResponse, PutCommit, UploadRef, DEFAULT_CHUNK_SIZE, MAX_LIST_LIMIT,
 };
 use super::{open_split, write_split};
 use crate::util::{human_bytes, progress_bar};
@@ -927,7 +927,46 @@ impl StorageClient {
         }
     }
 
-    /// Lists the blobs of every node, merged by id.
+    /// Lists every blob of one node, page by page, handing each to `f`.
+    /// A node that fails midway has had its first pages handed over.
+    fn list_node(&self, addr: SocketAddr, f: &mut dyn FnMut(BlobInfo)) -> Result<(), NodeFailure> {
+        let mut req = ListRequest {
+            start_after: String::new(),
+            // The largest pages: each costs the node a directory scan.
+            limit: MAX_LIST_LIMIT,
+        };
+        loop {
+            let page: BlobList = self.call(addr, method::LIST, &req)?;
+            let Some(last) = page.blobs.last().map(|b| b.id.clone()) else {
+                if page.more {
+                    return Err(NodeFailure {
+                        code: Code::Internal,
+                        message: format!(
+                            "the listing page after '{}' was empty but said more would follow",
+                            req.start_after
+                        ),
+                    });
+                }
+                return Ok(());
+            };
+            if last <= req.start_after {
+                return Err(NodeFailure {
+                    code: Code::Internal,
+                    message: format!(
+                        "the listing page after '{}' ended at '{last}', which does not advance",
+                        req.start_after
+                    ),
+                });
+            }
+            page.blobs.into_iter().for_each(&mut *f);
+            if !page.more {
+                return Ok(());
+            }
+            req.start_after = last;
+        }
+    }
+
+    /// Lists the blobs of every node (each node page by page), merged by id.
     ///
     /// # Errors
     /// When no node answers.
@@ -936,13 +975,10 @@ impl StorageClient {
         let mut answered = 0;
         let mut last = None;
         for &addr in &self.opts.nodes {
-            match self.call::<_, BlobList>(addr, method::LIST, &Empty {}) {
-                Ok(l) => {
-                    answered += 1;
-                    for b in l.blobs {
-                        merged.entry(b.id.clone()).or_default().push((addr, b));
-                    }
-                }
+            match self.list_node(addr, &mut |b| {
+                merged.entry(b.id.clone()).or_default().push((addr, b));
+            }) {
+                Ok(()) => answered += 1,
                 Err(f) => {
                     self.say(
                         None,

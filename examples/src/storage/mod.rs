@@ -18,7 +18,7 @@
 //! | `put.abort` | [`UploadRef`] | none | [`Empty`] |
 //! | `get.begin` | [`BlobRef`] | none | [`BlobInfo`] (size, CRC32C, chunk size, credits W) |
 //! | `get.chunk` | [`GetChunk`] (id, offset, len, expected version) | none | [`GetChunkResponse`] (stored chunk CRC32C) + the chunk |
-//! | `blob.list` | [`Empty`] | none | [`BlobList`] |
+//! | `blob.list` | [`ListRequest`] (start after, limit) | none | [`BlobList`] (one page, `more`) |
 //! | `blob.delete` | [`BlobRef`] | none | [`DeleteResponse`] |
 //! | `node.stats` | [`Empty`] | none | [`NodeStats`] |
 //!
@@ -35,6 +35,12 @@
 //! will still write), or when the connection or the node already has its
 //! most uploads under way (`max_uploads_per_conn`, `max_uploads`). Nothing
 //! is allocated in proportion to the size a client announces.
+//!
+//! **Listing.** `blob.list` returns one page of blobs in id order (at most
+//! [`MAX_LIST_LIMIT`] entries and [`MAX_LIST_PAGE_BYTES`] bytes); the
+//! client asks again with `start_after` set to the last id until `more` is
+//! false. Each page costs the node one scan of its directory, so the
+//! client asks for the largest pages.
 //!
 //! **Integrity.** The client sends each chunk's CRC32C with it and the
 //! blob's CRC32C with `put.begin` or `put.commit`; the node checks each
@@ -84,7 +90,7 @@ pub mod method {
     pub const GET_BEGIN: &str = "get.begin";
     /// Read one chunk of a blob.
     pub const GET_CHUNK: &str = "get.chunk";
-    /// List the node's blobs.
+    /// List one page of the node's blobs.
     pub const LIST: &str = "blob.list";
     /// Delete a blob.
     pub const DELETE: &str = "blob.delete";
@@ -100,6 +106,14 @@ pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
 pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 /// The page size chunk sizes are multiples of.
 pub const PAGE: u64 = 4096;
+/// Entries in a `blob.list` page when the request's limit is 0.
+pub const DEFAULT_LIST_LIMIT: u32 = 1000;
+/// Most entries in a `blob.list` page, whatever the request asks.
+pub const MAX_LIST_LIMIT: u32 = 10_000;
+/// Most encoded bytes of a `blob.list` response: a page stops before it
+/// would grow past this, a quarter of pagerpc's default 4 MiB limit on a
+/// message body (10,000 entries with short ids take about 300 KiB).
+pub const MAX_LIST_PAGE_BYTES: usize = 1 << 20;
 
 /// The protocol's messages, generated from `examples/proto/storage.proto`
 /// (package `pagerpc.examples.storage`) by `examples/build.rs`; an outside
@@ -109,8 +123,8 @@ pub mod messages {
 }
 
 pub use messages::{
-    BlobInfo, BlobList, BlobRef, DeleteResponse, Empty, GetChunk, GetChunkResponse, NodeStats,
-    PutBegin, PutBeginResponse, PutChunk, PutChunkResponse, PutCommit, UploadRef,
+    BlobInfo, BlobList, BlobRef, DeleteResponse, Empty, GetChunk, GetChunkResponse, ListRequest,
+    NodeStats, PutBegin, PutBeginResponse, PutChunk, PutChunkResponse, PutCommit, UploadRef,
 };
 
 impl NodeStats {

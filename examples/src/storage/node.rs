@@ -13,7 +13,7 @@
 //! in a bounded cache that only serves a file while the blob's path still
 //! names it.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pagerpc::prost::Message;
 use pagerpc::{Context, CountersSnapshot, PageBuf, Pages, Payload, Server, ServerConfig, Status};
 
 use super::cache::OpenBlobs;
@@ -32,8 +33,9 @@ use super::reader::{read_header, BlobFile, FileIdent};
 use super::upload::{clean_temps, probe_direct, ChunkWritten, UploadSession};
 use super::{
     check_id, io_status, method, sync_dir, BlobInfo, BlobList, BlobRef, DeleteResponse, Empty,
-    GetChunk, GetChunkResponse, NodeStats, PutBegin, PutBeginResponse, PutChunk, PutChunkResponse,
-    PutCommit, UploadRef, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE,
+    GetChunk, GetChunkResponse, ListRequest, NodeStats, PutBegin, PutBeginResponse, PutChunk,
+    PutChunkResponse, PutCommit, UploadRef, DEFAULT_LIST_LIMIT, MAX_CHUNK_SIZE, MAX_LIST_LIMIT,
+    MAX_LIST_PAGE_BYTES, MIN_CHUNK_SIZE, PAGE,
 };
 use crate::util::FastRng;
 
@@ -536,13 +538,49 @@ impl Node {
         }
     }
 
-    /// Every blob, in id order, each described from its header (the
-    /// listing does not go through the open-file cache).
-    fn list(&self) -> Result<BlobList, Status> {
-        let mut ids: Vec<String> = self.blob_entries()?.map(|(id, _)| id).collect();
-        ids.sort();
-        let blobs = ids.iter().filter_map(|id| self.describe(id)).collect();
-        Ok(BlobList { blobs })
+    /// One page of the listing: the blobs with ids after `start_after`, in
+    /// id order, at most `limit` (or [`DEFAULT_LIST_LIMIT`]) and at most
+    /// [`MAX_LIST_PAGE_BYTES`] encoded. Each page scans the directory once
+    /// and reads the headers of the blobs it returns only.
+    fn list_page(&self, req: ListRequest) -> Result<BlobList, Status> {
+        let limit = match req.limit {
+            0 => DEFAULT_LIST_LIMIT,
+            n => n.min(MAX_LIST_LIMIT),
+        } as usize;
+        // The `limit + 1` smallest ids after `start_after` (one more tells
+        // whether the listing goes on).
+        let mut smallest: BinaryHeap<String> = BinaryHeap::with_capacity(limit + 2);
+        for (id, _) in self.blob_entries()? {
+            if id.as_str() <= req.start_after.as_str() {
+                continue;
+            }
+            if smallest.len() <= limit {
+                smallest.push(id);
+            } else if smallest.peek().is_some_and(|top| id < *top) {
+                smallest.pop();
+                smallest.push(id);
+            }
+        }
+        let mut ids = smallest.into_sorted_vec();
+        let mut more = ids.len() > limit;
+        ids.truncate(limit);
+        let mut blobs = Vec::with_capacity(ids.len());
+        let mut bytes = 0;
+        for id in ids {
+            let Some(info) = self.describe(&id) else {
+                continue;
+            };
+            let len = info.encoded_len();
+            // Field tag and length prefix of a repeated message.
+            let len = 1 + prost::length_delimiter_len(len) + len;
+            if bytes + len > MAX_LIST_PAGE_BYTES && !blobs.is_empty() {
+                more = true;
+                break;
+            }
+            bytes += len;
+            blobs.push(info);
+        }
+        Ok(BlobList { blobs, more })
     }
 
     fn delete(&self, req: BlobRef) -> Result<DeleteResponse, Status> {
@@ -712,8 +750,8 @@ impl StorageNode {
                 let (resp, buf) = n6.get_chunk(req)?;
                 Ok((resp, Payload::Buf(buf)))
             })
-            .register(method::LIST, move |_c, _req: Empty, _p: Pages| {
-                Ok((n7.list()?, Payload::Empty))
+            .register(method::LIST, move |_c, req: ListRequest, _p: Pages| {
+                Ok((n7.list_page(req)?, Payload::Empty))
             })
             .register(method::DELETE, move |_c, req: BlobRef, _p: Pages| {
                 Ok((n8.delete(req)?, Payload::Empty))
