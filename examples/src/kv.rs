@@ -21,7 +21,7 @@
 //! | `kv.put` | [`PutRequest`] | the value | [`PutResponse`] | none |
 //! | `kv.get` | [`KeyRequest`] | none | [`GetResponse`] | the value |
 //! | `kv.del` | [`KeyRequest`] | none | [`DeleteResponse`] | none |
-//! | `kv.list` | [`ListRequest`] | none | [`ListResponse`] | none |
+//! | `kv.list_stream` | [`ListRequest`] | none | a stream of [`ListChunk`] | none |
 //! | `kv.stats` | [`StatsRequest`] | none | [`StatsResponse`] | none |
 //!
 //! # Memory cap
@@ -41,9 +41,27 @@
 //! replaced or deleted. Compacted values hold no socket.
 //!
 //! # Listing
-//! `kv.list` returns one page of keys, at most [`DEFAULT_LIST_LIMIT`] and
-//! about [`LIST_PAGE_BYTES`] of them; [`KvClient::keys`] pages through all
-//! of them with `start_after`.
+//! `kv.list_stream` is a server-streaming call: it sends the matching keys
+//! in byte order as [`ListChunk`] messages of at most [`LIST_CHUNK_KEYS`]
+//! entries and [`LIST_CHUNK_BYTES`] encoded, then ends the stream with
+//! status OK. [`KvClient::keys`] and [`KvClient::list`] consume it as an
+//! iterator; a listing cut short (the server gone, the connection lost,
+//! the deadline) ends with an `Err` item, never early with `None`.
+//!
+//! The handler takes each chunk's keys under the store's lock, releases
+//! it, and only then sends the chunk, so it holds one chunk at a time and
+//! never blocks PUTs while it waits. pagerpc's flow control makes that
+//! wait: a client that stops reading stops the listing once the client's
+//! stream window (`ClientConfig::stream_window`, 8 MiB by default) of
+//! chunks is unread, so a stalled listing holds at most about one window
+//! of queued chunks on the server, and a thread (one of
+//! `ServerConfig::max_streams`), until the client reads on, cancels or
+//! disconnects. That window is the one the client announces: pagerpc
+//! (this version) sets the server's side no bound of its own, so a client
+//! announcing a huge window and reading nothing makes the server queue
+//! the whole listing, until its progress timeout closes the connection. A listing is not a snapshot: keys stored or deleted while
+//! it runs appear or not depending on whether the listing had passed them;
+//! a key present throughout appears exactly once.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -54,9 +72,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use pagerpc::prost::Message;
 use pagerpc::{
-    CallError, Client, ClientConfig, Code, CountersSnapshot, Origin, PageBuf, Pages, Payload,
-    Server, ServerConfig, Status,
+    CallError, CallOptions, Client, ClientConfig, Code, CountersSnapshot, Origin, OutStream,
+    PageBuf, Pages, Payload, Server, ServerConfig, Status, StreamReceiver,
 };
 
 use crate::util::{self, human_bytes, human_latency, percentile};
@@ -69,33 +88,38 @@ pub mod method {
     pub const GET: &str = "kv.get";
     /// Delete a key.
     pub const DELETE: &str = "kv.del";
-    /// List keys by prefix.
-    pub const LIST: &str = "kv.list";
+    /// Stream the keys under a prefix (server-streaming).
+    pub const LIST_STREAM: &str = "kv.list_stream";
     /// Store and transfer statistics.
     pub const STATS: &str = "kv.stats";
 }
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
-/// Entries a LIST returns when the request sets no limit.
-pub const DEFAULT_LIST_LIMIT: u32 = 1000;
-/// About how many bytes of keys one LIST response carries at most: a page
-/// ends early rather than grow past this (and past the response size the
-/// protocol allows), and says `more`. Each page has at least one entry.
-pub const LIST_PAGE_BYTES: usize = 32 * 1024;
+/// Most entries in one [`ListChunk`] of a listing.
+pub const LIST_CHUNK_KEYS: usize = 1000;
+/// Most bytes one [`ListChunk`] encodes to. A chunk ends before it would
+/// grow past this; since a key is at most [`MAX_KEY_LEN`] bytes, every
+/// chunk holds at least one entry.
+pub const LIST_CHUNK_BYTES: usize = 32 * 1024;
 /// Bytes of bookkeeping the store accounts for every entry besides its key
 /// and value: the map's share of a tree node, the key's and the value
 /// handle's allocations. Measured on x86-64: `kv-server`'s RSS grows by
 /// 223 bytes per entry of a 7-byte key and a 1-byte value (a 16-byte
 /// slot) over 200,000 of them.
 pub const ENTRY_OVERHEAD: u64 = 200;
+/// How long [`KvServer::shutdown`] (and dropping a [`KvServer`]) lets
+/// in-flight calls finish before it cuts them short. Without it, a listing
+/// whose client stopped reading would hold the shutdown until the server's
+/// progress timeout closed that client's connection.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Values up to this many bytes are compacted by default
 /// ([`KvConfig::compact_below`]): the largest payload the pages crate's
 /// compacting pool takes.
 pub const DEFAULT_COMPACT_BELOW: usize = 64 * 1024;
 
 pub use proto::{
-    DeleteResponse, GetResponse, KeyRequest, ListEntry, ListRequest, ListResponse, PutRequest,
+    DeleteResponse, GetResponse, KeyRequest, ListChunk, ListEntry, ListRequest, PutRequest,
     PutResponse, StatsRequest, StatsResponse,
 };
 
@@ -213,6 +237,10 @@ struct Store {
     puts_refused: AtomicU64,
     gets: AtomicU64,
     deletes: AtomicU64,
+    lists_open: AtomicU64,
+    lists_completed: AtomicU64,
+    lists_cut_short: AtomicU64,
+    list_bytes_sent: AtomicU64,
     /// The running server, for its counters. Taken out before shutdown.
     server: Mutex<Option<Server>>,
 }
@@ -328,43 +356,71 @@ impl Store {
         }
     }
 
-    fn list(&self, req: &ListRequest) -> ListResponse {
-        let limit = if req.limit == 0 {
-            DEFAULT_LIST_LIMIT
+    /// The next chunk of a listing: the keys starting with `prefix` after
+    /// `after` (or from the first such key, if `after` comes before the
+    /// prefix), at most `max` of them and [`LIST_CHUNK_BYTES`] encoded.
+    /// Empty when no key is left.
+    fn list_chunk(&self, prefix: &str, after: &str, max: usize) -> ListChunk {
+        // A start before the prefix must not start the scan among keys that
+        // do not match.
+        let from = if after >= prefix {
+            Bound::Excluded(after)
         } else {
-            req.limit
-        } as usize;
-        // Start at the prefix, or just after `start_after` if that is
-        // further on (a `start_after` before the prefix must not start the
-        // scan among keys that do not match).
-        let from = if req.start_after.as_str() >= req.prefix.as_str() {
-            Bound::Excluded(req.start_after.as_str())
-        } else {
-            Bound::Included(req.prefix.as_str())
+            Bound::Included(prefix)
         };
         let inner = self.lock();
-        let mut it = inner
-            .map
-            .range::<str, _>((from, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(&req.prefix));
         let mut entries = Vec::new();
         let mut size = 0;
-        let more = loop {
-            let Some((k, v)) = it.next() else {
-                break false;
-            };
-            // A key, its length and the field tags: within a few bytes.
-            let cost = k.len() + 16;
-            if entries.len() == limit || (!entries.is_empty() && size + cost > LIST_PAGE_BYTES) {
-                break true;
+        for (k, v) in inner
+            .map
+            .range::<str, _>((from, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            if entries.len() == max {
+                break;
             }
-            size += cost;
-            entries.push(ListEntry {
+            let e = ListEntry {
                 key: k.clone(),
                 len: v.len() as u64,
-            });
-        };
-        ListResponse { entries, more }
+            };
+            // The entry's bytes in the chunk: field tag, length, message.
+            let n = e.encoded_len();
+            let cost = 1 + pagerpc::prost::length_delimiter_len(n) + n;
+            if !entries.is_empty() && size + cost > LIST_CHUNK_BYTES {
+                break;
+            }
+            size += cost;
+            entries.push(e);
+        }
+        ListChunk { entries }
+    }
+
+    /// Runs one listing: sends the chunks on `tx` until the keys (or the
+    /// request's limit) run out. Each chunk is taken under the lock and
+    /// sent after it is released; `send` waits for the client's credit.
+    ///
+    /// # Errors
+    /// The status that cut the stream short (the client cancelled, the
+    /// connection closed, the deadline passed).
+    fn list(&self, req: &ListRequest, tx: &mut OutStream) -> Result<(), Status> {
+        let mut listing = Listing::start(self);
+        let limit = if req.limit == 0 { u64::MAX } else { req.limit };
+        let mut sent = 0u64;
+        let mut after = req.start_after.clone();
+        while sent < limit {
+            let max = (limit - sent).min(LIST_CHUNK_KEYS as u64) as usize;
+            let chunk = self.list_chunk(&req.prefix, &after, max);
+            let Some(last) = chunk.entries.last() else {
+                break;
+            };
+            after.clone_from(&last.key);
+            sent += chunk.entries.len() as u64;
+            let bytes = chunk.encoded_len() as u64;
+            tx.send(&chunk, Payload::Empty)?;
+            self.list_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        }
+        listing.completed = true;
+        Ok(())
     }
 
     fn stats(&self) -> StatsResponse {
@@ -395,7 +451,41 @@ impl Store {
             value_bytes: t.value_bytes,
             compacted: t.compacted,
             own_mappings: t.own_mappings,
+            lists_open: self.lists_open.load(Ordering::Relaxed),
+            lists_completed: self.lists_completed.load(Ordering::Relaxed),
+            lists_cut_short: self.lists_cut_short.load(Ordering::Relaxed),
+            list_bytes_sent: self.list_bytes_sent.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// One listing under way, counted in the store's statistics: open while it
+/// lives, then completed or (however else it ends, a panic included) cut
+/// short.
+struct Listing<'a> {
+    store: &'a Store,
+    completed: bool,
+}
+
+impl Listing<'_> {
+    fn start(store: &Store) -> Listing<'_> {
+        store.lists_open.fetch_add(1, Ordering::Relaxed);
+        Listing {
+            store,
+            completed: false,
+        }
+    }
+}
+
+impl Drop for Listing<'_> {
+    fn drop(&mut self) {
+        let s = self.store;
+        if self.completed {
+            s.lists_completed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            s.lists_cut_short.fetch_add(1, Ordering::Relaxed);
+        }
+        s.lists_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -427,6 +517,10 @@ impl KvServer {
             puts_refused: AtomicU64::new(0),
             gets: AtomicU64::new(0),
             deletes: AtomicU64::new(0),
+            lists_open: AtomicU64::new(0),
+            lists_completed: AtomicU64::new(0),
+            lists_cut_short: AtomicU64::new(0),
+            list_bytes_sent: AtomicU64::new(0),
             server: Mutex::new(None),
         });
         let mut scfg = if cfg.zerocopy {
@@ -461,8 +555,12 @@ impl KvServer {
             .register(method::DELETE, move |_ctx, req: KeyRequest, _p: Pages| {
                 Ok::<_, Status>((s3.delete(&req.key), Payload::Empty))
             })
-            .register(method::LIST, move |_ctx, req: ListRequest, _p: Pages| {
-                Ok::<_, Status>((s4.list(&req), Payload::Empty))
+            .register_server_stream(method::LIST_STREAM, move |_ctx, body, _p, tx| {
+                let req = ListRequest::decode(body).map_err(|e| {
+                    Status::invalid_argument(format!("undecodable ListRequest: {e}"))
+                })?;
+                s4.list(&req, tx)?;
+                Ok(Vec::new())
             })
             .register(method::STATS, move |_ctx, _req: StatsRequest, _p: Pages| {
                 Ok::<_, Status>((s5.stats(), Payload::Empty))
@@ -483,14 +581,22 @@ impl KvServer {
         self.store.stats()
     }
 
-    /// Stops accepting, finishes in-flight calls, closes every connection.
+    /// Stops accepting, finishes in-flight calls (giving them at most
+    /// [`SHUTDOWN_GRACE`]), closes every connection. Dropping the server
+    /// does the same.
     pub fn shutdown(self) {
         // Drop does it.
     }
-}
 
-impl Drop for KvServer {
-    fn drop(&mut self) {
+    /// As [`shutdown`](Self::shutdown), giving in-flight calls at most
+    /// `grace`; those still running then (a listing whose client stopped
+    /// reading waits for it indefinitely) are cut short, and their clients
+    /// see an error. Returns whether every call finished.
+    pub fn shutdown_timeout(mut self, grace: Duration) -> bool {
+        self.stop(grace)
+    }
+
+    fn stop(&mut self, grace: Duration) -> bool {
         // Take the server out first: a STATS handler locks this slot, and
         // shutdown waits for handlers.
         let server = self
@@ -499,9 +605,13 @@ impl Drop for KvServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(s) = server {
-            s.shutdown();
-        }
+        server.is_none_or(|s| s.shutdown_timeout(grace))
+    }
+}
+
+impl Drop for KvServer {
+    fn drop(&mut self) {
+        self.stop(SHUTDOWN_GRACE);
     }
 }
 
@@ -572,48 +682,43 @@ impl KvClient {
             .message)
     }
 
-    /// One page of the keys starting with `prefix`: up to `limit` of them
-    /// (0: the server's default limit), fewer if the server ends the page
-    /// early (`more` then says so). See [`keys`](Self::keys) for all.
-    ///
-    /// # Errors
-    /// A transport error.
-    pub fn list(&self, prefix: &str, limit: u32) -> Result<ListResponse, CallError> {
-        self.list_after(prefix, "", limit)
-    }
-
-    /// One page of the keys starting with `prefix` that come after
-    /// `start_after` (empty: from the first).
-    ///
-    /// # Errors
-    /// A transport error.
-    pub fn list_after(
-        &self,
-        prefix: &str,
-        start_after: &str,
-        limit: u32,
-    ) -> Result<ListResponse, CallError> {
+    /// Every key starting with `prefix` (empty: every key), in byte
+    /// order, streamed by the server as the iterator is advanced (see
+    /// [`list`](Self::list)).
+    pub fn keys(&self, prefix: &str) -> Keys {
         let req = ListRequest {
             prefix: prefix.into(),
-            limit,
-            start_after: start_after.into(),
+            ..ListRequest::default()
         };
-        Ok(self
-            .client
-            .call(method::LIST, &req, Payload::Empty)?
-            .message)
+        self.list(&req, &CallOptions::default())
     }
 
-    /// Every key starting with `prefix`, in byte order, fetched a page at a
-    /// time as the iterator is advanced. Keys stored or deleted meanwhile
-    /// show up if they come after the last page fetched.
-    pub fn keys(&self, prefix: &str) -> Keys<'_> {
-        Keys {
-            client: self,
-            prefix: prefix.into(),
-            after: String::new(),
-            page: Vec::new().into_iter(),
-            done: false,
+    /// The keys `req` asks for (a prefix, where to start, how many at
+    /// most), in byte order: one `kv.list_stream` call, whose chunks are
+    /// received as the iterator is advanced. Flow control keeps the server
+    /// at most one stream window ahead of the consumer.
+    ///
+    /// The iterator ends (`None`) only when the server ended the listing
+    /// with status OK, so every key asked for was yielded. A listing cut
+    /// short yields one `Err` as its last item instead: the connection
+    /// lost, the server gone, `opts.timeout` passed, or the call failing to
+    /// start. Dropping the iterator early cancels the listing on the
+    /// server.
+    pub fn list(&self, req: &ListRequest, opts: &CallOptions) -> Keys {
+        match self
+            .client
+            .server_stream(method::LIST_STREAM, req, Payload::Empty, opts)
+        {
+            Ok(rx) => Keys {
+                rx: Some(rx),
+                chunk: Vec::new().into_iter(),
+                failed: None,
+            },
+            Err(e) => Keys {
+                rx: None,
+                chunk: Vec::new().into_iter(),
+                failed: Some(e),
+            },
         }
     }
 
@@ -629,43 +734,47 @@ impl KvClient {
     }
 }
 
-/// The keys under a prefix, page by page (see [`KvClient::keys`]).
+/// The keys of one listing, as the server streams them (see
+/// [`KvClient::list`]). Dropping it before the end cancels the listing.
 #[derive(Debug)]
-pub struct Keys<'a> {
-    client: &'a KvClient,
-    prefix: String,
-    after: String,
-    page: std::vec::IntoIter<ListEntry>,
-    done: bool,
+pub struct Keys {
+    /// The stream, until it ended (either way).
+    rx: Option<StreamReceiver>,
+    /// The current chunk's entries not yet yielded.
+    chunk: std::vec::IntoIter<ListEntry>,
+    /// The call could not start: yielded first, then the end.
+    failed: Option<CallError>,
 }
 
-impl Iterator for Keys<'_> {
+impl Iterator for Keys {
     type Item = Result<ListEntry, CallError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if let Some(e) = self.page.next() {
-                self.after.clone_from(&e.key);
+            if let Some(e) = self.chunk.next() {
                 return Some(Ok(e));
             }
-            if self.done {
-                return None;
+            if let Some(e) = self.failed.take() {
+                return Some(Err(e));
             }
-            match self.client.list_after(&self.prefix, &self.after, 0) {
-                Ok(r) => {
-                    // A page with nothing in it ends the listing even if it
-                    // says `more` (a server that did so would loop us).
-                    self.done = !r.more || r.entries.is_empty();
-                    self.page = r.entries.into_iter();
+            let rx = self.rx.as_mut()?;
+            match rx.recv_typed::<ListChunk>() {
+                Ok(Some((chunk, _payload))) => self.chunk = chunk.entries.into_iter(),
+                Ok(None) => {
+                    // Ended with status OK: the listing is complete.
+                    self.rx = None;
+                    return None;
                 }
                 Err(e) => {
-                    self.done = true;
+                    self.rx = None;
                     return Some(Err(e));
                 }
             }
         }
     }
 }
+
+impl std::iter::FusedIterator for Keys {}
 
 /// Settings for [`bench()`].
 #[derive(Clone, Debug)]

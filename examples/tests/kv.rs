@@ -1,16 +1,19 @@
 //! The key-value server over real loopback sockets: mixed-size PUT/GET
 //! round trips compared byte for byte, the memory cap, concurrent clients,
-//! LIST, and the command-line programs.
+//! streamed listings (bounded chunks, a stalled reader, listings cut
+//! short), and the command-line programs.
 
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
+use std::io::{BufRead, Read};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use common::{addr_in, assert_bytes_eq, spawn_and_wait_for, value_bytes, TempDir};
-use pagerpc::{Code, PageBuf, Pages};
+use common::{addr_in, assert_bytes_eq, spawn_and_wait_for, value_bytes, wait_until, TempDir};
+use pagerpc::prost::Message;
+use pagerpc::{CallOptions, Code, PageBuf, Pages, Payload};
 use pagerpc_examples::kv::{self, BenchOptions, KvClient, KvConfig, KvServer};
 use pagerpc_examples::util::FastRng;
 
@@ -220,14 +223,14 @@ fn concurrent_clients_see_their_own_data() {
                         }
                     }
                 }
-                // LIST with this client's prefix shows exactly its keys.
-                let l = c.list(&format!("c{t}/"), 0).unwrap();
-                let mut listed: Vec<String> = l.entries.iter().map(|e| e.key.clone()).collect();
-                let mut want: Vec<String> = mine.keys().cloned().collect();
-                listed.sort();
+                // A listing of this client's prefix shows exactly its keys,
+                // in byte order.
+                let listed: Vec<kv::ListEntry> =
+                    c.keys(&format!("c{t}/")).map(Result::unwrap).collect();
+                let mut want: Vec<&String> = mine.keys().collect();
                 want.sort();
-                assert_eq!(listed, want);
-                for e in &l.entries {
+                assert_eq!(listed.iter().map(|e| &e.key).collect::<Vec<_>>(), want);
+                for e in &listed {
                     assert_eq!(e.len as usize, mine[&e.key].0);
                 }
                 mine.len()
@@ -238,47 +241,105 @@ fn concurrent_clients_see_their_own_data() {
     assert_eq!(srv.stats().keys as usize, kept);
 }
 
+/// The keys of a listing, unwrapped.
+fn listed(keys: kv::Keys) -> Vec<String> {
+    keys.map(|e| e.unwrap().key).collect()
+}
+
+/// A listing with `prefix`, `start_after` and `limit`.
+fn list(c: &KvClient, prefix: &str, start_after: &str, limit: u64) -> Vec<String> {
+    let req = kv::ListRequest {
+        prefix: prefix.into(),
+        limit,
+        start_after: start_after.into(),
+    };
+    listed(c.list(&req, &CallOptions::default()))
+}
+
+/// The chunks of a `kv.list_stream` call, received with the plain pagerpc
+/// client, checked against the bounds the protocol promises.
+fn raw_chunks(c: &KvClient, prefix: &str) -> Vec<kv::ListChunk> {
+    let req = kv::ListRequest {
+        prefix: prefix.into(),
+        ..Default::default()
+    };
+    let mut rx = c
+        .inner()
+        .server_stream(
+            kv::method::LIST_STREAM,
+            &req,
+            Payload::Empty,
+            &CallOptions::default(),
+        )
+        .unwrap();
+    let mut chunks = Vec::new();
+    while let Some((chunk, payload)) = rx.recv_typed::<kv::ListChunk>().unwrap() {
+        assert!(payload.is_empty(), "a chunk carries no payload");
+        assert!(!chunk.entries.is_empty(), "an empty chunk");
+        assert!(chunk.entries.len() <= kv::LIST_CHUNK_KEYS);
+        assert!(chunk.encoded_len() <= kv::LIST_CHUNK_BYTES);
+        chunks.push(chunk);
+    }
+    chunks
+}
+
 #[test]
-fn list_prefix_limit_and_errors() {
+fn listing_streams_by_prefix_start_and_limit_in_bounded_chunks() {
     let srv = server(1 << 30);
     let c = KvClient::connect(srv.local_addr(), false).unwrap();
     for k in ["apple", "apricot", "banana", "app", "b"] {
         c.put(k, k.as_bytes().to_vec()).unwrap();
     }
-    let l = c.list("ap", 0).unwrap();
-    let keys: Vec<&str> = l.entries.iter().map(|e| e.key.as_str()).collect();
-    assert_eq!(keys, ["app", "apple", "apricot"]);
-    assert!(!l.more);
-    let l = c.list("ap", 2).unwrap();
-    assert_eq!(l.entries.len(), 2);
-    assert!(l.more);
-    assert_eq!(c.list("", 0).unwrap().entries.len(), 5);
-    // Paging: after a key, and a start before the prefix starts at it.
-    let keys =
-        |l: kv::ListResponse| -> Vec<String> { l.entries.into_iter().map(|e| e.key).collect() };
+    assert_eq!(listed(c.keys("ap")), ["app", "apple", "apricot"]);
     assert_eq!(
-        keys(c.list_after("ap", "app", 0).unwrap()),
-        ["apple", "apricot"]
+        listed(c.keys("")),
+        ["app", "apple", "apricot", "b", "banana"]
     );
-    assert_eq!(keys(c.list_after("b", "a", 0).unwrap()), ["b", "banana"]);
-    assert_eq!(
-        keys(c.list_after("ap", "apricot", 0).unwrap()),
-        Vec::<String>::new()
-    );
-    let all: Vec<String> = c.keys("").map(|e| e.unwrap().key).collect();
-    assert_eq!(all, ["app", "apple", "apricot", "b", "banana"]);
-    // Long keys: a page ends before its response grows past
-    // LIST_PAGE_BYTES, and says more; keys() goes through every page.
+    assert_eq!(listed(c.keys("zzz")), Vec::<String>::new());
+    let e: Vec<kv::ListEntry> = c.keys("ban").map(Result::unwrap).collect();
+    assert_eq!((e[0].key.as_str(), e[0].len), ("banana", 6));
+    // A limit, and a start after a key; a start before the prefix starts
+    // at the prefix.
+    assert_eq!(list(&c, "ap", "", 2), ["app", "apple"]);
+    assert_eq!(list(&c, "ap", "app", 0), ["apple", "apricot"]);
+    assert_eq!(list(&c, "b", "a", 0), ["b", "banana"]);
+    assert_eq!(list(&c, "ap", "apricot", 0), Vec::<String>::new());
+    assert_eq!(list(&c, "", "apricot", 1), ["b"]);
+    // Short keys: chunks of LIST_CHUNK_KEYS entries.
+    for i in 0..2500 {
+        c.put(&format!("short/{i:04}"), vec![1u8]).unwrap();
+    }
+    let chunks = raw_chunks(&c, "short/");
+    let sizes: Vec<usize> = chunks.iter().map(|c| c.entries.len()).collect();
+    assert_eq!(sizes, [1000, 1000, 500]);
+    let all = listed(c.keys("short/"));
+    assert_eq!(all.len(), 2500);
+    assert!(all.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(list(&c, "short/", "short/0999", 1001).len(), 1001);
+    // Long keys: a chunk ends before it encodes to more than
+    // LIST_CHUNK_BYTES.
     for i in 0..300 {
         c.put(&format!("long/{i:04}{}", "x".repeat(1000)), vec![1u8])
             .unwrap();
     }
-    let page = c.list("long/", 0).unwrap();
-    assert!(page.more && page.entries.len() < 300);
-    assert!(page.entries.len() * 1000 <= kv::LIST_PAGE_BYTES);
-    let long: Vec<String> = c.keys("long/").map(|e| e.unwrap().key).collect();
+    let chunks = raw_chunks(&c, "long/");
+    assert!(
+        chunks.len() >= 300 * 1000 / kv::LIST_CHUNK_BYTES,
+        "{}",
+        chunks.len()
+    );
+    let long: Vec<String> = chunks
+        .into_iter()
+        .flat_map(|c| c.entries)
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(long, listed(c.keys("long/")));
     assert_eq!(long.len(), 300);
     assert!(long.windows(2).all(|w| w[0] < w[1]));
+    let s = c.stats().unwrap();
+    assert_eq!((s.lists_open, s.lists_cut_short), (0, 0), "{s:?}");
+    assert_eq!(s.lists_completed, 14);
+    // Errors.
     assert_eq!(c.get("nope").unwrap(), None);
     assert!(!c.delete("nope").unwrap().existed);
     assert_eq!(
@@ -291,6 +352,13 @@ fn list_prefix_limit_and_errors() {
             .code(),
         Code::InvalidArgument
     );
+    // The unary paging method is gone: a client of the old protocol is
+    // told so instead of misreading a stream.
+    let old = c
+        .inner()
+        .call::<_, kv::ListChunk>("kv.list", &kv::ListRequest::default(), Payload::Empty)
+        .unwrap_err();
+    assert_eq!(old.code(), Code::Unimplemented, "{old}");
 }
 
 #[test]
@@ -637,7 +705,8 @@ fn puts_past_the_mapping_limit_are_answered_not_dropped() {
 
 /// Regression: `kv ls` sent every key in one response, which failed once
 /// the keys passed the 64 KiB header limit (1,000 keys of 64 bytes). Now
-/// it pages through them.
+/// the server streams them in bounded chunks, in one `kv.list_stream`
+/// call.
 #[test]
 fn kv_ls_lists_a_hundred_thousand_keys_of_a_hundred_bytes() {
     const N: usize = 100_000;
@@ -671,6 +740,13 @@ fn kv_ls_lists_a_hundred_thousand_keys_of_a_hundred_bytes() {
         assert_eq!(k, key(i), "line {i}");
         assert_eq!(len, (1 + i % 3).to_string(), "line {i}");
     }
+    // Through one stream, which the server counts.
+    let s = c.stats().unwrap();
+    assert_eq!(
+        (s.lists_completed, s.lists_cut_short, s.lists_open),
+        (1, 0, 0)
+    );
+    assert!(s.list_bytes_sent > (N * 100) as u64, "{s:?}");
     // --limit stops early, and says so.
     let out = Command::new(env!("CARGO_BIN_EXE_kv"))
         .args(["--addr", &addr, "ls", "--limit", "2500", "0000"])
@@ -679,4 +755,284 @@ fn kv_ls_lists_a_hundred_thousand_keys_of_a_hundred_bytes() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2500);
     assert!(String::from_utf8_lossy(&out.stderr).contains("raise --limit"));
+}
+
+/// Key `i` of the big listings below: 1,000 bytes, in index order.
+fn long_key(i: usize) -> String {
+    format!("{i:08}{}", "l".repeat(992))
+}
+
+/// Stores `n` keys `long_key(0..n)` with 1-byte values over two
+/// connections.
+fn fill_long_keys(addr: &str, n: usize) {
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            s.spawn(move || {
+                let c = KvClient::connect(addr, false).unwrap();
+                for i in (t..n).step_by(2) {
+                    c.put(&long_key(i), vec![1u8]).unwrap();
+                }
+            });
+        }
+    });
+}
+
+/// Checks that `keys` are `long_key(from..)`, in order.
+#[track_caller]
+fn check_long_keys(keys: &[String], from: usize) {
+    for (j, k) in keys.iter().enumerate() {
+        assert!(*k == long_key(from + j), "key {} is out of place", from + j);
+    }
+}
+
+/// The stream window the server's listing gets from a default client:
+/// the client announces it, and the server sends no further ahead.
+fn client_window() -> u64 {
+    pagerpc::ClientConfig::default().stream_window
+}
+
+/// A client that stops reading mid-listing: the server's listing stops
+/// once about one stream window is unread (it does not go on queueing
+/// the whole listing, of twelve windows, nor take a snapshot of the keys),
+/// the server's memory grows by at most about that, and other connections
+/// go on with PUTs, GETs and whole listings meanwhile. The stalled client
+/// then reads on and gets every key, in order.
+#[test]
+fn a_stalled_listing_holds_about_one_stream_window() {
+    const N: usize = 100_000; // 100 MB of keys to list: 12 windows
+    let window = client_window();
+    let (server, addr) = kv_server_process(&[]);
+    let pid = server.0.id();
+    fill_long_keys(&addr, N);
+    let other = KvClient::connect(addr.as_str(), false).unwrap();
+    // One whole listing first: what it sends is the listing's size, and
+    // the server's memory is measured after it.
+    let b0 = other.stats().unwrap().list_bytes_sent;
+    let all = listed(other.keys(""));
+    assert_eq!(all.len(), N);
+    check_long_keys(&all, 0);
+    drop(all);
+    let b1 = other.stats().unwrap().list_bytes_sent;
+    let listing = b1 - b0;
+    assert!(
+        listing > 10 * window,
+        "the listing should be over 10 windows"
+    );
+    let rss0 = rss(pid);
+
+    // Read a few keys, then stop reading.
+    let stalled_client = KvClient::connect(addr.as_str(), false).unwrap();
+    let mut stalled = stalled_client.keys("");
+    let first: Vec<String> = stalled.by_ref().take(10).map(|e| e.unwrap().key).collect();
+    check_long_keys(&first, 0);
+    // The server sends until the window is spent.
+    let sent = || other.stats().unwrap().list_bytes_sent - b1;
+    assert!(
+        wait_until(Duration::from_secs(60), || sent()
+            >= window - kv::LIST_CHUNK_BYTES as u64),
+        "the stalled listing sent only {} bytes",
+        sent()
+    );
+    let rss1 = rss(pid);
+
+    // Other connections go on: PUTs, GETs, DELETEs and a whole listing.
+    let third = KvClient::connect(addr.as_str(), true).unwrap();
+    for i in 0..1000 {
+        let key = format!("other/{i}");
+        third.put(&key, numbered_page(i)).unwrap();
+        check_numbered_page(&third.get(&key).unwrap().unwrap(), i);
+        assert!(third.delete(&key).unwrap().existed);
+    }
+    let again = listed(third.keys(""));
+    assert_eq!(again.len(), N);
+    check_long_keys(&again, 0);
+    drop(again);
+    let s = other.stats().unwrap();
+    assert_eq!(s.lists_open, 1, "the stalled listing is still open: {s:?}");
+    // What the stalled listing sent in all: nothing more after it stalled.
+    let stalled_bytes = s.list_bytes_sent - b1 - listing;
+    let rss2 = rss(pid);
+    println!(
+        "stalled listing: {:.1} MiB sent of a {:.1} MiB listing (window {:.1} MiB); server RSS \
+         {:.1} -> {:.1} MiB when it stalled, {:.1} MiB after 1000 PUT/GET/DEL and a whole \
+         listing on other connections",
+        stalled_bytes as f64 / MIB as f64,
+        listing as f64 / MIB as f64,
+        window as f64 / MIB as f64,
+        rss0 as f64 / MIB as f64,
+        rss1 as f64 / MIB as f64,
+        rss2 as f64 / MIB as f64
+    );
+    assert!(
+        stalled_bytes <= window + 2 * kv::LIST_CHUNK_BYTES as u64,
+        "the stalled listing sent {stalled_bytes} bytes, past its window of {window}"
+    );
+    assert!(
+        rss1 < rss0 + window + 8 * MIB,
+        "the server grew by {} MiB for a stalled listing (window {} MiB)",
+        (rss1 - rss0) / MIB,
+        window / MIB
+    );
+
+    // Reading on gets the rest, in order, to a clean end.
+    let rest: Vec<String> = stalled.map(|e| e.unwrap().key).collect();
+    assert_eq!(first.len() + rest.len(), N);
+    check_long_keys(&rest, first.len());
+    let s = other.stats().unwrap();
+    assert_eq!(
+        (s.lists_completed, s.lists_cut_short, s.lists_open),
+        (3, 0, 0),
+        "{s:?}"
+    );
+}
+
+/// A listing cut short is an error, not a short list: the server killed
+/// mid-listing makes `kv ls` fail after the keys it printed (a correct
+/// prefix of the listing), and `KvClient::keys` end with an `Err`;
+/// a listing dropped by its client, or past its deadline, is counted as cut
+/// short by the server, whose stream ends and frees its thread.
+#[test]
+fn a_listing_cut_short_is_an_error_not_a_short_list() {
+    const N: usize = 40_000; // 40 MB: several windows
+    let (mut server, addr) = kv_server_process(&[]);
+    fill_long_keys(&addr, N);
+    let c = KvClient::connect(addr.as_str(), false).unwrap();
+
+    // The client drops its listing part-way: the server sees the cancel.
+    let mut keys = c.keys("");
+    check_long_keys(&[keys.next().unwrap().unwrap().key], 0);
+    drop(keys);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let s = c.stats().unwrap();
+            s.lists_open == 0 && s.lists_cut_short == 1
+        }),
+        "the dropped listing is not over on the server: {:?}",
+        c.stats().unwrap()
+    );
+    assert_eq!(c.stats().unwrap().lists_completed, 0);
+
+    // A deadline that passes while the client does not read: the keys
+    // already received come out, then the error, never a quiet end.
+    let opts = CallOptions {
+        timeout: Some(Duration::from_millis(500)),
+        ..CallOptions::default()
+    };
+    let mut keys = c.list(&kv::ListRequest::default(), &opts);
+    check_long_keys(&[keys.next().unwrap().unwrap().key], 0);
+    assert!(
+        wait_until(Duration::from_secs(30), || c
+            .stats()
+            .unwrap()
+            .lists_cut_short
+            == 2),
+        "the server's listing did not end at its deadline"
+    );
+    let rest: Vec<_> = keys.collect();
+    let (last, got) = rest.split_last().unwrap();
+    let e = last.as_ref().unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(got.len() + 1 < N, "{} keys before the deadline", got.len());
+    let got: Vec<String> = got
+        .iter()
+        .map(|e| e.as_ref().unwrap().key.clone())
+        .collect();
+    check_long_keys(&got, 1);
+    assert_eq!(c.stats().unwrap().lists_open, 0);
+
+    // `kv ls`, with the server killed once the listing is under way. Its
+    // stdout is a pipe read only after the kill, so it cannot have all
+    // the keys by then.
+    let mut ls = Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["--addr", &addr, "ls"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(ls.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.ends_with(&format!("{}\n", long_key(0))), "{line}");
+    let mut keys_before_kill = c.keys("");
+    assert!(keys_before_kill.next().unwrap().is_ok());
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    ls.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = ls.wait().unwrap();
+    let printed: Vec<String> = std::iter::once(line.as_str())
+        .chain(rest.lines())
+        .map(|l| {
+            l.trim_start()
+                .split_once("  ")
+                .unwrap()
+                .1
+                .trim_end()
+                .to_owned()
+        })
+        .collect();
+    println!(
+        "kv ls with the server killed: printed {} of {N} keys, exit {status}, stderr: {}",
+        printed.len(),
+        err.trim()
+    );
+    assert!(!status.success(), "kv ls succeeded with a short list");
+    assert!(
+        err.contains(&format!("ls failed after {} keys", printed.len()))
+            && err.contains("incomplete"),
+        "{err}"
+    );
+    assert!(printed.len() < N);
+    check_long_keys(&printed, 0);
+    // The library client: the same, an Err as the last item.
+    let rest: Vec<_> = keys_before_kill.collect();
+    let (last, got) = rest.split_last().expect("an error after the kill");
+    assert!(
+        last.is_err(),
+        "the listing ended quietly after {} keys",
+        got.len()
+    );
+    assert!(got.iter().all(Result::is_ok) && got.len() + 1 < N);
+}
+
+/// A server shut down while a listing waits for its client: the shutdown
+/// does not wait for the client (which may never read again) past its
+/// grace, and the client's listing ends with an error after the keys it
+/// had received, not with a quiet end.
+#[test]
+fn shutdown_cuts_a_stalled_listing_short_with_an_error() {
+    const N: usize = 20_000; // 20 MB: more than a window
+    let srv = server(1 << 30);
+    let addr = srv.local_addr().to_string();
+    fill_long_keys(&addr, N);
+    let c = KvClient::connect(addr.as_str(), false).unwrap();
+    let mut keys = c.keys("");
+    check_long_keys(&[keys.next().unwrap().unwrap().key], 0);
+    let window = client_window();
+    assert!(wait_until(Duration::from_secs(60), || srv
+        .stats()
+        .list_bytes_sent
+        >= window - kv::LIST_CHUNK_BYTES as u64));
+    let t0 = Instant::now();
+    assert!(
+        !srv.shutdown_timeout(Duration::from_millis(300)),
+        "the stalled listing cannot have finished"
+    );
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    let rest: Vec<_> = keys.collect();
+    let (last, got) = rest.split_last().unwrap();
+    assert!(
+        last.is_err(),
+        "the listing ended quietly after {} keys",
+        got.len() + 1
+    );
+    assert!(got.len() + 1 < N);
+    let got: Vec<String> = got
+        .iter()
+        .map(|e| e.as_ref().unwrap().key.clone())
+        .collect();
+    check_long_keys(&got, 1);
 }

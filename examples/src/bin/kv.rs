@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pagerpc::PageBuf;
-use pagerpc_examples::kv::{self, BenchOptions, KvClient};
+use pagerpc::{CallOptions, PageBuf};
+use pagerpc_examples::kv::{self, BenchOptions, KvClient, ListRequest};
 use pagerpc_examples::util::{call_error, human_bytes, parse_size};
 
 /// Client for kv-server.
@@ -48,7 +48,9 @@ enum Cmd {
         /// The key.
         key: String,
     },
-    /// List keys (with their sizes) starting with PREFIX, a page at a time.
+    /// List keys (with their sizes) starting with PREFIX, in byte order, as
+    /// the server streams them. Exits with an error, after the keys already
+    /// printed, if the listing is cut short.
     Ls {
         /// Only keys starting with this.
         #[arg(default_value = "")]
@@ -177,21 +179,45 @@ fn run(args: Args) -> Result<(), String> {
         Cmd::Ls { prefix, limit } => {
             let mut out = io::BufWriter::new(io::stdout().lock());
             let mut listed = 0u64;
-            let mut keys = c.keys(&prefix);
-            for e in keys.by_ref() {
+            let mut more = false;
+            // With a limit, ask for one more key than shown, to tell
+            // whether more match; the listing still runs to its end, so a
+            // listing cut short is an error even then.
+            let req = ListRequest {
+                prefix,
+                limit: if limit == 0 {
+                    0
+                } else {
+                    limit.saturating_add(1)
+                },
+                start_after: String::new(),
+            };
+            for e in c.list(&req, &CallOptions::default()) {
+                let e = match e {
+                    Ok(e) => e,
+                    Err(e) => {
+                        // What was printed stays printed; the error says
+                        // the list is incomplete.
+                        let _ = out.flush();
+                        return Err(format!(
+                            "ls failed after {listed} keys, the list is incomplete: {}",
+                            call_error(&e)
+                        ));
+                    }
+                };
                 if limit > 0 && listed == limit {
-                    eprintln!("(more keys match; raise --limit to see them)");
-                    break;
+                    more = true;
+                    continue;
                 }
-                let e =
-                    e.map_err(|e| format!("ls failed after {listed} keys: {}", call_error(&e)))?;
                 writeln!(out, "{:>12}  {}", e.len, e.key)
                     .map_err(|e| format!("cannot write stdout: {e}"))?;
                 listed += 1;
             }
             out.flush()
                 .map_err(|e| format!("cannot write stdout: {e}"))?;
-            if listed == 0 {
+            if more {
+                eprintln!("(more keys match; raise --limit to see them)");
+            } else if listed == 0 {
                 eprintln!("(no keys)");
             }
         }
@@ -228,6 +254,13 @@ fn run(args: Args) -> Result<(), String> {
             println!(
                 "sent            {} payload bytes ({} MSG_ZEROCOPY sends, {} of them copied by the kernel)",
                 s.payload_bytes_sent, s.zc_sends, s.zc_send_copied
+            );
+            println!(
+                "listings        {} completed, {} cut short, {} under way ({} of keys sent)",
+                s.lists_completed,
+                s.lists_cut_short,
+                s.lists_open,
+                human_bytes(s.list_bytes_sent)
             );
         }
         Cmd::Bench { .. } => unreachable!("handled above"),
