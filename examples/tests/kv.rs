@@ -1036,3 +1036,60 @@ fn shutdown_cuts_a_stalled_listing_short_with_an_error() {
         .collect();
     check_long_keys(&got, 1);
 }
+
+/// Library issue, not fixed here (hence ignored; run with `--ignored`):
+/// the server's side of a stream sends as far as the *client's* announced
+/// `stream_window` lets it, with no bound of its own. A client that
+/// announces a 1 GiB window and stops reading makes the server queue the
+/// whole listing (40 MB here; 96 MiB of queued chunks took `kv-server`
+/// from 117 to 210 MiB of RSS) instead of about one
+/// `ServerConfig::stream_window` (8 MiB). `max_outbound_bytes_per_conn`
+/// (16 MiB) does not stop `OutStream::send` either; only
+/// `progress_timeout` (30 s) ends it, by closing the connection.
+#[test]
+#[ignore = "pagerpc: OutStream::send is bounded only by the window the client announces"]
+fn a_stalled_listing_is_bounded_by_the_servers_window_whatever_the_client_announces() {
+    const N: usize = 40_000;
+    let bound = pagerpc::ServerConfig::default().stream_window + 2 * kv::LIST_CHUNK_BYTES as u64;
+    let (_server, addr) = kv_server_process(&[]);
+    fill_long_keys(&addr, N);
+    let c = KvClient::connect(addr.as_str(), false).unwrap();
+    assert_eq!(listed(c.keys("")).len(), N);
+    let listing = c.stats().unwrap().list_bytes_sent;
+    let greedy = pagerpc::Client::connect_with(
+        addr.as_str(),
+        pagerpc::ClientConfig {
+            stream_window: 1 << 30,
+            ..pagerpc::ClientConfig::default()
+        },
+    )
+    .unwrap();
+    let mut rx = greedy
+        .server_stream(
+            kv::method::LIST_STREAM,
+            &kv::ListRequest::default(),
+            Payload::Empty,
+            &CallOptions::default(),
+        )
+        .unwrap();
+    rx.recv().unwrap().expect("a first chunk");
+    // Then it stops reading. The listing reaches the bound either way...
+    let sent = || c.stats().unwrap().list_bytes_sent - listing;
+    assert!(wait_until(Duration::from_secs(60), || sent()
+        >= bound - 3 * kv::LIST_CHUNK_BYTES as u64));
+    // ...and, if the server bounds it, stays there while another whole
+    // listing runs.
+    assert_eq!(listed(c.keys("")).len(), N);
+    let stalled = sent() - listing;
+    let s = c.stats().unwrap();
+    println!(
+        "stalled client announcing a 1 GiB window: {stalled} bytes of a {listing}-byte listing \
+         sent, bound {bound}; listings completed {}",
+        s.lists_completed
+    );
+    assert!(
+        stalled <= bound,
+        "the server sent {stalled} bytes of the listing to a client that reads nothing"
+    );
+    drop(rx);
+}
