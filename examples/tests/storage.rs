@@ -1,8 +1,11 @@
 //! The storage node on one machine: real files in a temp dir, real
-//! loopback sockets, `O_DIRECT` on the temp dir's filesystem.
+//! loopback sockets, `O_DIRECT` on the temp dir's filesystem. PUT, GET and
+//! listing are pagerpc streams (`blob.put`, `blob.get`, `blob.ls`); the
+//! raw-protocol tests below drive them with a plain pagerpc `Client`.
 
 mod common;
 
+use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
@@ -11,12 +14,15 @@ use std::time::Duration;
 
 use common::{addr_in, sha256_file, spawn_and_wait_for, wait_until, write_random_file, TempDir};
 use pagerpc::prost::Message;
-use pagerpc::{CallError, CallOptions, Client, ClientConfig, Code, Payload, PendingCall};
+use pagerpc::{
+    CallError, CallOptions, Client, ClientConfig, Code, Payload, Server, Status, StreamResponse,
+    StreamSender,
+};
 use pagerpc_examples::storage::format::BlobHeader;
 use pagerpc_examples::storage::{
-    method, BlobInfo, BlobList, BlobRef, ClientOptions, Empty, GetChunk, GetChunkResponse,
-    ListRequest, NodeConfig, NodeStats, PutBegin, PutBeginResponse, PutChunk, PutChunkResponse,
-    PutCommit, StorageClient, StorageNode, UploadRef,
+    get_message, method, rank_nodes, BlobInfo, BlobList, BlobRef, ClientOptions, DeleteResponse,
+    Empty, GetChunk, GetMessage, GetRequest, ListRequest, NodeConfig, NodeStats, PutChunk, PutEnd,
+    PutHeader, PutMessage, StorageClient, StorageNode,
 };
 use pagerpc_examples::util::FastRng;
 
@@ -25,7 +31,11 @@ fn node(dir: &std::path::Path) -> StorageNode {
 }
 
 fn client(nodes: &[&StorageNode]) -> (StorageClient, Arc<Mutex<Vec<String>>>) {
-    let mut opts = ClientOptions::new(nodes.iter().map(|n| n.local_addr()).collect());
+    client_for(nodes.iter().map(|n| n.local_addr()).collect())
+}
+
+fn client_for(nodes: Vec<std::net::SocketAddr>) -> (StorageClient, Arc<Mutex<Vec<String>>>) {
+    let mut opts = ClientOptions::new(nodes);
     opts.progress = false;
     let warnings = Arc::new(Mutex::new(Vec::new()));
     let w = warnings.clone();
@@ -40,6 +50,149 @@ fn visible_files(dir: &std::path::Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+fn temp_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v = visible_files(dir);
+    v.retain(|f| f.starts_with(".tmp-"));
+    v
+}
+
+/// The ids of the uploads under way in `dir`, from their temporary files'
+/// names (`.tmp-<id>-<16 hex digits>`).
+fn uploading(dir: &std::path::Path) -> HashSet<String> {
+    temp_files(dir)
+        .iter()
+        .map(|f| f[".tmp-".len()..f.len() - 17].to_owned())
+        .collect()
+}
+
+fn crc(b: &[u8]) -> u32 {
+    crc32c::crc32c(b)
+}
+
+/// A put header for `size` bytes in 64 KiB chunks, version 1.
+fn header(id: &str, size: u64) -> PutHeader {
+    PutHeader {
+        id: id.into(),
+        size,
+        crc32c: None,
+        chunk_size: 64 << 10,
+        version: 1,
+    }
+}
+
+/// Opens a `blob.put` stream on `c` and sends its header.
+fn open_put(c: &Client, h: PutHeader) -> (StreamSender, StreamResponse) {
+    let (mut tx, resp) = c
+        .client_stream(method::PUT, &CallOptions::default())
+        .unwrap();
+    tx.send(&PutMessage::header(h), Payload::Empty).unwrap();
+    (tx, resp)
+}
+
+/// Half-closes a put stream and waits for the node's answer.
+fn finish(tx: StreamSender, resp: StreamResponse) -> Result<BlobInfo, CallError> {
+    // Refused when the node already ended the stream; its answer says why.
+    let _ = tx.finish();
+    resp.wait::<BlobInfo>().map(|r| r.message)
+}
+
+/// A whole `blob.put` stream: the header, `data` in chunks of the header's
+/// chunk size (each with its CRC32C), the end message with `end_crc`, the
+/// half-close, and the node's answer.
+fn raw_put(
+    c: &Client,
+    h: PutHeader,
+    data: &[u8],
+    end_crc: Option<u32>,
+) -> Result<BlobInfo, CallError> {
+    let cs = h.chunk_size as usize;
+    let (mut tx, resp) = open_put(c, h);
+    for chunk in data.chunks(cs) {
+        if tx
+            .send(&PutMessage::chunk(Some(crc(chunk))), chunk.to_vec())
+            .is_err()
+        {
+            return resp.wait::<BlobInfo>().map(|r| r.message);
+        }
+    }
+    if tx.send(&PutMessage::end(end_crc), Payload::Empty).is_err() {
+        return resp.wait::<BlobInfo>().map(|r| r.message);
+    }
+    finish(tx, resp)
+}
+
+fn stat(c: &Client, id: &str) -> Result<BlobInfo, CallError> {
+    c.call::<_, BlobInfo>(method::STAT, &BlobRef { id: id.into() }, Payload::Empty)
+        .map(|r| r.message)
+}
+
+/// Opens a `blob.get` stream and reads its first message, the info.
+fn open_get(
+    c: &Client,
+    id: &str,
+    offset: u64,
+    version: u64,
+) -> Result<(BlobInfo, pagerpc::StreamReceiver), CallError> {
+    let req = GetRequest {
+        id: id.into(),
+        offset,
+        version,
+    };
+    let mut rx = c.server_stream(method::GET, &req, Payload::Empty, &CallOptions::default())?;
+    match rx.recv_typed::<GetMessage>()? {
+        Some((
+            GetMessage {
+                kind: Some(get_message::Kind::Info(info)),
+            },
+            _,
+        )) => Ok((info, rx)),
+        other => panic!("a get stream starts with the info, not {other:?}"),
+    }
+}
+
+/// The rest of a get stream: each chunk message and its bytes.
+fn read_rest(rx: &mut pagerpc::StreamReceiver) -> Result<Vec<(GetChunk, Vec<u8>)>, CallError> {
+    let mut out = Vec::new();
+    while let Some((m, pages)) = rx.recv_typed::<GetMessage>()? {
+        match m.kind {
+            Some(get_message::Kind::Chunk(c)) => out.push((c, pages.to_vec())),
+            other => panic!("a chunk, not {other:?}"),
+        }
+    }
+    Ok(out)
+}
+
+fn concat(chunks: &[(GetChunk, Vec<u8>)]) -> Vec<u8> {
+    chunks.iter().flat_map(|(_, b)| b.iter().copied()).collect()
+}
+
+/// A whole `blob.get` stream from `offset`: the info and the bytes.
+fn raw_get(
+    c: &Client,
+    id: &str,
+    offset: u64,
+    version: u64,
+) -> Result<(BlobInfo, Vec<u8>), CallError> {
+    let (info, mut rx) = open_get(c, id, offset, version)?;
+    Ok((info, concat(&read_rest(&mut rx)?)))
+}
+
+/// The whole `blob.ls` stream: each message.
+fn list_stream(c: &Client, start_after: &str, limit: u32) -> Vec<BlobList> {
+    let req = ListRequest {
+        start_after: start_after.into(),
+        limit,
+    };
+    let mut rx = c
+        .server_stream(method::LIST, &req, Payload::Empty, &CallOptions::default())
+        .unwrap();
+    let mut pages = Vec::new();
+    while let Some((p, _)) = rx.recv_typed::<BlobList>().unwrap() {
+        pages.push(p);
+    }
+    pages
 }
 
 #[test]
@@ -135,58 +288,70 @@ fn odd_sizes_round_trip_with_tails_and_small_chunks() {
     assert!(!visible_files(n.dir()).iter().any(|f| f.starts_with(".tmp")));
 }
 
+/// An upload is bound to its stream: a stream cut short (the connection
+/// lost, the sender dropped, the client's abort) discards the upload and
+/// its temporary file at once, and so does a `storage-node put` process
+/// killed with SIGKILL; a node that crashed mid-upload removes the
+/// leftovers when it starts again.
 #[test]
-fn a_client_that_dies_mid_put_leaves_no_visible_blob() {
+fn a_put_stream_cut_short_leaves_no_blob_and_no_temporary_file() {
     let tmp = TempDir::new("dead");
     let dir = tmp.join("node");
-    let mut cfg = NodeConfig::new(&dir);
-    cfg.upload_timeout = Duration::from_millis(500);
-    let n = StorageNode::start("127.0.0.1:0", cfg).unwrap();
-
-    // 1. A client drops its connection after a few chunks of 8.
-    let cs = 1u64 << 20;
-    let raw = Client::connect_with(n.local_addr(), ClientConfig::zerocopy()).unwrap();
-    let begin: PutBeginResponse = raw
-        .call(
-            method::PUT_BEGIN,
-            &PutBegin {
-                id: "half".into(),
-                size: 8 * cs,
-                crc32c: None,
-                chunk_size: cs,
-                version: 1,
-            },
-            Payload::Empty,
-        )
-        .unwrap()
-        .message;
-    assert!(begin.credits >= 1);
-    for i in 0..3 {
-        let chunk = vec![i as u8; cs as usize];
-        raw.call::<_, PutChunkResponse>(
-            method::PUT_CHUNK,
-            &PutChunk {
-                upload: begin.upload,
-                offset: i * cs,
-                crc32c: Some(crc32c::crc32c(&chunk)),
-            },
-            chunk,
-        )
-        .unwrap();
-    }
-    let files = visible_files(&dir);
-    assert_eq!(files.len(), 1, "{files:?}");
-    assert!(files[0].starts_with(".tmp-half-"), "{files:?}");
-    drop(raw);
+    let n = node(&dir);
     let (c, _) = client(&[&n]);
-    assert!(c.list().unwrap().is_empty(), "no blob is visible");
-    assert!(!n.blob_path("half").exists());
-    assert!(
-        wait_until(Duration::from_secs(5), || visible_files(&dir).is_empty()),
-        "the idle upload's temporary file is removed: {:?}",
-        visible_files(&dir)
-    );
-    assert_eq!(n.stats().unwrap().uploads_expired, 1);
+    let cs = 1u64 << 20;
+    let stats = || n.stats().unwrap();
+
+    // 1. Three ways a stream can end short, after 3 chunks of 8.
+    for (i, how) in ["connection lost", "sender dropped", "aborted"]
+        .into_iter()
+        .enumerate()
+    {
+        let raw = Client::connect_with(n.local_addr(), ClientConfig::zerocopy()).unwrap();
+        let id = format!("half-{i}");
+        let (mut tx, resp) = open_put(
+            &raw,
+            PutHeader {
+                chunk_size: cs,
+                ..header(&id, 8 * cs)
+            },
+        );
+        for k in 0..3u8 {
+            let chunk = vec![k; cs as usize];
+            tx.send(&PutMessage::chunk(Some(crc(&chunk))), chunk)
+                .unwrap();
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || uploading(&dir).contains(&id)),
+            "{how}: the upload is under way: {:?}",
+            visible_files(&dir)
+        );
+        match i {
+            0 => {
+                raw.close();
+                drop((tx, resp));
+            }
+            1 => {
+                drop(tx);
+                let e = resp.wait::<BlobInfo>().unwrap_err();
+                assert_eq!(e.code(), Code::Cancelled, "{e}");
+            }
+            _ => {
+                tx.abort(Status::aborted("the client gave up"));
+                assert_eq!(resp.wait::<BlobInfo>().unwrap_err().code(), Code::Aborted);
+            }
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || visible_files(&dir).is_empty()
+                && stats().uploads == 0),
+            "{how}: the upload is discarded at once: {:?}, {:?}",
+            visible_files(&dir),
+            stats()
+        );
+        assert_eq!(stats().uploads_cut_short, i as u64 + 1, "{how}");
+        assert!(c.list().unwrap().is_empty(), "{how}: no blob is visible");
+        assert!(!n.blob_path(&id).exists());
+    }
 
     // 2. A `storage-node put` process killed with SIGKILL mid-transfer.
     let src = tmp.join("src.bin");
@@ -217,13 +382,14 @@ fn a_client_that_dies_mid_put_leaves_no_visible_blob() {
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert!(!status.success(), "the put was killed before it finished");
-    assert!(c.list().unwrap().is_empty(), "no blob is visible");
-    assert!(!n.blob_path("killed").exists());
     assert!(
         wait_until(Duration::from_secs(5), || visible_files(&dir).is_empty()),
         "temporary file removed: {:?}",
         visible_files(&dir)
     );
+    assert!(c.list().unwrap().is_empty(), "no blob is visible");
+    assert!(!n.blob_path("killed").exists());
+    assert_eq!(stats().uploads_cut_short, 4);
 
     // 3. A node that died mid-upload removes the temporary files at startup.
     drop(n);
@@ -231,6 +397,75 @@ fn a_client_that_dies_mid_put_leaves_no_visible_blob() {
     let n = node(&dir);
     assert_eq!(n.temps_removed_at_start(), 1);
     assert!(visible_files(&dir).is_empty());
+}
+
+/// Nothing but its own stream reaches an upload: another stream for the
+/// same id, on the same connection or another, has an upload of its own;
+/// uploads of one id commit whole, the last to commit wins, and a stream
+/// aborted after sending every byte is still not committed.
+#[test]
+fn an_upload_belongs_to_its_stream() {
+    let tmp = TempDir::new("bound");
+    let dir = tmp.join("node");
+    let n = node(&dir);
+    let (a, b) = (
+        Client::connect(n.local_addr()).unwrap(),
+        Client::connect(n.local_addr()).unwrap(),
+    );
+    let cs = 64usize << 10;
+    let v1 = common::value_bytes(3 * cs, 1);
+    let v2 = common::value_bytes(2 * cs + 5, 2);
+
+    // A starts 'same' and sends the first of its three chunks.
+    let (mut tx_a, resp_a) = open_put(&a, header("same", v1.len() as u64));
+    tx_a.send(&PutMessage::chunk(Some(crc(&v1[..cs]))), v1[..cs].to_vec())
+        .unwrap();
+    // Another stream for 'same' on A's connection ends at once: its own
+    // upload (with no chunk) is discarded, A's is untouched.
+    let e = raw_put(&a, header("same", v1.len() as u64), &[], Some(crc(&v1))).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message().contains("ended after 0 of") && e.message().contains("discarded"),
+        "{e}"
+    );
+    // B stores 'same' whole meanwhile.
+    let info = raw_put(&b, header("same", v2.len() as u64), &v2, Some(crc(&v2))).unwrap();
+    assert_eq!(info.size, v2.len() as u64);
+    assert_eq!(raw_get(&b, "same", 0, 0).unwrap().1, v2);
+    // A goes on from where it was and commits: its blob replaces B's, whole.
+    for chunk in v1[cs..].chunks(cs) {
+        tx_a.send(&PutMessage::chunk(Some(crc(chunk))), chunk.to_vec())
+            .unwrap();
+    }
+    tx_a.send(&PutMessage::end(Some(crc(&v1))), Payload::Empty)
+        .unwrap();
+    let info = finish(tx_a, resp_a).unwrap();
+    assert_eq!((info.size, info.crc32c), (v1.len() as u64, crc(&v1)));
+    assert_eq!(raw_get(&b, "same", 0, 0).unwrap().1, v1);
+
+    // A stream that sent every byte and its end message, then aborts: not
+    // committed, nothing left behind.
+    let (mut tx, resp) = open_put(&b, header("same", v2.len() as u64));
+    for chunk in v2.chunks(cs) {
+        tx.send(&PutMessage::chunk(Some(crc(chunk))), chunk.to_vec())
+            .unwrap();
+    }
+    tx.send(&PutMessage::end(Some(crc(&v2))), Payload::Empty)
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || n
+        .stats()
+        .unwrap()
+        .uploads
+        == 1));
+    tx.abort(Status::aborted("changed my mind"));
+    assert_eq!(resp.wait::<BlobInfo>().unwrap_err().code(), Code::Aborted);
+    assert!(
+        wait_until(Duration::from_secs(5), || temp_files(&dir).is_empty()),
+        "{:?}",
+        visible_files(&dir)
+    );
+    assert_eq!(raw_get(&a, "same", 0, 0).unwrap().1, v1, "still A's blob");
+    assert_eq!(visible_files(&dir), vec!["same.blob".to_owned()]);
 }
 
 #[test]
@@ -296,143 +531,159 @@ fn corrupting_one_byte_on_disk_makes_get_fail_its_checksum() {
 }
 
 #[test]
-fn checksum_mismatches_are_refused_and_discarded() {
+fn checksum_mismatches_and_malformed_streams_are_refused_and_discarded() {
     let tmp = TempDir::new("crc");
     let dir = tmp.join("node");
     let n = node(&dir);
     let raw = Client::connect(n.local_addr()).unwrap();
-    let cs = 64u64 << 10;
+    let cs = 64usize << 10;
     let data: Vec<u8> = {
-        let mut v = vec![0u8; (cs + 100) as usize];
+        let mut v = vec![0u8; cs + 100];
         FastRng::new(1).fill(&mut v);
         v
     };
-    let begin = |id: &str| -> PutBeginResponse {
-        raw.call(
-            method::PUT_BEGIN,
-            &PutBegin {
-                id: id.into(),
-                size: data.len() as u64,
-                crc32c: None,
-                chunk_size: cs,
-                version: 1,
-            },
-            Payload::Empty,
-        )
-        .unwrap()
-        .message
+    let size = data.len() as u64;
+    let no_temps = |what: &str| {
+        assert!(
+            wait_until(Duration::from_secs(5), || temp_files(&dir).is_empty()),
+            "{what}: {:?}",
+            visible_files(&dir)
+        );
     };
-    let chunk = |upload: u64, off: u64, crc: Option<u32>| {
-        let end = (off + cs).min(data.len() as u64) as usize;
-        raw.call::<_, PutChunkResponse>(
-            method::PUT_CHUNK,
-            &PutChunk {
-                upload,
-                offset: off,
-                crc32c: crc,
-            },
-            data[off as usize..end].to_vec(),
-        )
+
+    // A chunk whose CRC does not match its bytes is refused, and the
+    // upload discarded.
+    let (mut tx, resp) = open_put(&raw, header("a", size));
+    let _ = tx.send(&PutMessage::chunk(Some(12345)), data[..cs].to_vec());
+    let e = finish(tx, resp).unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e}");
+    assert!(e.message().contains("CRC32C"), "{e}");
+    no_temps("a chunk with a wrong CRC");
+    // The wrong whole-blob CRC: refused and discarded.
+    let e = raw_put(&raw, header("a", size), &data, Some(crc(&data) ^ 1)).unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e}");
+    assert!(e.message().contains("discarded"), "{e}");
+    no_temps("a wrong blob CRC");
+    // A stream that ends before the last byte: refused and discarded.
+    let e = raw_put(&raw, header("b", size), &data[..cs], Some(crc(&data))).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message()
+            .contains(&format!("ended after {cs} of its {size} bytes")),
+        "{e}"
+    );
+    no_temps("a stream ending short");
+    // A chunk of the wrong length, a chunk past the end, and messages out
+    // of order are InvalidArgument.
+    let (mut tx, resp) = open_put(&raw, header("c", size));
+    let _ = tx.send(&PutMessage::chunk(None), data[..cs - 1].to_vec());
+    let e = finish(tx, resp).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("it must have 65536"), "{e}");
+    let e = raw_put(&raw, header("c", cs as u64), &data, None).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("already has all"), "{e}");
+    let (mut tx, resp) = raw
+        .client_stream(method::PUT, &CallOptions::default())
+        .unwrap();
+    let _ = tx.send(&PutMessage::chunk(None), data[..cs].to_vec());
+    let e = finish(tx, resp).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("first message"), "{e}");
+    let (mut tx, resp) = open_put(&raw, header("c", size));
+    let _ = tx.send(&PutMessage::header(header("c", size)), Payload::Empty);
+    let e = finish(tx, resp).unwrap_err();
+    assert!(e.message().contains("a second header"), "{e}");
+    let (mut tx, resp) = open_put(&raw, header("c", 0));
+    let _ = tx.send(&PutMessage::end(Some(0)), Payload::Empty);
+    let _ = tx.send(&PutMessage::chunk(None), data[..10].to_vec());
+    let e = finish(tx, resp).unwrap_err();
+    assert!(e.message().contains("after the end message"), "{e}");
+    no_temps("malformed streams");
+    // No CRC anywhere: refused; one in the header alone is enough.
+    let e = raw_put(&raw, header("d", size), &data, None).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("no CRC32C"), "{e}");
+    let with_crc = PutHeader {
+        crc32c: Some(crc(&data)),
+        ..header("d", size)
     };
-    // A chunk whose CRC does not match its bytes is refused.
-    let up = begin("a").upload;
-    let e = chunk(up, 0, Some(12345)).unwrap_err();
-    assert_eq!(e.code(), Code::DataLoss);
-    assert!(e.message().contains("CRC32C"), "{}", e.message());
-    // A commit with the wrong whole-blob CRC is refused and discarded.
-    chunk(up, 0, None).unwrap();
-    chunk(up, cs, None).unwrap();
-    let e = raw
-        .call::<_, pagerpc_examples::storage::BlobInfo>(
-            method::PUT_COMMIT,
-            &PutCommit {
-                upload: up,
-                crc32c: Some(crc32c::crc32c(&data) ^ 1),
-            },
-            Payload::Empty,
-        )
-        .unwrap_err();
-    assert_eq!(e.code(), Code::DataLoss);
-    assert!(e.message().contains("discarded"), "{}", e.message());
-    assert!(visible_files(&dir).is_empty(), "{:?}", visible_files(&dir));
-    // A commit with chunks missing is refused, and the upload can go on.
-    let up = begin("b").upload;
-    chunk(up, 0, None).unwrap();
-    let commit = PutCommit {
-        upload: up,
-        crc32c: Some(crc32c::crc32c(&data)),
+    let info = raw_put(&raw, with_crc, &data, None).unwrap();
+    assert_eq!(info.size, size);
+    assert_eq!(raw_get(&raw, "d", 0, 0).unwrap().1, data);
+    // Bad ids and chunk sizes are refused at the header.
+    let e = raw_put(&raw, header("../etc", 1), &[1], None).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let bad_cs = PutHeader {
+        chunk_size: 5000,
+        ..header("x", 1)
     };
-    let e = raw
-        .call::<_, pagerpc_examples::storage::BlobInfo>(method::PUT_COMMIT, &commit, Payload::Empty)
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    chunk(up, cs, None).unwrap();
-    let info = raw
-        .call::<_, pagerpc_examples::storage::BlobInfo>(method::PUT_COMMIT, &commit, Payload::Empty)
-        .unwrap()
-        .message;
-    assert_eq!(info.size, data.len() as u64);
-    assert!(n.blob_path("b").exists());
-    // Bad ids and chunk sizes are refused up front.
-    let e = raw
-        .call::<_, PutBeginResponse>(
-            method::PUT_BEGIN,
-            &PutBegin {
-                id: "../etc".into(),
-                size: 1,
-                crc32c: None,
-                chunk_size: cs,
-                version: 1,
-            },
-            Payload::Empty,
-        )
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    let e = raw
-        .call::<_, PutBeginResponse>(
-            method::PUT_BEGIN,
-            &PutBegin {
-                id: "x".into(),
-                size: 1,
-                crc32c: None,
-                chunk_size: 5000,
-                version: 1,
-            },
-            Payload::Empty,
-        )
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = raw_put(&raw, bad_cs, &[1], None).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("chunk size 5000"), "{e}");
+    no_temps("refused headers");
+    assert_eq!(visible_files(&dir), vec!["d.blob".to_owned()]);
+    assert_eq!(n.stats().unwrap().uploads_rejected, 2);
 }
 
+/// Flow control is pagerpc's per-stream credit: a GET whose client stops
+/// reading (keeps the chunks it got and asks for no more) makes the node
+/// stop after one stream window, and the node goes on serving others.
 #[test]
-fn credits_shrink_as_transfers_are_added() {
-    let tmp = TempDir::new("credits");
-    let mut cfg = NodeConfig::new(tmp.join("node"));
-    cfg.max_credits = 8;
-    cfg.memory_budget = 32 << 20;
-    let n = StorageNode::start("127.0.0.1:0", cfg).unwrap();
-    let raw = Client::connect(n.local_addr()).unwrap();
-    let mut credits = Vec::new();
-    for i in 0..4 {
-        let r: PutBeginResponse = raw
-            .call(
-                method::PUT_BEGIN,
-                &PutBegin {
-                    id: format!("c{i}"),
-                    size: 1 << 30,
-                    crc32c: None,
-                    chunk_size: 4 << 20,
-                    version: 1,
-                },
-                Payload::Empty,
-            )
-            .unwrap()
-            .message;
-        credits.push(r.credits);
-    }
-    // 32 MiB of 4 MiB chunks: 8 for the first transfer, 4 each for two,
-    // then 2, never below 1.
-    assert_eq!(credits, vec![8, 4, 2, 2]);
+fn a_get_whose_client_stops_reading_holds_at_most_one_window() {
+    let tmp = TempDir::new("window");
+    let n = node(&tmp.join("node"));
+    let (c, _) = client(&[&n]);
+    let mut opts = c.options().clone();
+    opts.chunk_size = 256 << 10;
+    let c = StorageClient::new(opts);
+    let src = tmp.join("src");
+    write_random_file(&src, 16 << 20, 1);
+    c.put_file(&src, "big").unwrap();
+    let window = 1u64 << 20;
+    let cfg = ClientConfig {
+        stream_window: window,
+        ..ClientConfig::default()
+    };
+    let raw = Client::connect_with(n.local_addr(), cfg).unwrap();
+    let sent_before = n.counters().payload_bytes_sent;
+    // The stream's deadline ends the test's wait for more.
+    let opts = CallOptions {
+        timeout: Some(Duration::from_secs(3)),
+        ..CallOptions::default()
+    };
+    let req = GetRequest {
+        id: "big".into(),
+        offset: 0,
+        version: 0,
+    };
+    let mut rx = raw
+        .server_stream(method::GET, &req, Payload::Empty, &opts)
+        .unwrap();
+    let mut kept = Vec::new();
+    kept.push(rx.recv().unwrap().expect("the info").payload);
+    kept.push(rx.recv().unwrap().expect("the first chunk").payload);
+    // While that stream is stalled, the node serves others.
+    let dst = tmp.join("dst");
+    c.get_to_file("big", &dst).unwrap();
+    assert_eq!(sha256_file(&dst), sha256_file(&src));
+    let e = loop {
+        match rx.recv() {
+            Ok(Some(m)) => kept.push(m.payload),
+            Ok(None) => panic!("the whole blob arrived though nothing was released"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    let got: u64 = kept.iter().map(|p| p.len() as u64).sum();
+    let sent = n.counters().payload_bytes_sent - sent_before - (16 << 20);
+    println!(
+        "a GET of 16 MiB whose client keeps everything: {} messages, {got} payload bytes \
+         received, {sent} sent by the node, window {window}",
+        kept.len()
+    );
+    assert!(got > 0 && got <= window, "{got} bytes received");
+    assert!(sent <= window, "the node sent {sent} bytes");
 }
 
 #[test]
@@ -597,67 +848,6 @@ fn write_blob_file(
     fs::rename(&tmp, dir.join(format!("{id}.blob"))).unwrap();
 }
 
-fn begin_req(id: &str, size: u64) -> PutBegin {
-    PutBegin {
-        id: id.into(),
-        size,
-        crc32c: None,
-        chunk_size: 64 << 10,
-        version: 1,
-    }
-}
-
-/// Starts `n` `put.begin` calls on `c` without waiting, then waits for all.
-fn pipelined_begins(
-    c: &Client,
-    prefix: &str,
-    n: usize,
-) -> Vec<Result<PutBeginResponse, CallError>> {
-    let calls: Vec<PendingCall> = (0..n)
-        .map(|i| {
-            let body = begin_req(&format!("{prefix}-{i}"), 1 << 20).encode_to_vec();
-            c.start_call(
-                method::PUT_BEGIN,
-                body,
-                Payload::Empty,
-                &CallOptions::default(),
-            )
-            .unwrap()
-        })
-        .collect();
-    calls
-        .into_iter()
-        .map(|call| call.wait_typed::<PutBeginResponse>().map(|r| r.message))
-        .collect()
-}
-
-fn get_chunk(
-    c: &Client,
-    id: &str,
-    info: &BlobInfo,
-) -> Result<(GetChunkResponse, Vec<u8>), CallError> {
-    let r = c.call::<_, GetChunkResponse>(
-        method::GET_CHUNK,
-        &GetChunk {
-            id: id.into(),
-            offset: 0,
-            len: info.size.min(info.chunk_size),
-            version: info.version,
-        },
-        Payload::Empty,
-    )?;
-    Ok((r.message, r.payload.to_vec()))
-}
-
-fn get_begin(c: &Client, id: &str) -> Result<BlobInfo, CallError> {
-    c.call::<_, BlobInfo>(
-        method::GET_BEGIN,
-        &BlobRef { id: id.into() },
-        Payload::Empty,
-    )
-    .map(|r| r.message)
-}
-
 /// A small PUT and GET through the node, to show it still serves.
 fn round_trip(c: &StorageClient, tmp: &TempDir, id: &str) {
     let src = tmp.join(&format!("{id}.src"));
@@ -671,36 +861,37 @@ fn round_trip(c: &StorageClient, tmp: &TempDir, id: &str) {
 // ---------------------------------------------------------------------------
 // Regression tests.
 
-/// `put.begin`'s size comes from the peer: an absurd one is refused by the
-/// node's limits, naming the limit and the value, without allocating
-/// anything for it (the old node allocated a CRC table of one entry per
-/// announced chunk: 34 GB for 2^32-1 chunks, and died).
+/// A put stream's header comes from the peer: an absurd size is refused by
+/// the node's limits, naming the limit and the value, without allocating
+/// anything for it (an old node allocated a CRC table of one entry per
+/// announced chunk: 34 GB for 2^32-1 chunks, and died), and the node keeps
+/// serving.
 #[test]
-fn put_begin_with_an_absurd_size_is_refused_without_allocating() {
+fn a_put_stream_announcing_an_absurd_size_is_refused_without_allocating() {
     let tmp = TempDir::new("huge");
     let node = NodeProc::start(&tmp.join("node"), &[]);
     let raw = Client::connect(node.addr).unwrap();
-    let stats = || -> NodeStats {
+    let stats = |raw: &Client| -> NodeStats {
         raw.call(method::STATS, &Empty {}, Payload::Empty)
             .unwrap()
             .message
     };
-    stats();
+    stats(&raw);
     let rss_before = node.rss_kib();
-    let begin = |size: u64, chunk_size: u64| {
-        raw.call::<_, PutBeginResponse>(
-            method::PUT_BEGIN,
-            &PutBegin {
-                chunk_size,
-                ..begin_req("huge", size)
-            },
-            Payload::Empty,
-        )
-        .unwrap_err()
+    // The header, then a first chunk as a client would send it, then the
+    // half-close: the answer is the refusal.
+    let put = |raw: &Client, size: u64, chunk_size: u64| {
+        let h = PutHeader {
+            chunk_size,
+            ..header("huge", size)
+        };
+        let (mut tx, resp) = open_put(raw, h);
+        let _ = tx.send(&PutMessage::chunk(None), vec![0u8; chunk_size as usize]);
+        finish(tx, resp).unwrap_err()
     };
     // 2^60 bytes: over max_blob_bytes (default 1 TiB).
-    let e = begin(1 << 60, 64 << 10);
-    println!("put.begin of 2^60 bytes: {e}");
+    let e = put(&raw, 1 << 60, 64 << 10);
+    println!("a put stream announcing 2^60 bytes: {e}");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
     assert!(
         e.message().contains("max_blob_bytes")
@@ -710,7 +901,7 @@ fn put_begin_with_an_absurd_size_is_refused_without_allocating() {
     );
     // (2^32 - 1) chunks of 64 KiB, the size that made the old node
     // allocate 34 GB.
-    let e = begin(u64::from(u32::MAX) * (64 << 10), 64 << 10);
+    let e = put(&raw, u64::from(u32::MAX) * (64 << 10), 64 << 10);
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
     assert!(e.message().contains("max_blob_bytes"), "{e}");
     assert!(
@@ -725,22 +916,14 @@ fn put_begin_with_an_absurd_size_is_refused_without_allocating() {
         &["--max-blob-bytes", &u64::MAX.to_string()],
     );
     let raw = Client::connect(node.addr).unwrap();
+    stats(&raw);
     let rss_before = node.rss_kib();
     for (size, cs) in [
         (1u64 << 60, 64u64 << 20),
         (u64::from(u32::MAX) * (64 << 10), 64 << 10),
     ] {
-        let e = raw
-            .call::<_, PutBeginResponse>(
-                method::PUT_BEGIN,
-                &PutBegin {
-                    chunk_size: cs,
-                    ..begin_req("huge", size)
-                },
-                Payload::Empty,
-            )
-            .unwrap_err();
-        println!("put.begin of {size} bytes on a node without a size cap: {e}");
+        let e = put(&raw, size, cs);
+        println!("a put stream of {size} bytes on a node without a size cap: {e}");
         assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
         assert!(
             e.message().contains("bytes free") && e.message().contains(&size.to_string()),
@@ -748,66 +931,116 @@ fn put_begin_with_an_absurd_size_is_refused_without_allocating() {
         );
     }
     let rss_after = node.rss_kib();
-    println!("node RSS: {rss_before} KiB before the absurd put.begin calls, {rss_after} KiB after");
+    println!("node RSS: {rss_before} KiB before the absurd put streams, {rss_after} KiB after");
     assert!(
         rss_after < rss_before + 16 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
     assert!(node.alive(), "the node is still running");
-    let s: NodeStats = raw
-        .call(method::STATS, &Empty {}, Payload::Empty)
-        .unwrap()
-        .message;
+    let s = stats(&raw);
     assert_eq!(s.uploads, 0);
     assert_eq!(s.uploads_refused, 2);
+    assert!(temp_files(&tmp.join("uncapped")).is_empty());
     round_trip(&node.client(), &tmp, "after-huge");
 }
 
-/// 1,000 concurrent uploads from one connection, then 1,000 more over 20
-/// connections: refused past `max_uploads_per_conn` (16) and `max_uploads`
-/// (128) with ResourceExhausted naming the limit, the node's descriptors
-/// stay within 2 per upload, and it keeps serving.
+/// One put stream per entry of `ids` on `c`, each with its header sent.
+fn open_puts(c: &Client, ids: &[String]) -> Vec<(String, StreamSender, StreamResponse)> {
+    ids.iter()
+        .map(|id| {
+            let (tx, resp) = open_put(c, header(id, 1 << 20));
+            (id.clone(), tx, resp)
+        })
+        .collect()
+}
+
+/// 1,000 put streams at once on one connection, then 50 on each of 20
+/// more connections: refused past `max_uploads_per_conn` (16) and
+/// `max_uploads` (128) with ResourceExhausted naming the limit (or, in the
+/// burst, pagerpc's `max_streams`, 256), the node's descriptors stay
+/// within 2 per upload, it keeps serving, and aborted streams give their
+/// descriptors and slots back at once.
 #[test]
 fn concurrent_uploads_are_bounded_per_connection_and_per_node() {
     let tmp = TempDir::new("uploads");
-    let node = NodeProc::start(&tmp.join("node"), &[]);
+    let dir = tmp.join("node");
+    let node = NodeProc::start(&dir, &[]);
     let client = node.client();
     round_trip(&client, &tmp, "existing");
     let fds_before = node.fds();
+    let stats = || client.node_stats(node.addr).unwrap();
+    // Uploads admitted, still streaming.
+    let mut held: Vec<(StreamSender, StreamResponse)> = Vec::new();
 
+    // 1. 1,000 at once on one connection.
     let one = Client::connect(node.addr).unwrap();
-    let results = pipelined_begins(&one, "one", 1000);
-    let ok: Vec<u64> = results
-        .iter()
-        .filter_map(|r| r.as_ref().ok().map(|b| b.upload))
-        .collect();
-    assert_eq!(ok.len(), 16, "max_uploads_per_conn");
-    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+    let ids: Vec<String> = (0..1000).map(|i| format!("one-{i}")).collect();
+    let streams = open_puts(&one, &ids);
+    assert!(
+        wait_until(Duration::from_secs(30), || stats().uploads == 16),
+        "16 uploads admitted: {}",
+        stats().uploads
+    );
+    // The temporary files name the admitted uploads; the others' streams
+    // end with the node's (or the library's) refusal.
+    let admitted = uploading(&dir);
+    assert_eq!(admitted.len(), 16);
+    let (mut per_conn, mut max_streams) = (0u64, 0u64);
+    let mut example = None;
+    for (id, tx, resp) in streams {
+        if admitted.contains(&id) {
+            held.push((tx, resp));
+            continue;
+        }
+        let e = resp.wait::<BlobInfo>().unwrap_err();
+        drop(tx);
         assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
-        assert!(
-            e.message().contains("max_uploads_per_conn") && e.message().contains("is 16"),
-            "{e}"
-        );
+        if e.message().contains("(max_uploads_per_conn) is 16") {
+            per_conn += 1;
+            example.get_or_insert(e);
+        } else if e.message().contains("max_streams limit of 256") {
+            max_streams += 1;
+        } else {
+            panic!("unexpected refusal: {e}");
+        }
     }
     println!(
-        "1000 uploads on one connection: 16 accepted; {}",
-        results.iter().find_map(|r| r.as_ref().err()).unwrap()
+        "1000 put streams on one connection: 16 admitted, {per_conn} refused by the node, \
+         {max_streams} by pagerpc's max_streams; e.g. {}",
+        example.unwrap()
     );
+    assert_eq!(stats().uploads_refused, per_conn);
     let fds_one = node.fds();
 
+    // 2. 50 on each of 20 more connections, one connection after the
+    // other (so that the refused streams never add up to max_streams).
     let conns: Vec<Client> = (0..20)
         .map(|_| Client::connect(node.addr).unwrap())
         .collect();
-    let mut accepted = vec![(0usize, ok)];
+    let (mut total, mut refused) = (16u64, per_conn);
     let mut node_refusals = 0;
     for (i, c) in conns.iter().enumerate() {
-        let results = pipelined_begins(c, &format!("many-{i}"), 50);
-        let ok: Vec<u64> = results
-            .iter()
-            .filter_map(|r| r.as_ref().ok().map(|b| b.upload))
-            .collect();
-        assert!(ok.len() <= 16);
-        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        let ids: Vec<String> = (0..50).map(|k| format!("many-{i}-{k}")).collect();
+        let streams = open_puts(c, &ids);
+        let admit = 16.min(128 - total);
+        total += admit;
+        refused += 50 - admit;
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                let s = stats();
+                s.uploads == total && s.uploads_refused == refused
+            }),
+            "connection {i}: {total} uploads admitted, {refused} refused: {:?}",
+            stats()
+        );
+        let admitted = uploading(&dir);
+        for (id, tx, resp) in streams {
+            if admitted.contains(&id) {
+                held.push((tx, resp));
+                continue;
+            }
+            let e = resp.wait::<BlobInfo>().unwrap_err();
+            drop(tx);
             assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
             if e.message().contains("(max_uploads) is 128") {
                 node_refusals += 1;
@@ -815,15 +1048,13 @@ fn concurrent_uploads_are_bounded_per_connection_and_per_node() {
                 assert!(e.message().contains("max_uploads_per_conn"), "{e}");
             }
         }
-        accepted.push((i + 1, ok));
     }
-    let total: usize = accepted.iter().map(|(_, v)| v.len()).sum();
-    assert_eq!(total, 128, "max_uploads");
+    assert_eq!(held.len(), 128, "max_uploads");
     assert!(node_refusals > 0);
     let fds_peak = node.fds();
     println!(
         "node descriptors: {fds_before} before, {fds_one} with 16 uploads, {fds_peak} with 128 \
-         uploads and 21 more connections ({node_refusals} begins refused by max_uploads)"
+         uploads and 21 more connections ({node_refusals} streams refused by max_uploads)"
     );
     assert!(
         fds_peak <= fds_before + 2 * 128 + 21 + 8,
@@ -831,95 +1062,125 @@ fn concurrent_uploads_are_bounded_per_connection_and_per_node() {
     );
 
     // The node keeps serving everything but new uploads.
-    let s = client.node_stats(node.addr).unwrap();
+    let s = stats();
     assert_eq!(s.uploads, 128);
-    assert_eq!(s.uploads_refused, 2000 - 128);
     let dst = tmp.join("existing.again");
     client.get_to_file("existing", &dst).unwrap();
     assert_eq!(client.list().unwrap().len(), 1);
+    let src = tmp.join("existing.src");
+    let e = client.put_file(&src, "one-more").unwrap_err();
+    assert!(e.message.contains("(max_uploads) is 128"), "{e}");
 
-    // Aborted uploads give their descriptors and slots back.
-    for (i, handles) in accepted {
-        let c = if i == 0 { &one } else { &conns[i - 1] };
-        for h in handles {
-            c.call::<_, Empty>(method::PUT_ABORT, &UploadRef { upload: h }, Payload::Empty)
-                .unwrap();
-        }
+    // Aborted streams give their descriptors and slots back at once.
+    for (tx, resp) in held {
+        tx.abort(Status::aborted("the test is done"));
+        assert_eq!(resp.wait::<BlobInfo>().unwrap_err().code(), Code::Aborted);
     }
     drop(conns);
     drop(one);
     assert!(
-        wait_until(Duration::from_secs(10), || node.fds() <= fds_before + 2),
+        wait_until(Duration::from_secs(10), || stats().uploads == 0
+            && node.fds() <= fds_before + 2),
         "descriptors back to {fds_before}: {}",
         node.fds()
     );
+    assert_eq!(stats().uploads_cut_short, 128);
+    assert!(temp_files(&dir).is_empty(), "no temporary file is left");
     round_trip(&client, &tmp, "after-uploads");
-    assert!(
-        !visible_files(&tmp.join("node"))
-            .iter()
-            .any(|f| f.starts_with(".tmp")),
-        "no temporary file is left"
-    );
 }
 
-/// The open-file cache never serves a file its path no longer names: an
-/// overwrite or a delete between `get.begin` and the next `get.chunk`
-/// (here by another process's rename or unlink, then through the node) is
-/// seen by that read.
+/// A GET is one stream reading one open file: a blob replaced or deleted
+/// during the read (by another process's rename or unlink, or through the
+/// node) is never mixed with its new version; a read started afterwards
+/// gets the new file (the open-file cache checks the path's identity), and
+/// one that asks for the old version is refused with Aborted.
 #[test]
-fn a_blob_replaced_or_deleted_after_get_begin_is_not_served_stale() {
+fn a_blob_replaced_or_deleted_during_a_get_is_never_mixed_or_served_stale() {
     let tmp = TempDir::new("stale");
     let dir = tmp.join("node");
     let n = node(&dir);
-    let raw = Client::connect(n.local_addr()).unwrap();
-    let old = common::value_bytes(100_000, 1);
-    let new = common::value_bytes(100_000, 2);
+    // A small window keeps the node a few chunks ahead of this client, so
+    // most of the blob is read from disk after the replacement.
+    let cfg = ClientConfig {
+        stream_window: 256 << 10,
+        ..ClientConfig::default()
+    };
+    let raw = Client::connect_with(n.local_addr(), cfg).unwrap();
+    let old = common::value_bytes(4 << 20, 1);
+    let new = common::value_bytes(4 << 20, 2);
     write_blob_file(&dir, "x", Some("x"), &old, 10);
 
-    // get.begin opens (and caches) the file of version 10.
-    let v10 = get_begin(&raw, "x").unwrap();
+    let v10 = stat(&raw, "x").unwrap();
     assert_eq!(v10.version, 10);
-    // Another process replaces the file (rename over it) before the read.
+    let (info, mut rx) = open_get(&raw, "x", 0, v10.version).unwrap();
+    assert_eq!(info.version, 10);
+    let (first, _) = rx.recv_typed::<GetMessage>().unwrap().unwrap();
+    assert!(matches!(first.kind, Some(get_message::Kind::Chunk(_))));
+    // Another process replaces the file (rename over it) mid-read.
     write_blob_file(&dir, "x", Some("x"), &new, 11);
-    let e = get_chunk(&raw, "x", &v10).unwrap_err();
+    let rest = concat(&read_rest(&mut rx).unwrap());
+    assert!(
+        rest[..] == old[64 << 10..],
+        "the read goes on with the version it opened"
+    );
+    assert_eq!(
+        stat(&raw, "x").unwrap().version,
+        11,
+        "stat sees the new file"
+    );
+    let e = raw_get(&raw, "x", 0, 10).unwrap_err();
     assert_eq!(e.code(), Code::Aborted, "{e}");
     assert!(e.message().contains("replaced"), "{e}");
-    let v11 = get_begin(&raw, "x").unwrap();
-    assert_eq!(v11.version, 11, "get.begin sees the new file");
-    let (_, bytes) = get_chunk(&raw, "x", &v11).unwrap();
-    assert!(bytes == new[..bytes.len()], "the new content is served");
+    let (info, bytes) = raw_get(&raw, "x", 0, 0).unwrap();
+    assert_eq!(info.version, 11);
+    assert!(bytes == new, "a new read gets the new content");
 
-    // Deleted by another process between get.begin and the read.
+    // Deleted by another process mid-read: the read still finishes whole;
+    // later ones find nothing.
+    let (_, mut rx) = open_get(&raw, "x", 0, 11).unwrap();
+    rx.recv().unwrap().unwrap();
     fs::remove_file(dir.join("x.blob")).unwrap();
-    let e = get_chunk(&raw, "x", &v11).unwrap_err();
-    assert_eq!(e.code(), Code::NotFound, "{e}");
-    assert_eq!(get_begin(&raw, "x").unwrap_err().code(), Code::NotFound);
+    assert!(concat(&read_rest(&mut rx).unwrap())[..] == new[64 << 10..]);
+    assert_eq!(stat(&raw, "x").unwrap_err().code(), Code::NotFound);
+    assert_eq!(raw_get(&raw, "x", 0, 0).unwrap_err().code(), Code::NotFound);
 
-    // Overwritten and deleted through the node, between begin and read.
+    // Overwritten, then deleted, through the node, mid-read.
     let (c, _) = client(&[&n]);
+    let mut opts = c.options().clone();
+    opts.chunk_size = 64 << 10;
+    let c = StorageClient::new(opts);
     let src = tmp.join("src");
-    write_random_file(&src, 100_000, 3);
+    write_random_file(&src, 3 << 20, 3);
+    let v1 = fs::read(&src).unwrap();
     c.put_file(&src, "y").unwrap();
-    let first = get_begin(&raw, "y").unwrap();
-    get_chunk(&raw, "y", &first).unwrap();
-    write_random_file(&src, 100_000, 4);
+    let (_, mut rx) = open_get(&raw, "y", 0, 0).unwrap();
+    let (_, head) = rx.recv_typed::<GetMessage>().unwrap().unwrap();
+    write_random_file(&src, 3 << 20, 4);
+    let v2 = fs::read(&src).unwrap();
     c.put_file(&src, "y").unwrap();
-    assert_eq!(
-        get_chunk(&raw, "y", &first).unwrap_err().code(),
-        Code::Aborted
+    let mut got = head.to_vec();
+    got.extend(concat(&read_rest(&mut rx).unwrap()));
+    assert!(
+        got == v1,
+        "the read begun before the overwrite returns version 1, whole"
     );
-    let second = get_begin(&raw, "y").unwrap();
+    assert!(raw_get(&raw, "y", 0, 0).unwrap().1 == v2);
+    let (_, mut rx) = open_get(&raw, "y", 0, 0).unwrap();
+    let (_, head) = rx.recv_typed::<GetMessage>().unwrap().unwrap();
     c.delete("y").unwrap();
-    assert_eq!(
-        get_chunk(&raw, "y", &second).unwrap_err().code(),
-        Code::NotFound
+    let mut got = head.to_vec();
+    got.extend(concat(&read_rest(&mut rx).unwrap()));
+    assert!(
+        got == v2,
+        "the read begun before the delete returns version 2, whole"
     );
+    assert_eq!(raw_get(&raw, "y", 0, 0).unwrap_err().code(), Code::NotFound);
 }
 
-/// `ls` over 5,000 blobs leaves the node's descriptors where they were
-/// (the old cache kept every file it listed open, up to 1,024, and PUTs
-/// then failed for want of descriptors); GETs keep at most
-/// `max_open_blobs` (128) open.
+/// `ls` over 5,000 blobs leaves the node's descriptors where they were (a
+/// listing reads each header through a descriptor it closes at once, and
+/// never fills the open-file cache); reads keep at most `max_open_blobs`
+/// (128) files open.
 #[test]
 fn ls_over_5000_blobs_leaves_no_descriptors_open() {
     let tmp = TempDir::new("fds");
@@ -947,14 +1208,112 @@ fn ls_over_5000_blobs_leaves_no_descriptors_open() {
     // Reading 300 different blobs keeps at most 128 files open.
     let raw = Client::connect(node.addr).unwrap();
     for i in 0..300 {
-        get_begin(&raw, &format!("blob-{i:05}")).unwrap();
+        let id = format!("blob-{i:05}");
+        if i % 2 == 0 {
+            stat(&raw, &id).unwrap();
+        } else {
+            assert_eq!(raw_get(&raw, &id, 0, 0).unwrap().1, vec![i as u8; 100]);
+        }
     }
     let s = client.node_stats(node.addr).unwrap();
     assert_eq!(s.open_blobs, 128);
     let fds_after_gets = node.fds();
-    println!("after get.begin of 300 blobs: {fds_after_gets} descriptors, 128 cached files");
+    println!("after reading 300 blobs: {fds_after_gets} descriptors, 128 cached files");
     assert!(fds_after_gets <= fds_before + 128 + 3);
     round_trip(&client, &tmp, "after-ls");
+}
+
+/// `ls` streams the listing: 100,500 blobs (more than one directory scan
+/// of `LIST_SCAN_BATCH`, 100,000 ids) list through the `storage-node ls`
+/// command, in id order, once each, and the client prints them as they
+/// come.
+#[test]
+fn ls_streams_100500_blobs() {
+    let tmp = TempDir::new("ls100k");
+    let dir = tmp.join("node");
+    fs::create_dir_all(&dir).unwrap();
+    let count = 100_500u32;
+    let t0 = std::time::Instant::now();
+    for i in 0..count {
+        let id = format!("b{i:06}");
+        let data: &[u8] = if i % 1000 == 0 { b"0123456789" } else { b"" };
+        write_blob_file(&dir, &id, Some(&id), data, 1);
+    }
+    let made = t0.elapsed();
+    let node = NodeProc::start(&dir, &[]);
+    let t1 = std::time::Instant::now();
+    let (ok, out, err) = node.run(&["ls"]);
+    let listed = t1.elapsed();
+    assert!(ok, "ls failed: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), count as usize);
+    assert!(lines[0].contains(" b000000 ") && lines[0].trim_start().starts_with("10 "));
+    assert!(lines[100_000].contains(" b100000 ") && lines[100_000].trim_start().starts_with("10 "));
+    assert!(lines[100_499].contains(" b100499 "));
+    let ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split_whitespace().nth(2).unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "in id order, once each"
+    );
+    println!(
+        "{count} blob files written in {:.1} s; `storage-node ls` listed them in {:.1} s",
+        made.as_secs_f64(),
+        listed.as_secs_f64()
+    );
+}
+
+/// Each `blob.ls` message stays under `MAX_LIST_PAGE_BYTES` (1 MiB) and
+/// 10,000 entries however long the ids; `start_after` and `limit` select a
+/// range; the whole stream visits every blob once.
+#[test]
+fn list_stream_pages_are_bounded_and_start_after_an_id() {
+    let tmp = TempDir::new("pages");
+    let dir = tmp.join("node");
+    fs::create_dir_all(&dir).unwrap();
+    let long = |i: usize| format!("{i:05}-{}", "x".repeat(194));
+    // 12,000 entries of about 230 bytes: about 2.6 MiB in all.
+    let count = 12_000;
+    for i in 0..count {
+        write_blob_file(&dir, &long(i), Some(&long(i)), b"", 1);
+    }
+    write_blob_file(&dir, "short", Some("short"), b"", 1);
+    let n = node(&dir);
+    let raw = Client::connect(n.local_addr()).unwrap();
+    let ids = |pages: &[BlobList]| -> Vec<String> {
+        pages
+            .iter()
+            .flat_map(|p| p.blobs.iter().map(|b| b.id.clone()))
+            .collect()
+    };
+    let all = list_stream(&raw, "", 0);
+    let sizes: Vec<usize> = all.iter().map(|p| p.encoded_len()).collect();
+    println!(
+        "{} blobs listed in {} messages of {sizes:?} bytes",
+        count + 1,
+        all.len()
+    );
+    assert!(all.len() >= 3, "several messages");
+    for p in &all {
+        assert!(p.encoded_len() <= 1 << 20, "{}", p.encoded_len());
+        assert!(p.blobs.len() <= 10_000);
+    }
+    let mut want: Vec<String> = (0..count).map(long).collect();
+    want.push("short".into());
+    assert_eq!(ids(&all), want);
+    let tail = list_stream(&raw, &long(count - 1), 0);
+    assert_eq!(ids(&tail), vec!["short".to_owned()]);
+    assert_eq!(ids(&list_stream(&raw, "", 7)), want[..7].to_vec());
+    assert_eq!(
+        ids(&list_stream(&raw, &long(99), 700)),
+        want[100..800].to_vec()
+    );
+    assert!(
+        list_stream(&raw, "short", 0).is_empty(),
+        "nothing after the last"
+    );
 }
 
 /// A blob's header records its id: a file renamed (or copied) to another
@@ -994,104 +1353,139 @@ fn a_blob_file_renamed_to_another_id_is_not_served_as_that_blob() {
     assert_eq!(fs::read(&out).unwrap(), data);
 }
 
-/// `ls` pages through the listing: 100,000 blobs list fine through the
-/// `storage-node ls` command (the old listing was one response and failed
-/// past its size limit).
+/// `blob.get` from an offset (to resume on another replica) sends the info
+/// and the chunks from there; an offset that is not a chunk boundary, or a
+/// version the node does not hold, is refused before any chunk.
 #[test]
-fn ls_lists_100000_blobs_page_by_page() {
-    let tmp = TempDir::new("ls100k");
+fn a_get_stream_starts_at_a_chunk_boundary_of_the_version_asked_for() {
+    let tmp = TempDir::new("resume");
     let dir = tmp.join("node");
-    fs::create_dir_all(&dir).unwrap();
-    let t0 = std::time::Instant::now();
-    for i in 0..100_000u32 {
-        let id = format!("b{i:06}");
-        let data: &[u8] = if i % 1000 == 0 { b"0123456789" } else { b"" };
-        write_blob_file(&dir, &id, Some(&id), data, 1);
-    }
-    let made = t0.elapsed();
-    let node = NodeProc::start(&dir, &[]);
-    let t1 = std::time::Instant::now();
-    let (ok, out, err) = node.run(&["ls"]);
-    let listed = t1.elapsed();
-    assert!(ok, "ls failed: {err}");
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 100_000);
-    assert!(lines[0].contains(" b000000 ") && lines[0].trim_start().starts_with("10 "));
-    assert!(lines[99_999].contains(" b099999 "));
-    let ids: Vec<&str> = lines
-        .iter()
-        .map(|l| l.split_whitespace().nth(2).unwrap())
-        .collect();
-    assert!(
-        ids.windows(2).all(|w| w[0] < w[1]),
-        "in id order, once each"
-    );
-    println!(
-        "100000 blob files written in {:.1} s; `storage-node ls` listed them in {:.1} s",
-        made.as_secs_f64(),
-        listed.as_secs_f64()
-    );
-}
-
-/// Each `blob.list` page stays under `MAX_LIST_PAGE_BYTES` (1 MiB) however
-/// long the ids, and paging with `start_after` visits every blob once.
-#[test]
-fn list_pages_are_bounded_and_resume_after_the_last_id() {
-    let tmp = TempDir::new("pages");
-    let dir = tmp.join("node");
-    fs::create_dir_all(&dir).unwrap();
-    let long = |i: usize| format!("{i:04}-{}", "x".repeat(195));
-    // 5,000 entries of about 230 bytes: more than one page's 1 MiB.
-    let count = 5000;
-    for i in 0..count {
-        write_blob_file(&dir, &long(i), Some(&long(i)), b"", 1);
-    }
     let n = node(&dir);
     let raw = Client::connect(n.local_addr()).unwrap();
-    let page = |start_after: &str, limit: u32| -> BlobList {
-        raw.call(
-            method::LIST,
-            &ListRequest {
-                start_after: start_after.into(),
-                limit,
-            },
-            Payload::Empty,
-        )
-        .unwrap()
-        .message
-    };
-    let first = page("", 10_000);
-    println!(
-        "first page of 10,000 asked: {} entries, {} bytes",
-        first.blobs.len(),
-        first.encoded_len()
+    let cs = 64usize << 10;
+    let data = common::value_bytes(5 * cs + 99, 9);
+    write_blob_file(&dir, "r", Some("r"), &data, 5);
+    let (info, mut rx) = open_get(&raw, "r", 2 * cs as u64, 5).unwrap();
+    assert_eq!((info.size, info.version), (data.len() as u64, 5));
+    let chunks = read_rest(&mut rx).unwrap();
+    let offsets: Vec<u64> = chunks.iter().map(|(c, _)| c.offset).collect();
+    assert_eq!(
+        offsets,
+        vec![2 * cs as u64, 3 * cs as u64, 4 * cs as u64, 5 * cs as u64]
     );
-    assert!(
-        first.more && first.blobs.len() < count,
-        "a page is cut short"
-    );
-    assert!(first.encoded_len() <= 1 << 20, "{}", first.encoded_len());
-    let small = page("", 7);
-    assert_eq!(small.blobs.len(), 7);
-    assert!(small.more);
-    let mut seen = Vec::new();
-    let mut after = String::new();
-    loop {
-        let p = page(&after, 700);
-        assert!(p.blobs.len() <= 700);
-        seen.extend(p.blobs.iter().map(|b| b.id.clone()));
-        if !p.more {
-            break;
-        }
-        after = p.blobs.last().unwrap().id.clone();
+    for (c, b) in &chunks {
+        assert_eq!(c.crc32c, crc(b));
     }
-    assert_eq!(seen, (0..count).map(long).collect::<Vec<_>>());
+    assert!(concat(&chunks)[..] == data[2 * cs..]);
+    let (_, rest) = raw_get(&raw, "r", data.len() as u64, 0).unwrap();
+    assert!(rest.is_empty(), "from the end: the info alone");
+    let e = raw_get(&raw, "r", 1000, 0).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("not a chunk boundary"), "{e}");
+    let e = raw_get(&raw, "r", 0, 4).unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    let e = raw_get(&raw, "nothing", 0, 0).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+}
+
+/// The client treats a GET stream that ends before the last byte as the
+/// node's failure, never as the end of the blob: with a (fake) node that
+/// ends its stream early after one chunk, the GET goes on from that offset
+/// on the next replica; with no other replica, it fails and leaves no
+/// output file.
+#[test]
+fn a_get_stream_that_ends_early_is_an_error_and_the_next_replica_takes_over() {
+    let tmp = TempDir::new("early");
+    let n = node(&tmp.join("node"));
+    let cs = 64u64 << 10;
+    let (real, _) = client(&[&n]);
+    let mut opts = real.options().clone();
+    opts.chunk_size = cs;
+    let real = StorageClient::new(opts);
+    let src = tmp.join("src");
+    let want = write_random_file(&src, 10 * cs + 7, 4);
+    let data = fs::read(&src).unwrap();
+    // A fake node holding the same version, whose stream stops after its
+    // first chunk with status OK.
+    let fake = |id: &str| {
+        let raw = Client::connect(n.local_addr()).unwrap();
+        let info = stat(&raw, id).unwrap();
+        let (i1, i2) = (info.clone(), info);
+        let first = data[..cs as usize].to_vec();
+        Server::builder()
+            .register(method::STAT, move |_c, _req: BlobRef, _p| {
+                Ok::<_, Status>((i1.clone(), Payload::Empty))
+            })
+            .register_server_stream(method::GET, move |_c, _body, _p, tx| {
+                tx.send(&GetMessage::info(i2.clone()), Payload::Empty)?;
+                tx.send(&GetMessage::chunk(0, crc(&first)), first.clone())?;
+                Ok(Vec::new())
+            })
+            .bind("127.0.0.1:0")
+            .unwrap()
+    };
+    // An id the fake ranks first for.
+    let mut id = String::new();
+    for i in 0.. {
+        id = format!("early-{i}");
+        real.put_file(&src, &id).unwrap();
+        let f = fake(&id);
+        let nodes = vec![f.local_addr(), n.local_addr()];
+        if rank_nodes(&nodes, &id)[0] != f.local_addr() {
+            real.delete(&id).unwrap();
+            continue;
+        }
+        let (c, warnings) = client_for(nodes);
+        let dst = tmp.join("dst");
+        let r = c.get_to_file(&id, &dst).unwrap();
+        assert_eq!(sha256_file(&dst), want);
+        assert_eq!(
+            r.served_by,
+            vec![
+                (f.local_addr(), cs),
+                (n.local_addr(), data.len() as u64 - cs)
+            ]
+        );
+        let w = warnings.lock().unwrap().clone();
+        assert!(
+            w.iter()
+                .any(|m| m.contains("ended the get stream at 65536 of")
+                    && m.contains(&format!(
+                        "continuing from the replica on {}",
+                        n.local_addr()
+                    ))),
+            "{w:?}"
+        );
+        // The fake alone: the GET fails, and leaves no output.
+        let (c, _) = client_for(vec![f.local_addr()]);
+        let dst = tmp.join("dst2");
+        let e = c.get_to_file(&id, &dst).unwrap_err();
+        println!("a get stream that ends early: {e}");
+        assert!(
+            e.message.contains("ended the get stream at 65536 of"),
+            "{e}"
+        );
+        assert!(!dst.exists() && !tmp.join("dst2.partial").exists());
+        break;
+    }
+    assert!(!id.is_empty());
+}
+
+#[test]
+fn max_streams_must_leave_room_for_reads() {
+    let tmp = TempDir::new("streams");
+    let mut cfg = NodeConfig::new(tmp.join("node"));
+    cfg.max_streams = cfg.max_uploads;
+    let e = StorageNode::start("127.0.0.1:0", cfg).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("max_streams (128)"), "{e}");
 }
 
 /// The protocol is defined in `examples/proto/storage.proto`, package
 /// `pagerpc.examples.storage`: an outside client compiling that file gets
 /// the messages this node speaks. Checks every message's fields (numbers
-/// and wire types) against the bytes of the node's own encoding.
+/// and wire types) against the bytes of the node's own encoding (for a
+/// oneof, of each of its variants).
 #[test]
 fn the_protocol_is_defined_in_a_proto_file() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
@@ -1110,88 +1504,76 @@ fn the_protocol_is_defined_in_a_proto_file() {
         crc32c: 2,
         chunk_size: 3,
         version: 4,
-        credits: 5,
         problem: "p".into(),
     };
-    let samples: Vec<(&str, Vec<u8>)> = vec![
-        ("Empty", Empty {}.encode_to_vec()),
-        (
-            "PutBegin",
-            PutBegin {
-                crc32c: Some(9),
-                ..begin_req("a", 7)
-            }
-            .encode_to_vec(),
-        ),
-        (
-            "PutBeginResponse",
-            PutBeginResponse {
-                upload: 1,
-                credits: 2,
-            }
-            .encode_to_vec(),
-        ),
+    let put_header = PutHeader {
+        crc32c: Some(9),
+        ..header("a", 7)
+    };
+    let samples: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("Empty", vec![Empty {}.encode_to_vec()]),
+        ("PutHeader", vec![put_header.encode_to_vec()]),
         (
             "PutChunk",
-            PutChunk {
-                upload: 1,
-                offset: 2,
-                crc32c: Some(3),
-            }
-            .encode_to_vec(),
+            vec![PutChunk { crc32c: Some(1) }.encode_to_vec()],
         ),
+        ("PutEnd", vec![PutEnd { crc32c: Some(1) }.encode_to_vec()]),
         (
-            "PutChunkResponse",
-            PutChunkResponse { received: 1 }.encode_to_vec(),
+            "PutMessage",
+            vec![
+                PutMessage::header(put_header.clone()).encode_to_vec(),
+                PutMessage::chunk(Some(1)).encode_to_vec(),
+                PutMessage::end(Some(1)).encode_to_vec(),
+            ],
         ),
+        ("BlobRef", vec![BlobRef { id: "a".into() }.encode_to_vec()]),
+        ("BlobInfo", vec![info.encode_to_vec()]),
         (
-            "PutCommit",
-            PutCommit {
-                upload: 1,
-                crc32c: Some(2),
-            }
-            .encode_to_vec(),
-        ),
-        ("UploadRef", UploadRef { upload: 1 }.encode_to_vec()),
-        ("BlobRef", BlobRef { id: "a".into() }.encode_to_vec()),
-        ("BlobInfo", info.encode_to_vec()),
-        (
-            "GetChunk",
-            GetChunk {
+            "GetRequest",
+            vec![GetRequest {
                 id: "a".into(),
                 offset: 1,
-                len: 2,
-                version: 3,
+                version: 2,
             }
-            .encode_to_vec(),
+            .encode_to_vec()],
         ),
         (
-            "GetChunkResponse",
-            GetChunkResponse { crc32c: 1 }.encode_to_vec(),
+            "GetChunk",
+            vec![GetChunk {
+                offset: 1,
+                crc32c: 2,
+            }
+            .encode_to_vec()],
+        ),
+        (
+            "GetMessage",
+            vec![
+                GetMessage::info(info.clone()).encode_to_vec(),
+                GetMessage::chunk(1, 2).encode_to_vec(),
+            ],
         ),
         (
             "ListRequest",
-            ListRequest {
+            vec![ListRequest {
                 start_after: "a".into(),
                 limit: 1,
             }
-            .encode_to_vec(),
+            .encode_to_vec()],
         ),
         (
             "BlobList",
-            BlobList {
+            vec![BlobList {
                 blobs: vec![info.clone()],
-                more: true,
             }
-            .encode_to_vec(),
+            .encode_to_vec()],
         ),
         (
             "DeleteResponse",
-            pagerpc_examples::storage::DeleteResponse { existed: true }.encode_to_vec(),
+            vec![DeleteResponse { existed: true }.encode_to_vec()],
         ),
         (
             "NodeStats",
-            NodeStats {
+            vec![NodeStats {
                 blobs: 1,
                 bytes: 2,
                 uploads: 3,
@@ -1203,11 +1585,11 @@ fn the_protocol_is_defined_in_a_proto_file() {
                 direct_write_copies: 9,
                 corrupt_chunks_read: 10,
                 uploads_rejected: 11,
-                uploads_expired: 12,
                 uploads_refused: 13,
                 open_blobs: 14,
+                uploads_cut_short: 15,
             }
-            .encode_to_vec(),
+            .encode_to_vec()],
         ),
     ];
     assert_eq!(
@@ -1215,13 +1597,15 @@ fn the_protocol_is_defined_in_a_proto_file() {
         samples.len(),
         "every message of the .proto is checked"
     );
-    for (name, bytes) in samples {
+    for (name, encodings) in samples {
         let msg = file
             .message_type
             .iter()
             .find(|m| m.name() == name)
             .unwrap_or_else(|| panic!("message {name} in storage.proto"));
-        let on_wire = wire_fields(&bytes);
+        let mut on_wire: Vec<(u64, u64)> = encodings.iter().flat_map(|b| wire_fields(b)).collect();
+        on_wire.sort();
+        on_wire.dedup();
         let mut declared: Vec<(u64, u64)> = msg
             .field
             .iter()

@@ -2,17 +2,18 @@
 //! client (`put`, `get`, `ls`, `rm`, `stats`). See `examples/README.md`.
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pagerpc_examples::storage::{ClientOptions, NodeConfig, StorageClient, StorageNode};
 use pagerpc_examples::util::{human_bytes, parse_size};
 
-/// Blob storage over pagerpc: O_DIRECT on disk, CRC32C end to end,
-/// chunked transfers with credit-based flow control, rendezvous placement.
+/// Blob storage over pagerpc: O_DIRECT on disk, CRC32C end to end, each
+/// transfer one stream under pagerpc's per-stream credit, rendezvous
+/// placement.
 #[derive(Parser, Debug)]
 #[command(name = "storage-node", version)]
 struct Args {
@@ -50,25 +51,26 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7100")]
         listen: String,
-        /// Server pool threads (handlers block on the disk).
+        /// Server pool threads (connection I/O and unary calls; each stream
+        /// has a thread of its own).
         #[arg(long)]
         threads: Option<usize>,
-        /// Most chunk calls one transfer may have in flight.
-        #[arg(long, default_value_t = 8)]
-        credits: u32,
-        /// Chunk memory to plan for across transfers.
-        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
-        memory_budget: u64,
-        /// Seconds without a chunk after which an upload is discarded.
-        #[arg(long, default_value_t = 60)]
-        upload_timeout: u64,
+        /// Bytes a client may send on one stream before the node releases
+        /// some (the upload's flow control).
+        #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+        stream_window: u64,
+        /// Most streams open at once: uploads, reads and listings (must be
+        /// larger than --max-uploads).
+        #[arg(long, default_value_t = 256)]
+        max_streams: usize,
         /// Use buffered I/O instead of O_DIRECT.
         #[arg(long)]
         no_direct: bool,
         /// Largest blob accepted (blobs must also fit the free disk space).
         #[arg(long, default_value = "1TiB", value_parser = parse_size)]
         max_blob_bytes: u64,
-        /// Most uploads under way on the node (2 file descriptors each).
+        /// Most uploads under way on the node (2 file descriptors and a
+        /// stream each).
         #[arg(long, default_value_t = 128)]
         max_uploads: usize,
         /// Most uploads under way from one connection.
@@ -122,9 +124,8 @@ fn serve(args: &Args) -> Result<(), String> {
         dir,
         listen,
         threads,
-        credits,
-        memory_budget,
-        upload_timeout,
+        stream_window,
+        max_streams,
         no_direct,
         max_blob_bytes,
         max_uploads,
@@ -139,9 +140,8 @@ fn serve(args: &Args) -> Result<(), String> {
     if let Some(t) = threads {
         cfg.threads = *t;
     }
-    cfg.max_credits = *credits;
-    cfg.memory_budget = *memory_budget;
-    cfg.upload_timeout = Duration::from_secs(*upload_timeout);
+    cfg.stream_window = *stream_window;
+    cfg.max_streams = *max_streams;
     cfg.direct_io = !no_direct;
     cfg.max_blob_bytes = *max_blob_bytes;
     cfg.max_uploads = *max_uploads;
@@ -229,27 +229,40 @@ fn run(args: Args) -> Result<(), String> {
             );
         }
         Cmd::Ls => {
-            let list = client.list().map_err(|e| e.to_string())?;
-            if list.is_empty() {
-                eprintln!("(no blobs)");
+            // Printed as the nodes' streams deliver the blobs, so a listing
+            // of any length needs about one page per node of memory.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut write_err = None;
+            let n = client
+                .list_each(|b| {
+                    if write_err.is_some() {
+                        return;
+                    }
+                    let nodes: Vec<String> = b.nodes.iter().map(ToString::to_string).collect();
+                    let mut line = format!(
+                        "{:>14}  {:#010x}  {}  [{}]",
+                        b.info.size,
+                        b.info.crc32c,
+                        b.info.id,
+                        nodes.join(", ")
+                    );
+                    if !b.stale.is_empty() {
+                        let s: Vec<String> = b.stale.iter().map(ToString::to_string).collect();
+                        line.push_str(&format!(" stale on [{}]", s.join(", ")));
+                    }
+                    for (a, p) in &b.problems {
+                        line.push_str(&format!(" PROBLEM on {a}: {p}"));
+                    }
+                    if let Err(e) = writeln!(out, "{line}") {
+                        write_err = Some(e);
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            if let Some(e) = write_err.or_else(|| out.flush().err()) {
+                return Err(format!("writing the listing: {e}"));
             }
-            for b in list {
-                let nodes: Vec<String> = b.nodes.iter().map(ToString::to_string).collect();
-                let mut line = format!(
-                    "{:>14}  {:#010x}  {}  [{}]",
-                    b.info.size,
-                    b.info.crc32c,
-                    b.info.id,
-                    nodes.join(", ")
-                );
-                if !b.stale.is_empty() {
-                    let s: Vec<String> = b.stale.iter().map(ToString::to_string).collect();
-                    line.push_str(&format!(" stale on [{}]", s.join(", ")));
-                }
-                for (a, p) in &b.problems {
-                    line.push_str(&format!(" PROBLEM on {a}: {p}"));
-                }
-                println!("{line}");
+            if n == 0 {
+                eprintln!("(no blobs)");
             }
         }
         Cmd::Rm { id } => {
@@ -266,8 +279,8 @@ fn run(args: Args) -> Result<(), String> {
                         println!(
                             "{a}: {} blobs, {}; {} uploads under way; {}; received {} ({:.1} % \
                              mmap'ed), sent {}; {} chunks copied before O_DIRECT; {} corrupt \
-                             chunks read; {} uploads rejected, {} expired, {} refused by a \
-                             limit; {} blob files open",
+                             chunks read; {} uploads rejected, {} cut short, {} refused by \
+                             a limit; {} blob files open",
                             s.blobs,
                             human_bytes(s.bytes),
                             s.uploads,
@@ -282,7 +295,7 @@ fn run(args: Args) -> Result<(), String> {
                             s.direct_write_copies,
                             s.corrupt_chunks_read,
                             s.uploads_rejected,
-                            s.uploads_expired,
+                            s.uploads_cut_short,
                             s.uploads_refused,
                             s.open_blobs
                         );

@@ -1,8 +1,12 @@
-//! The storage client: chunked PUT and GET with W chunk calls in flight,
-//! CRC32C checks, and rendezvous placement with fallback over several
-//! nodes.
+//! The storage client. A PUT is one client-streaming call per replica (the
+//! file is read once and the same pages go to every replica), a GET is one
+//! server-streaming call, resumed from the same offset on another replica
+//! if its node fails, and a listing is one server stream per node, merged
+//! by id as the pages arrive. CRC32C is checked end to end; placement is
+//! rendezvous hashing with fallback over several nodes. Flow control is
+//! pagerpc's per-stream credit: the client keeps no window of its own.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -12,12 +16,15 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use pagerpc::prost::Message;
-use pagerpc::{CallError, CallOptions, Client, ClientConfig, Code, PageBuf, Payload, PendingCall};
+use pagerpc::{
+    CallError, CallOptions, Client, ClientConfig, Code, PageBuf, Payload, StreamReceiver,
+    StreamResponse, StreamSender,
+};
 
 use super::{
-    check_id, chunk_len, method, rank_nodes, BlobInfo, BlobList, BlobRef, DeleteResponse, Empty,
-    GetChunk, GetChunkResponse, ListRequest, NodeStats, PutBegin, PutBeginResponse, PutChunk,
-    PutChunkResponse, PutCommit, UploadRef, DEFAULT_CHUNK_SIZE, MAX_LIST_LIMIT,
+    check_id, chunk_len, get_message, method, rank_nodes, BlobInfo, BlobList, BlobRef,
+    DeleteResponse, Empty, GetMessage, GetRequest, ListRequest, NodeStats, PutHeader, PutMessage,
+    DEFAULT_CHUNK_SIZE,
 };
 use super::{open_split, write_split};
 use crate::util::{human_bytes, progress_bar};
@@ -29,16 +36,27 @@ pub struct ClientOptions {
     pub nodes: Vec<SocketAddr>,
     /// Copies of each blob (capped at the number of nodes).
     pub replicas: usize,
-    /// Chunk size for PUTs: a page multiple, 64 KiB to 64 MiB.
+    /// Chunk size for PUTs: a page multiple, 64 KiB to 64 MiB. Each chunk
+    /// is one stream message.
     pub chunk_size: u64,
     /// Zero-copy receive and `MSG_ZEROCOPY` send.
     pub zerocopy: bool,
     /// Progress bars on stderr (drawn only when it is a terminal).
     pub progress: bool,
-    /// Longest wait for any one call.
+    /// Longest wait for any one unary call (stat, delete, stats).
     pub call_timeout: Duration,
+    /// Longest a whole PUT, GET or listing stream may take on one node.
+    /// `None` (the default): no limit, since a blob may be of any size; a
+    /// node that dies or whose connection breaks fails the stream at once
+    /// either way.
+    pub stream_timeout: Option<Duration>,
     /// Longest wait to connect to a node.
     pub connect_timeout: Duration,
+    /// Bytes of stream messages a node may send on one GET or listing
+    /// stream before this client releases some (pagerpc's
+    /// `ClientConfig::stream_window`). Default 8 MiB: a GET holds at most
+    /// that much (or one chunk, if larger) of received chunks.
+    pub stream_window: u64,
     /// Write GET output with `O_DIRECT` (whole pages; falls back to
     /// buffered I/O where the filesystem refuses it).
     pub direct_output: bool,
@@ -55,7 +73,9 @@ impl ClientOptions {
             zerocopy: true,
             progress: true,
             call_timeout: Duration::from_secs(60),
+            stream_timeout: None,
             connect_timeout: Duration::from_secs(3),
+            stream_window: 8 << 20,
             direct_output: true,
         }
     }
@@ -228,20 +248,33 @@ impl std::fmt::Debug for StorageClient {
     }
 }
 
-/// One replica being written.
+/// One replica being written: its put stream.
 struct Target {
     addr: SocketAddr,
-    client: Client,
-    upload: u64,
-    credits: usize,
-    queue: VecDeque<PendingCall>,
+    tx: Option<StreamSender>,
+    resp: Option<StreamResponse>,
     failed: Option<NodeFailure>,
-    before: Option<NodeStats>,
+    before: NodeStats,
+}
+
+/// One node's listing stream in a merged listing.
+struct NodeListing {
+    addr: SocketAddr,
+    rx: StreamReceiver,
+    /// Entries received and not merged yet, in id order.
+    page: VecDeque<BlobInfo>,
+    /// The last id received (the node's ids must increase).
+    last: Option<String>,
+    received: u64,
 }
 
 enum ReadFail {
     Node(NodeFailure),
     Local(StorageError),
+}
+
+fn node_err(code: Code, message: String) -> ReadFail {
+    ReadFail::Node(NodeFailure { code, message })
 }
 
 impl StorageClient {
@@ -306,6 +339,7 @@ impl StorageClient {
             ClientConfig::default()
         };
         cfg.connect_timeout = self.opts.connect_timeout;
+        cfg.stream_window = self.opts.stream_window;
         let c = Client::connect_with(addr, cfg).map_err(|e| NodeFailure {
             code: Code::Unavailable,
             message: format!("cannot connect: {e}"),
@@ -315,6 +349,17 @@ impl StorageClient {
             .unwrap_or_else(|e| e.into_inner())
             .insert(addr, c.clone());
         Ok((c, false))
+    }
+
+    /// A connection to `addr` known to be up: a kept one that still answers
+    /// a ping (the node may have closed it as idle meanwhile), or a new one.
+    fn live_conn(&self, addr: SocketAddr) -> Result<Client, NodeFailure> {
+        let (c, cached) = self.conn_cached(addr)?;
+        if !cached || c.ping(self.opts.call_timeout).is_ok() {
+            return Ok(c);
+        }
+        self.forget(addr);
+        self.conn(addr)
     }
 
     /// Drops the cached connection to `addr` (the next call reconnects).
@@ -336,6 +381,15 @@ impl StorageClient {
         }
     }
 
+    fn stream_opts(&self) -> CallOptions {
+        CallOptions {
+            timeout: self.opts.stream_timeout,
+            ..CallOptions::default()
+        }
+    }
+
+    /// A unary call; a kept connection the node closed meanwhile (its idle
+    /// timeout) is replaced once. Every unary method can be repeated.
     fn call<Req: Message, Resp: Message + Default>(
         &self,
         addr: SocketAddr,
@@ -349,11 +403,7 @@ impl StorageClient {
                 Err(e) => {
                     if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded) {
                         self.forget(addr);
-                        // A connection kept from earlier may have been closed
-                        // by the node meanwhile (its idle timeout): try once
-                        // more on a fresh one. Every method but the commit
-                        // can be repeated safely.
-                        if cached && e.code() == Code::Unavailable && method != method::PUT_COMMIT {
+                        if cached && e.code() == Code::Unavailable {
                             continue;
                         }
                     }
@@ -373,24 +423,30 @@ impl StorageClient {
     }
 
     /// Stores the file at `path` as blob `id` on the top-ranked
-    /// `replicas` nodes. A node that fails (down, or dies mid-transfer) is
-    /// reported through the warning callback and its replica is written to
-    /// the next-ranked node instead, while there is one.
+    /// `replicas` nodes. A node that fails (down, refuses, or dies
+    /// mid-transfer) is reported through the warning callback and its
+    /// replica is written to the next-ranked node instead, while there is
+    /// one.
     ///
     /// # Errors
     /// When no node stored the blob, or the file cannot be read.
     pub fn put_file(&self, path: &Path, id: &str) -> Result<PutReport, StorageError> {
         check_id(id).map_err(|m| StorageError::new(Code::InvalidArgument, m))?;
-        let cs = self.opts.chunk_size;
         let file = File::open(path)
             .map_err(|e| StorageError::local(format!("cannot open {}: {e}", path.display())))?;
         let size = file
             .metadata()
             .map_err(|e| StorageError::local(format!("cannot stat {}: {e}", path.display())))?
             .len();
-        let version = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
+        let header = PutHeader {
+            id: id.to_owned(),
+            size,
+            crc32c: None,
+            chunk_size: self.opts.chunk_size,
+            version: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+        };
         let ranked = self.ranked(id);
         if ranked.is_empty() {
             return Err(StorageError::new(Code::InvalidArgument, "no nodes given"));
@@ -411,7 +467,7 @@ impl StorageClient {
             node_bytes_copied: 0,
         };
         while !pending.is_empty() {
-            let results = self.upload_pass(&pending, &file, id, size, cs, version, &mut report)?;
+            let results = self.upload_pass(&pending, &file, &header, &mut report)?;
             pending.clear();
             for (addr, r) in results {
                 match r {
@@ -472,35 +528,18 @@ impl StorageClient {
         Ok(report)
     }
 
-    fn begin(
-        &self,
-        addr: SocketAddr,
-        id: &str,
-        size: u64,
-        cs: u64,
-        version: u64,
-    ) -> Result<Target, NodeFailure> {
-        let r: PutBeginResponse = self.call(
-            addr,
-            method::PUT_BEGIN,
-            &PutBegin {
-                id: id.to_owned(),
-                size,
-                crc32c: None,
-                chunk_size: cs,
-                version,
-            },
-        )?;
-        // For the report's mapped share; nothing was sent yet.
-        let before = self
-            .call::<_, NodeStats>(addr, method::STATS, &Empty {})
-            .ok();
+    /// Opens a put stream to `addr` and sends the header.
+    fn open_put(&self, addr: SocketAddr, header: &PutHeader) -> Result<Target, NodeFailure> {
+        // For the report's mapped share; it also makes sure the kept
+        // connection is still up before a stream is opened on it.
+        let before = self.call::<_, NodeStats>(addr, method::STATS, &Empty {})?;
+        let c = self.conn(addr)?;
+        let (mut tx, resp) = c.client_stream(method::PUT, &self.stream_opts())?;
+        tx.send(&PutMessage::header(header.clone()), Payload::Empty)?;
         Ok(Target {
             addr,
-            client: self.conn(addr)?,
-            upload: r.upload,
-            credits: r.credits.max(1) as usize,
-            queue: VecDeque::new(),
+            tx: Some(tx),
+            resp: Some(resp),
             failed: None,
             before,
         })
@@ -524,31 +563,38 @@ impl StorageClient {
                 human_bytes(size)
             ),
         );
-        t.queue.clear(); // dropping the calls cancels them
+        // Dropping the unfinished stream cancels it: the node discards the
+        // upload and its temporary file.
+        t.tx = None;
+        t.resp = None;
+        if f.code == Code::Unavailable {
+            self.forget(t.addr);
+        }
         t.failed = Some(f);
     }
 
-    /// Writes the file to every node in `addrs` at once, reading each
-    /// chunk once and sending the same pages to every node, with at most
-    /// W chunk calls in flight per node.
-    #[allow(clippy::too_many_arguments)]
+    /// Writes the file to every node in `addrs` at once, one put stream
+    /// each, reading each chunk once and sending the same pages to every
+    /// node. A stream's `send` waits for the node's credit, so the slowest
+    /// replica sets the pace and no node is sent more than its window.
     fn upload_pass(
         &self,
         addrs: &[SocketAddr],
         file: &File,
-        id: &str,
-        size: u64,
-        cs: u64,
-        version: u64,
+        header: &PutHeader,
         report: &mut PutReport,
     ) -> Result<Vec<PassResult>, StorageError> {
+        let (id, size, cs) = (header.id.as_str(), header.size, header.chunk_size);
         let mut out = Vec::new();
         let mut targets = Vec::new();
         for &addr in addrs {
-            match self.begin(addr, id, size, cs, version) {
+            match self.open_put(addr, header) {
                 Ok(t) => targets.push(t),
                 Err(f) => {
                     self.say(None, &format!("node {addr} cannot take '{id}': {f}"));
+                    if f.code == Code::Unavailable {
+                        self.forget(addr);
+                    }
                     out.push((addr, Err(f)));
                 }
             }
@@ -562,7 +608,6 @@ impl StorageClient {
             self.opts.progress,
             &format!("put {id} -> {}", names.join(",")),
         );
-        let opts = self.call_opts();
         let mut whole = 0u32;
         let mut off = 0u64;
         while off < size && targets.iter().any(|t| t.failed.is_none()) {
@@ -574,7 +619,8 @@ impl StorageClient {
             let pages = match read {
                 Ok(b) => b.freeze(),
                 Err(e) => {
-                    self.abort_all(&mut targets);
+                    bar.finish_and_clear();
+                    // Dropping the targets cancels their streams.
                     return Err(StorageError::local(format!(
                         "reading the file at {off}: {e}"
                     )));
@@ -582,29 +628,11 @@ impl StorageClient {
             };
             let crc = crc32c::crc32c(&pages);
             whole = crc32c::crc32c_combine(whole, crc, pages.len());
+            let body = PutMessage::chunk(Some(crc)).encode_to_vec();
             for t in targets.iter_mut().filter(|t| t.failed.is_none()) {
-                while t.queue.len() >= t.credits {
-                    let call = t.queue.pop_front().expect("queue is not empty");
-                    if let Err(e) = call.wait_typed::<PutChunkResponse>() {
-                        self.fail(t, e.into(), id, off, size, &bar);
-                        break;
-                    }
-                }
-                if t.failed.is_some() {
-                    continue;
-                }
-                let body = PutChunk {
-                    upload: t.upload,
-                    offset: off,
-                    crc32c: Some(crc),
-                }
-                .encode_to_vec();
-                match t
-                    .client
-                    .start_call(method::PUT_CHUNK, body, pages.clone(), &opts)
-                {
-                    Ok(call) => t.queue.push_back(call),
-                    Err(e) => self.fail(t, e.into(), id, off, size, &bar),
+                let tx = t.tx.as_mut().expect("a live target has its stream");
+                if let Err(e) = tx.send_raw(body.clone(), Payload::Pages(pages.clone())) {
+                    self.fail(t, e.into(), id, off, size, &bar);
                 }
             }
             off += len;
@@ -615,68 +643,57 @@ impl StorageClient {
         }
         report.crc32c = whole;
         for t in targets.iter_mut().filter(|t| t.failed.is_none()) {
-            while let Some(call) = t.queue.pop_front() {
-                if let Err(e) = call.wait_typed::<PutChunkResponse>() {
-                    self.fail(t, e.into(), id, size, size, &bar);
-                    break;
-                }
-            }
-            if t.failed.is_some() {
+            let (Some(mut tx), Some(resp)) = (t.tx.take(), t.resp.take()) else {
                 continue;
-            }
-            let commit = PutCommit {
-                upload: t.upload,
-                crc32c: Some(whole),
             };
-            if let Err(f) = self.call::<_, BlobInfo>(t.addr, method::PUT_COMMIT, &commit) {
-                self.fail(t, f, id, size, size, &bar);
+            // The end message, then the half-close that commits; the
+            // response says how the commit went (or why the node ended the
+            // stream earlier).
+            if tx
+                .send(&PutMessage::end(Some(whole)), Payload::Empty)
+                .is_ok()
+            {
+                let _ = tx.finish();
+            }
+            match resp.wait::<BlobInfo>() {
+                Ok(r) if r.message.size == size && r.message.crc32c == whole => {}
+                Ok(r) => {
+                    let f = NodeFailure {
+                        code: Code::Internal,
+                        message: format!(
+                            "the node acknowledged {} bytes with CRC32C {:#010x}; {size} bytes \
+                             with {whole:#010x} were sent",
+                            r.message.size, r.message.crc32c
+                        ),
+                    };
+                    self.fail(t, f, id, size, size, &bar);
+                }
+                Err(e) => self.fail(t, e.into(), id, size, size, &bar),
             }
         }
         bar.finish_and_clear();
         for t in targets {
             match t.failed {
                 None => {
-                    if let (Some(b), Ok(a)) = (
-                        t.before,
-                        self.call::<_, NodeStats>(t.addr, method::STATS, &Empty {}),
-                    ) {
+                    if let Ok(a) = self.call::<_, NodeStats>(t.addr, method::STATS, &Empty {}) {
+                        let b = &t.before;
                         report.node_bytes_mapped += a.bytes_mapped.saturating_sub(b.bytes_mapped);
                         report.node_bytes_copied += a.bytes_copied.saturating_sub(b.bytes_copied);
                     }
                     out.push((t.addr, Ok(())));
                 }
-                Some(f) => {
-                    // Best effort: a node that is still up removes the
-                    // temporary file now rather than at its idle timeout.
-                    if f.code != Code::Unavailable {
-                        let _ = self.call::<_, Empty>(
-                            t.addr,
-                            method::PUT_ABORT,
-                            &UploadRef { upload: t.upload },
-                        );
-                    } else {
-                        self.forget(t.addr);
-                    }
-                    out.push((t.addr, Err(f)));
-                }
+                Some(f) => out.push((t.addr, Err(f))),
             }
         }
         Ok(out)
     }
 
-    fn abort_all(&self, targets: &mut [Target]) {
-        for t in targets.iter_mut() {
-            t.queue.clear();
-            let _ =
-                self.call::<_, Empty>(t.addr, method::PUT_ABORT, &UploadRef { upload: t.upload });
-        }
-    }
-
     /// Reads blob `id` into the file `out`, from the node holding its
-    /// newest version that ranks highest; if that node fails (down, dies
-    /// mid-transfer, or its copy fails its checksum), continues from the
-    /// same offset on the next replica, and says so through the warning
-    /// callback. The data goes to `out.partial` first and is renamed to
+    /// newest version that ranks highest (every node is asked with
+    /// `blob.stat`), as one `blob.get` stream; if that node fails (down,
+    /// dies mid-transfer, its copy fails its checksum, or its stream ends
+    /// early), continues from the same offset on the next replica, and says
+    /// so through the warning callback. The data goes to `out.partial` first and is renamed to
     /// `out` only once the whole blob's CRC32C matched.
     ///
     /// # Errors
@@ -689,7 +706,7 @@ impl StorageClient {
         let mut failures: Vec<(SocketAddr, String)> = Vec::new();
         let mut holders: Vec<(SocketAddr, BlobInfo)> = Vec::new();
         for addr in self.ranked(id) {
-            match self.call::<_, BlobInfo>(addr, method::GET_BEGIN, &BlobRef { id: id.into() }) {
+            match self.call::<_, BlobInfo>(addr, method::STAT, &BlobRef { id: id.into() }) {
                 Ok(info) => holders.push((addr, info)),
                 Err(f) if f.code == Code::NotFound => {}
                 Err(f) => {
@@ -853,8 +870,11 @@ impl StorageClient {
         })
     }
 
-    /// Reads chunks from `*off` to the end from one node, W calls in
-    /// flight, checking and writing each in order.
+    /// Reads blob `info` from `*off` to the end from one node, as one
+    /// `blob.get` stream, checking each chunk and writing it in place; each
+    /// chunk's pages are dropped once written, which gives their credit
+    /// back to the node. A stream that ends before the last byte is an
+    /// error.
     #[allow(clippy::too_many_arguments)]
     fn read_from(
         &self,
@@ -866,164 +886,235 @@ impl StorageClient {
         whole: &mut u32,
         bar: &ProgressBar,
     ) -> Result<(), ReadFail> {
-        let credits = info.credits.max(1) as usize;
         let cs = info.chunk_size.max(1);
-        let opts = self.call_opts();
-        let mut queue: VecDeque<(u64, u64, PendingCall)> = VecDeque::new();
-        let mut next = *off;
-        loop {
-            while queue.len() < credits && next < info.size {
-                let len = chunk_len(info.size, cs, next);
-                let body = GetChunk {
-                    id: id.to_owned(),
-                    offset: next,
-                    len,
-                    version: info.version,
+        let req = GetRequest {
+            id: id.to_owned(),
+            offset: *off,
+            version: info.version,
+        };
+        let node = |e: CallError| ReadFail::Node(e.into());
+        let mut rx = client
+            .server_stream(method::GET, &req, Payload::Empty, &self.stream_opts())
+            .map_err(node)?;
+        // The stream starts with the blob's description: it must be the
+        // version chosen.
+        match rx.recv_typed::<GetMessage>().map_err(node)? {
+            Some((
+                GetMessage {
+                    kind: Some(get_message::Kind::Info(i)),
+                },
+                _,
+            )) => {
+                if (i.size, i.crc32c, i.chunk_size, i.version)
+                    != (info.size, info.crc32c, info.chunk_size, info.version)
+                {
+                    return Err(node_err(
+                        Code::Internal,
+                        format!(
+                            "the node's stream describes {} bytes with CRC32C {:#010x} in chunks \
+                             of {}, version {}; its blob.stat said {} bytes, {:#010x}, {}, {}",
+                            i.size,
+                            i.crc32c,
+                            i.chunk_size,
+                            i.version,
+                            info.size,
+                            info.crc32c,
+                            info.chunk_size,
+                            info.version
+                        ),
+                    ));
                 }
-                .encode_to_vec();
-                let call = client
-                    .start_call(method::GET_CHUNK, body, Payload::Empty, &opts)
-                    .map_err(|e| ReadFail::Node(e.into()))?;
-                queue.push_back((next, len, call));
-                next += len;
             }
-            let Some((o, len, call)) = queue.pop_front() else {
-                return Ok(());
+            Some(_) => {
+                return Err(node_err(
+                    Code::Internal,
+                    "the get stream did not start with the blob's info".into(),
+                ))
+            }
+            None => {
+                return Err(node_err(
+                    Code::Internal,
+                    "the node ended the get stream before sending anything".into(),
+                ))
+            }
+        }
+        while let Some((msg, pages)) = rx.recv_typed::<GetMessage>().map_err(node)? {
+            let Some(get_message::Kind::Chunk(c)) = msg.kind else {
+                return Err(node_err(
+                    Code::Internal,
+                    format!("a message other than a chunk at offset {}", *off),
+                ));
             };
-            let r = call
-                .wait_typed::<GetChunkResponse>()
-                .map_err(|e| ReadFail::Node(e.into()))?;
-            if r.payload.len() as u64 != len {
-                return Err(ReadFail::Node(NodeFailure {
-                    code: Code::Internal,
-                    message: format!(
-                        "chunk at offset {o} came with {} bytes, not {len}",
-                        r.payload.len()
+            let o = *off;
+            let len = chunk_len(info.size, cs, o);
+            if c.offset != o || pages.len() as u64 != len || len == 0 {
+                return Err(node_err(
+                    Code::Internal,
+                    format!(
+                        "the node sent {} bytes at offset {} where the chunk at offset {o} of \
+                         {len} bytes was due",
+                        pages.len(),
+                        c.offset
                     ),
-                }));
+                ));
             }
-            let crc = crc32c::crc32c(&r.payload);
-            if crc != r.message.crc32c {
-                return Err(ReadFail::Node(NodeFailure {
-                    code: Code::DataLoss,
-                    message: format!(
-                        "chunk at offset {o} failed its checksum in transit: CRC32C \
-                         {crc:#010x}, the node stored {:#010x}",
-                        r.message.crc32c
+            let crc = crc32c::crc32c(&pages);
+            if crc != c.crc32c {
+                return Err(node_err(
+                    Code::DataLoss,
+                    format!(
+                        "chunk at offset {o} failed its checksum in transit: CRC32C {crc:#010x}, \
+                         the node stored {:#010x}",
+                        c.crc32c
                     ),
-                }));
+                ));
             }
-            write_split(&file.0, &file.1, &r.payload, o).map_err(|e| {
+            write_split(&file.0, &file.1, &pages, o).map_err(|e| {
                 ReadFail::Local(StorageError::local(format!(
                     "writing the output at {o}: {e}"
                 )))
             })?;
-            *whole = crc32c::crc32c_combine(*whole, crc, r.payload.len());
+            drop(pages);
+            *whole = crc32c::crc32c_combine(*whole, crc, len as usize);
             *off = o + len;
             bar.set_position(*off);
             if let Some(h) = &self.hook {
                 h("get", *off);
             }
         }
-    }
-
-    /// Lists every blob of one node, page by page, handing each to `f`.
-    /// A node that fails midway has had its first pages handed over.
-    fn list_node(&self, addr: SocketAddr, f: &mut dyn FnMut(BlobInfo)) -> Result<(), NodeFailure> {
-        let mut req = ListRequest {
-            start_after: String::new(),
-            // The largest pages: each costs the node a directory scan.
-            limit: MAX_LIST_LIMIT,
-        };
-        loop {
-            let page: BlobList = self.call(addr, method::LIST, &req)?;
-            let Some(last) = page.blobs.last().map(|b| b.id.clone()) else {
-                if page.more {
-                    return Err(NodeFailure {
-                        code: Code::Internal,
-                        message: format!(
-                            "the listing page after '{}' was empty but said more would follow",
-                            req.start_after
-                        ),
-                    });
-                }
-                return Ok(());
-            };
-            if last <= req.start_after {
-                return Err(NodeFailure {
-                    code: Code::Internal,
-                    message: format!(
-                        "the listing page after '{}' ended at '{last}', which does not advance",
-                        req.start_after
-                    ),
-                });
-            }
-            page.blobs.into_iter().for_each(&mut *f);
-            if !page.more {
-                return Ok(());
-            }
-            req.start_after = last;
-        }
-    }
-
-    /// Lists the blobs of every node (each node page by page), merged by id.
-    ///
-    /// # Errors
-    /// When no node answers.
-    pub fn list(&self) -> Result<Vec<ListedBlob>, StorageError> {
-        let mut merged: BTreeMap<String, Vec<(SocketAddr, BlobInfo)>> = BTreeMap::new();
-        let mut answered = 0;
-        let mut last = None;
-        for &addr in &self.opts.nodes {
-            match self.list_node(addr, &mut |b| {
-                merged.entry(b.id.clone()).or_default().push((addr, b));
-            }) {
-                Ok(()) => answered += 1,
-                Err(f) => {
-                    self.say(
-                        None,
-                        &format!("node {addr} did not answer the listing: {f}"),
-                    );
-                    last = Some(f);
-                }
-            }
-        }
-        if answered == 0 {
-            return Err(StorageError::new(
-                Code::Unavailable,
+        if *off < info.size {
+            return Err(node_err(
+                Code::Internal,
                 format!(
-                    "no node answered the listing{}",
-                    last.map_or(String::new(), |f| format!(" (last: {f})"))
+                    "the node ended the get stream at {} of {} bytes",
+                    *off, info.size
                 ),
             ));
         }
-        Ok(merged
-            .into_values()
-            .map(|copies| {
-                let newest = copies
-                    .iter()
-                    .filter(|(_, b)| b.problem.is_empty())
-                    .map(|(_, b)| b.version)
-                    .max();
-                let mut lb = ListedBlob {
-                    info: copies[0].1.clone(),
-                    nodes: Vec::new(),
-                    stale: Vec::new(),
-                    problems: Vec::new(),
-                };
-                for (addr, b) in copies {
-                    if !b.problem.is_empty() {
-                        lb.problems.push((addr, b.problem));
-                    } else if Some(b.version) == newest {
-                        lb.info = b;
-                        lb.nodes.push(addr);
-                    } else {
-                        lb.stale.push(addr);
+        Ok(())
+    }
+
+    /// Opens the listing stream of one node.
+    fn open_list(&self, addr: SocketAddr) -> Result<StreamReceiver, NodeFailure> {
+        let c = self.live_conn(addr)?;
+        let req = ListRequest {
+            start_after: String::new(),
+            limit: 0,
+        };
+        Ok(c.server_stream(method::LIST, &req, Payload::Empty, &self.stream_opts())?)
+    }
+
+    /// Lists the blobs of every node, merged by id, handing each to `f` in
+    /// id order as the nodes' streams deliver them: the client holds about
+    /// one page per node, however many blobs there are. A node that fails
+    /// midway is reported through the warning callback; the blobs it listed
+    /// before have been handed over. Returns the number of blobs.
+    ///
+    /// # Errors
+    /// [`Code::Unavailable`] when no node completed its listing.
+    pub fn list_each(&self, mut f: impl FnMut(ListedBlob)) -> Result<u64, StorageError> {
+        let mut streams = Vec::new();
+        let mut last_failure = None;
+        for &addr in &self.opts.nodes {
+            match self.open_list(addr) {
+                Ok(rx) => streams.push(NodeListing {
+                    addr,
+                    rx,
+                    page: VecDeque::new(),
+                    last: None,
+                    received: 0,
+                }),
+                Err(fl) => {
+                    self.say(
+                        None,
+                        &format!("node {addr} did not answer the listing: {fl}"),
+                    );
+                    if fl.code == Code::Unavailable {
+                        self.forget(addr);
                     }
+                    last_failure = Some(fl);
                 }
-                lb
-            })
-            .collect())
+            }
+        }
+        let mut completed = 0;
+        let mut count = 0;
+        loop {
+            // Every node with nothing buffered fetches its next page; nodes
+            // that finished or failed leave the merge.
+            streams.retain_mut(|s| {
+                while s.page.is_empty() {
+                    let failure = match s.rx.recv_typed::<BlobList>() {
+                        Ok(Some((page, _))) => {
+                            let bad = page.blobs.iter().find(|b| {
+                                let ok = s.last.as_ref().is_none_or(|l| b.id > *l);
+                                s.last = Some(b.id.clone());
+                                !ok
+                            });
+                            match bad {
+                                Some(b) => NodeFailure {
+                                    code: Code::Internal,
+                                    message: format!("the listing is out of order at '{}'", b.id),
+                                },
+                                None => {
+                                    s.received += page.blobs.len() as u64;
+                                    s.page.extend(page.blobs);
+                                    continue;
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            completed += 1;
+                            return false;
+                        }
+                        Err(e) => e.into(),
+                    };
+                    self.say(
+                        None,
+                        &format!(
+                            "node {} failed during the listing after {} blobs: {failure}",
+                            s.addr, s.received
+                        ),
+                    );
+                    if failure.code == Code::Unavailable {
+                        self.forget(s.addr);
+                    }
+                    last_failure = Some(failure);
+                    return false;
+                }
+                true
+            });
+            let Some(first) = streams.iter().map(|s| &s.page[0].id).min().cloned() else {
+                break;
+            };
+            let copies: Vec<(SocketAddr, BlobInfo)> = streams
+                .iter_mut()
+                .filter(|s| s.page[0].id == first)
+                .filter_map(|s| s.page.pop_front().map(|b| (s.addr, b)))
+                .collect();
+            f(merge_copies(copies));
+            count += 1;
+        }
+        if completed == 0 {
+            return Err(StorageError::new(
+                Code::Unavailable,
+                format!(
+                    "no node completed the listing{}",
+                    last_failure.map_or(String::new(), |f| format!(" (last failure: {f})"))
+                ),
+            ));
+        }
+        Ok(count)
+    }
+
+    /// Lists the blobs of every node, merged by id, in id order (see
+    /// [`list_each`](Self::list_each), which does not collect them).
+    ///
+    /// # Errors
+    /// When no node completed its listing.
+    pub fn list(&self) -> Result<Vec<ListedBlob>, StorageError> {
+        let mut all = Vec::new();
+        self.list_each(|b| all.push(b))?;
+        Ok(all)
     }
 
     /// Deletes blob `id` from every node; returns the nodes that had it.
@@ -1066,4 +1157,31 @@ fn partial_path(out: &Path) -> PathBuf {
     let mut s = out.as_os_str().to_owned();
     s.push(".partial");
     PathBuf::from(s)
+}
+
+/// One blob's copies on several nodes, as listed: the newest readable
+/// version, the nodes holding it, older copies, and copies with problems.
+fn merge_copies(copies: Vec<(SocketAddr, BlobInfo)>) -> ListedBlob {
+    let newest = copies
+        .iter()
+        .filter(|(_, b)| b.problem.is_empty())
+        .map(|(_, b)| b.version)
+        .max();
+    let mut lb = ListedBlob {
+        info: copies[0].1.clone(),
+        nodes: Vec::new(),
+        stale: Vec::new(),
+        problems: Vec::new(),
+    };
+    for (addr, b) in copies {
+        if !b.problem.is_empty() {
+            lb.problems.push((addr, b.problem));
+        } else if Some(b.version) == newest {
+            lb.info = b;
+            lb.nodes.push(addr);
+        } else {
+            lb.stale.push(addr);
+        }
+    }
+    lb
 }

@@ -1,67 +1,70 @@
 //! A storage node: blobs on disk, written and read with `O_DIRECT` from and
-//! into page-aligned payload memory, moved in chunks under credit-based
-//! flow control, checked with CRC32C end to end, and placed over several
-//! nodes by rendezvous hashing.
+//! into page-aligned payload memory, moved as pagerpc streams under the
+//! library's per-stream credit, checked with CRC32C end to end, and placed
+//! over several nodes by rendezvous hashing.
 //!
 //! # Protocol
 //! The messages are defined in `examples/proto/storage.proto` (package
-//! `pagerpc.examples.storage`, see [`messages`]). A blob is moved in chunks
-//! of `chunk_size` bytes (a page multiple chosen by the client, 4 MiB by
-//! default; only the last chunk may be shorter), so neither side ever holds
-//! more than a few chunks of it.
+//! `pagerpc.examples.storage`, see [`messages`]). A blob moves as one
+//! stream: a PUT is one client-streaming call, a GET one server-streaming
+//! call, each message carrying one chunk of `chunk_size` bytes (a page
+//! multiple chosen by the writer, 4 MiB by default; only the last chunk may
+//! be shorter) as its payload.
 //!
-//! | method | request | payload | response |
+//! | method | shape | request | response |
 //! |---|---|---|---|
-//! | `put.begin` | [`PutBegin`] (id, size, chunk size, optional CRC32C) | none | [`PutBeginResponse`] (upload handle, credits W) |
-//! | `put.chunk` | [`PutChunk`] (upload, offset, chunk CRC32C) | the chunk | [`PutChunkResponse`] |
-//! | `put.commit` | [`PutCommit`] (upload, CRC32C) | none | [`BlobInfo`] |
-//! | `put.abort` | [`UploadRef`] | none | [`Empty`] |
-//! | `get.begin` | [`BlobRef`] | none | [`BlobInfo`] (size, CRC32C, chunk size, credits W) |
-//! | `get.chunk` | [`GetChunk`] (id, offset, len, expected version) | none | [`GetChunkResponse`] (stored chunk CRC32C) + the chunk |
-//! | `blob.list` | [`ListRequest`] (start after, limit) | none | [`BlobList`] (one page, `more`) |
-//! | `blob.delete` | [`BlobRef`] | none | [`DeleteResponse`] |
-//! | `node.stats` | [`Empty`] | none | [`NodeStats`] |
+//! | `blob.put` | client stream | [`PutMessage`]s: a [`PutHeader`] (id, size, chunk size, optional CRC32C), a [`PutChunk`] per chunk (payload: the chunk), a [`PutEnd`] (CRC32C) | [`BlobInfo`] |
+//! | `blob.get` | server stream | [`GetRequest`] (id, offset, version) | [`GetMessage`]s: the [`BlobInfo`], then a [`GetChunk`] per chunk (payload: the chunk) |
+//! | `blob.ls` | server stream | [`ListRequest`] (start after, limit) | [`BlobList`]s: pages of blobs in id order |
+//! | `blob.stat` | unary | [`BlobRef`] | [`BlobInfo`] |
+//! | `blob.delete` | unary | [`BlobRef`] | [`DeleteResponse`] |
+//! | `node.stats` | unary | [`Empty`] | [`NodeStats`] |
 //!
-//! **Flow control.** `put.begin` and `get.begin` grant the client W credits:
-//! the number of chunk calls it may have in flight on that transfer. The
-//! node sizes W from its memory budget and the transfers under way (at
-//! least 1, at most `max_credits`), so a node receiving many blobs at once
-//! holds at most about `budget` bytes of chunks, and a client at most W
-//! chunks per replica, whatever the blob's size.
+//! **Flow control** is pagerpc's per-stream credit: a sender has at most
+//! the receiver's `stream_window` bytes of messages outstanding, and gets
+//! credit back as the receiver drops the payloads it was handed (the node
+//! once a chunk is on disk, the client once it is in the output file). The
+//! node keeps no window of its own; a transfer of any size holds about one
+//! window of chunks on each side.
 //!
-//! **Limits.** `put.begin` is refused with [`Code::ResourceExhausted`],
-//! naming the limit and the value, when the blob is over the node's
-//! `max_blob_bytes` or its free disk space (less what uploads under way
-//! will still write), or when the connection or the node already has its
-//! most uploads under way (`max_uploads_per_conn`, `max_uploads`). Nothing
-//! is allocated in proportion to the size a client announces.
+//! **Uploads.** The node admits an upload when the stream's header arrives,
+//! writes chunks in order as they come, and commits when the client
+//! half-closes the stream. It refuses the header with
+//! [`Code::ResourceExhausted`], naming the limit and the value, when the
+//! blob is over the node's `max_blob_bytes` or its free disk space (less
+//! what uploads under way will still write), or when the connection or the
+//! node already has its most uploads under way (`max_uploads_per_conn`,
+//! `max_uploads`); beyond `max_streams` streams the library refuses the
+//! call itself. Nothing is allocated in proportion to the size a client
+//! announces. An upload belongs to its stream: no other call can add to it
+//! or commit it, and a stream that ends any other way than the client's
+//! half-close (an error, the client's abort or cancel, a lost connection,
+//! the deadline) discards it and its temporary file.
 //!
-//! **Listing.** `blob.list` returns one page of blobs in id order (at most
-//! [`MAX_LIST_LIMIT`] entries and [`MAX_LIST_PAGE_BYTES`] bytes); the
-//! client asks again with `start_after` set to the last id until `more` is
-//! false. Each page costs the node one scan of its directory, so the
-//! client asks for the largest pages.
+//! **Listing.** `blob.ls` streams the blobs in id order, in pages of at
+//! most [`MAX_LIST_PAGE_ENTRIES`] entries and [`MAX_LIST_PAGE_BYTES`]
+//! bytes. The node scans its directory once per [`LIST_SCAN_BATCH`] ids,
+//! so a listing of any length holds a bounded number of ids in memory.
 //!
 //! **Integrity.** The client sends each chunk's CRC32C with it and the
-//! blob's CRC32C with `put.begin` or `put.commit`; the node checks each
+//! blob's CRC32C in the header or the end message; the node checks each
 //! chunk as it arrives and the whole blob (combining the chunk CRCs) before
-//! it acknowledges the commit. A mismatch is [`Code::DataLoss`] and the
-//! upload is discarded. The node stores every chunk's CRC and the blob's id
-//! in the blob's header, checks each chunk it reads back from disk, refuses
-//! to serve a file whose header names another blob, and the client checks
+//! it acknowledges. A mismatch is [`Code::DataLoss`] and the upload is
+//! discarded. The node stores every chunk's CRC and the blob's id in the
+//! blob's header, checks each chunk it reads back from disk, refuses to
+//! serve a file whose header names another blob, and the client checks
 //! each chunk and the whole blob again after a GET.
 //!
 //! **Durability.** Chunks are written to `DIR/.tmp-<id>-<random>`; the
 //! commit writes the header, fsyncs the file, renames it to `DIR/<id>.blob`,
 //! and fsyncs the directory, then acknowledges. A blob is visible only
-//! whole. Temporary files of a client that went away are removed after
-//! `upload_timeout` without activity, and at startup.
+//! whole. Temporary files of uploads a crash interrupted are removed at
+//! startup.
 //!
 //! # Inside the node
-//! An upload is an [`upload::UploadSession`] (begin with a size, write
-//! chunks, commit or abort) and a download a [`reader::BlobReader`] over an
-//! open blob file, so a streaming handler can drive either directly; the
-//! unary handlers above are thin adapters over them.
+//! An upload is an [`upload::UploadSession`] (begin with a size, append
+//! chunks, commit or abort) owned by its stream's handler, and a download a
+//! [`reader::BlobReader`] over one open blob file.
 //!
 //! [`Code::DataLoss`]: pagerpc::Code::DataLoss
 //! [`Code::ResourceExhausted`]: pagerpc::Code::ResourceExhausted
@@ -78,20 +81,14 @@ pub use node::{NodeConfig, StorageNode};
 
 /// Method names.
 pub mod method {
-    /// Start an upload.
-    pub const PUT_BEGIN: &str = "put.begin";
-    /// Send one chunk of an upload.
-    pub const PUT_CHUNK: &str = "put.chunk";
-    /// Verify, persist and publish an upload.
-    pub const PUT_COMMIT: &str = "put.commit";
-    /// Give up an upload.
-    pub const PUT_ABORT: &str = "put.abort";
-    /// Look a blob up before reading it.
-    pub const GET_BEGIN: &str = "get.begin";
-    /// Read one chunk of a blob.
-    pub const GET_CHUNK: &str = "get.chunk";
-    /// List one page of the node's blobs.
-    pub const LIST: &str = "blob.list";
+    /// Store a blob: a client stream of header, chunks and end.
+    pub const PUT: &str = "blob.put";
+    /// Read a blob: a server stream of its info and chunks.
+    pub const GET: &str = "blob.get";
+    /// List the node's blobs: a server stream of pages.
+    pub const LIST: &str = "blob.ls";
+    /// Describe one blob.
+    pub const STAT: &str = "blob.stat";
     /// Delete a blob.
     pub const DELETE: &str = "blob.delete";
     /// The node's statistics.
@@ -106,14 +103,17 @@ pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
 pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 /// The page size chunk sizes are multiples of.
 pub const PAGE: u64 = 4096;
-/// Entries in a `blob.list` page when the request's limit is 0.
-pub const DEFAULT_LIST_LIMIT: u32 = 1000;
-/// Most entries in a `blob.list` page, whatever the request asks.
-pub const MAX_LIST_LIMIT: u32 = 10_000;
-/// Most encoded bytes of a `blob.list` response: a page stops before it
+/// Most entries in one `blob.ls` message.
+pub const MAX_LIST_PAGE_ENTRIES: usize = 10_000;
+/// Most encoded bytes of one `blob.ls` message: a page stops before it
 /// would grow past this, a quarter of pagerpc's default 4 MiB limit on a
 /// message body (10,000 entries with short ids take about 300 KiB).
 pub const MAX_LIST_PAGE_BYTES: usize = 1 << 20;
+/// Ids a `blob.ls` stream takes from one scan of the node's directory (the
+/// smallest ones after the last sent): a listing holds at most this many
+/// ids in memory (a few MiB), and scans the directory once per this many
+/// blobs.
+pub const LIST_SCAN_BATCH: usize = 100_000;
 
 /// The protocol's messages, generated from `examples/proto/storage.proto`
 /// (package `pagerpc.examples.storage`) by `examples/build.rs`; an outside
@@ -123,9 +123,48 @@ pub mod messages {
 }
 
 pub use messages::{
-    BlobInfo, BlobList, BlobRef, DeleteResponse, Empty, GetChunk, GetChunkResponse, ListRequest,
-    NodeStats, PutBegin, PutBeginResponse, PutChunk, PutChunkResponse, PutCommit, UploadRef,
+    get_message, put_message, BlobInfo, BlobList, BlobRef, DeleteResponse, Empty, GetChunk,
+    GetMessage, GetRequest, ListRequest, NodeStats, PutChunk, PutEnd, PutHeader, PutMessage,
 };
+
+impl PutMessage {
+    /// The header message.
+    pub fn header(h: PutHeader) -> PutMessage {
+        PutMessage {
+            kind: Some(put_message::Kind::Header(h)),
+        }
+    }
+
+    /// A chunk message (the chunk goes as its payload).
+    pub fn chunk(crc32c: Option<u32>) -> PutMessage {
+        PutMessage {
+            kind: Some(put_message::Kind::Chunk(PutChunk { crc32c })),
+        }
+    }
+
+    /// The end message, with the blob's CRC32C.
+    pub fn end(crc32c: Option<u32>) -> PutMessage {
+        PutMessage {
+            kind: Some(put_message::Kind::End(PutEnd { crc32c })),
+        }
+    }
+}
+
+impl GetMessage {
+    /// The info message that starts a `blob.get` stream.
+    pub fn info(info: BlobInfo) -> GetMessage {
+        GetMessage {
+            kind: Some(get_message::Kind::Info(info)),
+        }
+    }
+
+    /// A chunk message (the chunk goes as its payload).
+    pub fn chunk(offset: u64, crc32c: u32) -> GetMessage {
+        GetMessage {
+            kind: Some(get_message::Kind::Chunk(GetChunk { offset, crc32c })),
+        }
+    }
+}
 
 impl NodeStats {
     /// Percentage of received payload bytes that were mapped.

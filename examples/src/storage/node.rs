@@ -5,37 +5,46 @@
 //! through an ordinary buffered descriptor; reads come from the disk with
 //! `O_DIRECT` into page-aligned [`PageBuf`]s that are sent as they are.
 //!
-//! An upload is admitted under the node's limits (blob size, disk space,
-//! uploads per connection and per node) as an [`UploadSession`] plus a
-//! ticket that holds its place under those limits until it ends; the unary
-//! handlers keep it in a table under a handle, a streaming handler would
-//! keep it for the life of its stream. Reads go through [`BlobFile`]s kept
-//! in a bounded cache that only serves a file while the blob's path still
-//! names it.
+//! A PUT is one client-streaming call: its handler admits the upload under
+//! the node's limits (blob size, disk space, uploads per connection and per
+//! node) as an [`UploadSession`] plus a ticket that holds its place under
+//! those limits, appends the chunks as they arrive, and commits when the
+//! client half-closes. The upload lives in the handler, so nothing else
+//! can reach it, and however the stream ends short, it is discarded. A GET
+//! is one server-streaming call whose handler walks a [`BlobReader`] over
+//! one open [`BlobFile`], taken from a bounded cache that only serves a
+//! file while the blob's path still names it.
+//!
+//! Flow control is pagerpc's per-stream credit (`stream_window`); each
+//! streaming handler runs on a thread of its own, at most `max_streams` at
+//! once.
+//!
+//! [`PageBuf`]: pagerpc::PageBuf
 
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use pagerpc::prost::Message;
-use pagerpc::{Context, CountersSnapshot, PageBuf, Pages, Payload, Server, ServerConfig, Status};
+use pagerpc::{
+    Context, CountersSnapshot, InStream, OutStream, Pages, Payload, Reply, Server, ServerConfig,
+    Status,
+};
 
 use super::cache::OpenBlobs;
 use super::format::{chunk_count, header_len};
-use super::reader::{read_header, BlobFile, FileIdent};
+use super::reader::{read_header, BlobFile, BlobReader, FileIdent};
 use super::upload::{clean_temps, probe_direct, ChunkWritten, UploadSession};
 use super::{
-    check_id, io_status, method, sync_dir, BlobInfo, BlobList, BlobRef, DeleteResponse, Empty,
-    GetChunk, GetChunkResponse, ListRequest, NodeStats, PutBegin, PutBeginResponse, PutChunk,
-    PutChunkResponse, PutCommit, UploadRef, DEFAULT_LIST_LIMIT, MAX_CHUNK_SIZE, MAX_LIST_LIMIT,
-    MAX_LIST_PAGE_BYTES, MIN_CHUNK_SIZE, PAGE,
+    check_id, io_status, method, put_message, sync_dir, BlobInfo, BlobList, BlobRef,
+    DeleteResponse, Empty, GetMessage, GetRequest, ListRequest, NodeStats, PutHeader, PutMessage,
+    LIST_SCAN_BATCH, MAX_CHUNK_SIZE, MAX_LIST_PAGE_BYTES, MAX_LIST_PAGE_ENTRIES, MIN_CHUNK_SIZE,
+    PAGE,
 };
 use crate::util::FastRng;
 
@@ -50,42 +59,57 @@ pub struct NodeConfig {
     pub dir: PathBuf,
     /// Zero-copy receive and `MSG_ZEROCOPY` send.
     pub zerocopy: bool,
-    /// Server pool threads; handlers block on the disk, so more than CPUs.
+    /// Server pool threads (connection I/O and the unary calls). Streams
+    /// run on threads of their own, see `max_streams`.
     pub threads: usize,
-    /// Most chunk calls one transfer may have in flight.
-    pub max_credits: u32,
-    /// Chunk memory the node plans for across transfers; credits shrink
-    /// as transfers are added.
-    pub memory_budget: u64,
-    /// An upload with no chunk for this long is discarded (its client is
-    /// presumed dead) and its temporary file removed.
-    pub upload_timeout: Duration,
+    /// Bytes of stream messages a peer may send on one stream before the
+    /// node releases some (pagerpc's `ServerConfig::stream_window`,
+    /// announced to clients): the node's flow control for uploads. Default
+    /// 8 MiB. A chunk larger than the window still goes, alone.
+    ///
+    /// # Cost
+    /// An upload holds at most this much (or one chunk, if larger) of
+    /// received chunks until they are on disk, so uploads hold at most
+    /// `max_uploads × stream_window` (1 GiB with the defaults), and
+    /// pagerpc's receive budget (a quarter of the machine's memory by
+    /// default) bounds the total below that.
+    pub stream_window: u64,
+    /// Most streams open at once (pagerpc's `ServerConfig::max_streams`):
+    /// uploads, reads and listings together; a stream past it is refused by
+    /// the library with `ResourceExhausted` naming `max_streams`. Must be
+    /// larger than `max_uploads`, so that reads still get streams when
+    /// every upload slot is taken. Default 256: 128 uploads leave at least
+    /// 128 streams for reads and listings.
+    ///
+    /// # Cost
+    /// A thread each (2 MiB of address space, a few KiB resident); a read
+    /// holds one file descriptor (its blob file, even after the cache
+    /// evicted it) and at most the client's stream window of chunks.
+    pub max_streams: usize,
     /// Use `O_DIRECT` (falls back to buffered I/O if the filesystem refuses).
     pub direct_io: bool,
-    /// Largest blob `put.begin` accepts; a larger size is refused with
-    /// `ResourceExhausted` naming this limit. Default 1 TiB. Independently,
-    /// a blob must fit the free space of the node's filesystem, less what
-    /// the uploads under way will still write.
+    /// Largest blob a put stream may announce; a larger size is refused
+    /// with `ResourceExhausted` naming this limit. Default 1 TiB.
+    /// Independently, a blob must fit the free space of the node's
+    /// filesystem, less what the uploads under way will still write.
     pub max_blob_bytes: u64,
-    /// Most uploads under way on the node; `put.begin` past it is refused
+    /// Most uploads under way on the node; a put stream past it is refused
     /// with `ResourceExhausted`. Default 128.
     ///
     /// # Cost
-    /// Each upload holds two file descriptors (an `O_DIRECT` one and a
-    /// buffered one for the last chunk's tail), a temporary file, and about
-    /// 300 bytes plus 4 bytes per chunk received. Its chunk memory is
-    /// bounded by the credits it was granted (see `memory_budget`), not by
-    /// this count. An upload whose client went away counts until
-    /// `upload_timeout` removes it.
+    /// Each upload holds a stream (see `max_streams`), two file descriptors
+    /// (an `O_DIRECT` one and a buffered one for the last chunk's tail), a
+    /// temporary file, about 300 bytes plus 4 bytes per chunk received, and
+    /// at most `stream_window` of received chunks.
     pub max_uploads: usize,
     /// Most uploads under way from one connection (one client address and
-    /// port); `put.begin` past it is refused with `ResourceExhausted`.
+    /// port); a put stream past it is refused with `ResourceExhausted`.
     /// Default 16. A client that needs more opens more connections, up to
     /// `max_uploads` for the node.
     pub max_uploads_per_conn: usize,
     /// Most blob files the node keeps open for reads (a cache, least
     /// recently used closed first). Default 128; 0 opens the file for
-    /// every read call.
+    /// every read.
     ///
     /// # Cost
     /// One file descriptor each, and its header in memory (4 bytes per
@@ -101,9 +125,8 @@ impl NodeConfig {
             dir: dir.into(),
             zerocopy: true,
             threads: std::thread::available_parallelism().map_or(4, |n| n.get().max(4)),
-            max_credits: 8,
-            memory_budget: 256 << 20,
-            upload_timeout: Duration::from_secs(60),
+            stream_window: 8 << 20,
+            max_streams: 256,
             direct_io: true,
             max_blob_bytes: 1 << 40,
             max_uploads: 128,
@@ -114,7 +137,7 @@ impl NodeConfig {
 }
 
 /// Uploads under way, per node and per connection, and the disk bytes
-/// each will still write: what `put.begin` checks its limits against.
+/// each will still write: what a put stream's header is checked against.
 #[derive(Default)]
 struct Admissions {
     per_conn: HashMap<SocketAddr, usize>,
@@ -165,14 +188,9 @@ struct Upload {
 }
 
 impl Upload {
-    /// [`UploadSession::write_chunk`], keeping the disk reservation current.
-    fn write_chunk(
-        &mut self,
-        offset: u64,
-        data: &[u8],
-        crc32c: Option<u32>,
-    ) -> Result<ChunkWritten, Status> {
-        let r = self.session.write_chunk(offset, data, crc32c);
+    /// [`UploadSession::append`], keeping the disk reservation current.
+    fn append(&mut self, data: &[u8], crc32c: Option<u32>) -> Result<ChunkWritten, Status> {
+        let r = self.session.append(data, crc32c);
         self.ticket
             .to_come
             .store(self.session.bytes_to_come(), Ordering::Relaxed);
@@ -180,13 +198,13 @@ impl Upload {
     }
 }
 
-/// An upload in the unary handlers' table.
-struct UploadSlot {
-    /// `None` once committed, aborted or expired. Chunk writes hold this
-    /// lock, so they run one at a time per upload and a commit waits for
-    /// the write in progress.
-    upload: Mutex<Option<Upload>>,
-    last_active: Mutex<Instant>,
+/// Why a put stream's messages stopped before the client's half-close.
+enum PutFail {
+    /// The stream was cut short: the client cancelled or aborted it, its
+    /// connection was lost, or its deadline passed.
+    Cut(Status),
+    /// The node refused a message (out of order, wrong length, checksum).
+    Refused(Status),
 }
 
 #[derive(Default)]
@@ -194,8 +212,8 @@ struct Tallies {
     direct_write_copies: AtomicU64,
     corrupt_chunks_read: AtomicU64,
     uploads_rejected: AtomicU64,
-    uploads_expired: AtomicU64,
     uploads_refused: AtomicU64,
+    uploads_cut_short: AtomicU64,
 }
 
 struct Node {
@@ -203,19 +221,36 @@ struct Node {
     cfg: NodeConfig,
     direct_io: bool,
     admissions: Arc<Mutex<Admissions>>,
-    /// Uploads of the unary protocol, by handle.
-    uploads: Mutex<HashMap<u64, Arc<UploadSlot>>>,
-    next_upload: AtomicU64,
     open: OpenBlobs,
     server: Mutex<Option<Server>>,
     tallies: Tallies,
     rng: Mutex<FastRng>,
+    /// Set by [`StorageNode::kill`]: uploads cut short leave their
+    /// temporary files behind, as a crash would.
+    killed: AtomicBool,
+    /// Streaming handlers running (the server does not join their threads).
+    handlers: Mutex<usize>,
+    handlers_done: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here leaves its data consistent at each step,
     // so a panic elsewhere does not make the data unusable.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A streaming handler at work; counted so that stopping the node can wait
+/// for every handler to let its upload or file go.
+struct Running<'a>(&'a Node);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut n = lock(&self.0.handlers);
+        *n -= 1;
+        if *n == 0 {
+            self.0.handlers_done.notify_all();
+        }
+    }
 }
 
 /// Bytes of the filesystem holding `dir` that an unprivileged writer may
@@ -230,9 +265,9 @@ fn free_bytes(dir: &Path) -> io::Result<u64> {
 }
 
 /// The bytes a blob file will take: header and data. `None` when the
-/// request's chunk size is unusable (the session refuses it with a
-/// precise message).
-fn file_bytes(req: &PutBegin) -> Option<u64> {
+/// header's chunk size is unusable (the session refuses it with a precise
+/// message).
+fn file_bytes(req: &PutHeader) -> Option<u64> {
     let cs = req.chunk_size;
     if !cs.is_multiple_of(PAGE) || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
         return None;
@@ -240,34 +275,31 @@ fn file_bytes(req: &PutBegin) -> Option<u64> {
     header_len(req.id.len(), chunk_count(req.size, cs)).checked_add(req.size)
 }
 
+/// Bytes `info` adds to an encoded [`BlobList`]: its field tag, length
+/// prefix and body.
+fn list_entry_len(info: &BlobInfo) -> usize {
+    let len = info.encoded_len();
+    1 + prost::length_delimiter_len(len) + len
+}
+
 impl Node {
     fn blob_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}{BLOB_SUFFIX}"))
     }
 
-    fn credits_for(&self, chunk_size: u64, transfers: u64) -> u32 {
-        let fit = self.cfg.memory_budget / (chunk_size * transfers).max(1);
-        fit.clamp(1, u64::from(self.cfg.max_credits.max(1))) as u32
+    fn running(&self) -> Running<'_> {
+        *lock(&self.handlers) += 1;
+        Running(self)
     }
 
-    fn credits(&self, chunk_size: u64) -> u32 {
-        let transfers = lock(&self.admissions).total() as u64 + 1;
-        self.credits_for(chunk_size, transfers)
-    }
-
-    fn slot(&self, handle: u64) -> Result<Arc<UploadSlot>, Status> {
-        lock(&self.uploads)
-            .get(&handle)
-            .cloned()
-            .ok_or_else(|| self.gone(handle))
-    }
-
-    fn gone(&self, handle: u64) -> Status {
-        Status::not_found(format!(
-            "no upload {handle} on this node (aborted, committed, expired after {:?} without a \
-             chunk, or the node restarted)",
-            self.cfg.upload_timeout
-        ))
+    /// Waits (at most `limit`) until no streaming handler runs.
+    fn wait_handlers(&self, limit: Duration) -> bool {
+        let n = lock(&self.handlers);
+        let (n, _) = self
+            .handlers_done
+            .wait_timeout_while(n, limit, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *n == 0
     }
 
     fn refuse(&self, msg: String) -> Status {
@@ -283,7 +315,7 @@ impl Node {
     /// over `max_blob_bytes` or the free disk space (less what uploads
     /// under way will still write), or when the node or the connection
     /// `peer` has its most uploads under way; the session's errors.
-    fn begin_upload(&self, peer: SocketAddr, req: &PutBegin) -> Result<Upload, Status> {
+    fn begin_upload(&self, peer: SocketAddr, req: &PutHeader) -> Result<Upload, Status> {
         check_id(&req.id).map_err(Status::invalid_argument)?;
         let id = &req.id;
         let max = self.cfg.max_blob_bytes;
@@ -294,13 +326,13 @@ impl Node {
                 req.size
             )));
         }
-        // Held while the file is created, so concurrent begins cannot
+        // Held while the file is created, so concurrent uploads cannot
         // overshoot the limits together.
         let mut adm = lock(&self.admissions);
         let (n, max) = (adm.total(), self.cfg.max_uploads);
         if n >= max {
             return Err(self.refuse(format!(
-                "put.begin of '{id}' refused: the node has {n} uploads under way, its limit \
+                "upload of '{id}' refused: the node has {n} uploads under way, its limit \
                  (max_uploads) is {max}; retry when some finish"
             )));
         }
@@ -308,7 +340,7 @@ impl Node {
         let max = self.cfg.max_uploads_per_conn;
         if mine >= max {
             return Err(self.refuse(format!(
-                "put.begin of '{id}' refused: this connection ({peer}) has {mine} uploads under \
+                "upload of '{id}' refused: this connection ({peer}) has {mine} uploads under \
                  way, the limit per connection (max_uploads_per_conn) is {max}; finish or abort \
                  some first"
             )));
@@ -346,37 +378,103 @@ impl Node {
         })
     }
 
-    fn put_begin(&self, peer: SocketAddr, req: PutBegin) -> Result<PutBeginResponse, Status> {
-        let upload = self.begin_upload(peer, &req)?;
-        let handle = self.next_upload.fetch_add(1, Ordering::Relaxed);
-        let slot = Arc::new(UploadSlot {
-            upload: Mutex::new(Some(upload)),
-            last_active: Mutex::new(Instant::now()),
-        });
-        lock(&self.uploads).insert(handle, slot);
-        Ok(PutBeginResponse {
-            upload: handle,
-            // The transfers under way include this one now.
-            credits: self.credits_for(req.chunk_size, lock(&self.admissions).total().max(1) as u64),
-        })
+    /// `blob.put`: the header, the chunks in order, an optional end
+    /// message, then the client's half-close, which commits.
+    fn put(&self, ctx: &Context, rx: &mut InStream) -> Result<BlobInfo, Status> {
+        let _running = self.running();
+        let first = rx
+            .recv()?
+            .ok_or_else(|| Status::invalid_argument("the put stream ended before its header"))?;
+        let header = match first.decode::<PutMessage>()?.kind {
+            Some(put_message::Kind::Header(h)) if first.payload.is_empty() => h,
+            Some(put_message::Kind::Header(_)) => {
+                return Err(Status::invalid_argument(format!(
+                    "the put header came with a payload of {} bytes; chunks go in the messages \
+                     after it",
+                    first.payload.len()
+                )))
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a put stream must be its header (PutMessage.header)",
+                ))
+            }
+        };
+        drop(first);
+        let mut upload = self.begin_upload(ctx.peer(), &header)?;
+        match self.receive(&mut upload, rx) {
+            Ok(crc32c) => self.commit_upload(upload, crc32c),
+            Err(PutFail::Refused(status)) => {
+                if status.code() == pagerpc::Code::DataLoss {
+                    self.tallies
+                        .uploads_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(status) // dropping the upload removes its file
+            }
+            Err(PutFail::Cut(status)) => {
+                self.tallies
+                    .uploads_cut_short
+                    .fetch_add(1, Ordering::Relaxed);
+                if self.killed.load(Ordering::SeqCst) {
+                    upload.session.leave_behind();
+                }
+                Err(status)
+            }
+        }
     }
 
-    fn put_chunk(&self, req: PutChunk, pages: Pages) -> Result<PutChunkResponse, Status> {
-        let slot = self.slot(req.upload)?;
-        let r = match lock(&slot.upload).as_mut() {
-            Some(upload) => upload.write_chunk(req.offset, &pages, req.crc32c),
-            None => return Err(self.gone(req.upload)),
-        };
-        *lock(&slot.last_active) = Instant::now();
-        let w = r?;
-        if w.copied {
-            self.tallies
-                .direct_write_copies
-                .fetch_add(1, Ordering::Relaxed);
+    /// Appends the stream's chunks to `upload` until the client's
+    /// half-close; returns the CRC32C of the end message, if any. Each
+    /// chunk's pages are dropped once written, which gives their credit
+    /// back to the client.
+    fn receive(&self, upload: &mut Upload, rx: &mut InStream) -> Result<Option<u32>, PutFail> {
+        let id = upload.session.id().to_owned();
+        let mut end: Option<Option<u32>> = None;
+        loop {
+            let m = match rx.recv() {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(end.flatten()),
+                Err(status) => return Err(PutFail::Cut(status)),
+            };
+            let kind = m.decode::<PutMessage>().map_err(PutFail::Refused)?.kind;
+            let refuse = |msg: String| Err(PutFail::Refused(Status::invalid_argument(msg)));
+            match (kind, end) {
+                (Some(put_message::Kind::Chunk(c)), None) => {
+                    let w = upload
+                        .append(&m.payload, c.crc32c)
+                        .map_err(PutFail::Refused)?;
+                    if w.copied {
+                        self.tallies
+                            .direct_write_copies
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                (Some(put_message::Kind::End(e)), None) if m.payload.is_empty() => {
+                    end = Some(e.crc32c);
+                }
+                (Some(put_message::Kind::End(_)), None) => {
+                    return refuse(format!(
+                        "the end message of the put stream of '{id}' came with a payload of {} \
+                         bytes",
+                        m.payload.len()
+                    ))
+                }
+                (Some(_), Some(_)) => {
+                    return refuse(format!(
+                        "a message after the end message of the put stream of '{id}'"
+                    ))
+                }
+                (Some(put_message::Kind::Header(_)), None) => {
+                    return refuse(format!("a second header in the put stream of '{id}'"))
+                }
+                (None, _) => {
+                    return refuse(format!(
+                        "an empty message (no header, chunk or end) in the put stream of '{id}'"
+                    ))
+                }
+            }
         }
-        Ok(PutChunkResponse {
-            received: w.received,
-        })
     }
 
     /// Commits an upload: verifies it, publishes the blob, and gives the
@@ -384,6 +482,16 @@ impl Node {
     fn commit_upload(&self, upload: Upload, crc32c: Option<u32>) -> Result<BlobInfo, Status> {
         let Upload { session, ticket } = upload;
         let id = session.id().to_owned();
+        let missing = session.missing();
+        if missing > 0 {
+            let msg = format!(
+                "the put stream of '{id}' ended after {} of its {} bytes ({missing} chunks \
+                 missing); the upload was discarded",
+                session.received(),
+                session.size()
+            );
+            return Err(Status::failed_precondition(msg));
+        }
         let r = session.commit(&self.blob_path(&id), crc32c);
         drop(ticket);
         match &r {
@@ -396,41 +504,6 @@ impl Node {
             Err(_) => {}
         }
         r
-    }
-
-    fn put_commit(&self, req: PutCommit) -> Result<BlobInfo, Status> {
-        let slot = self.slot(req.upload)?;
-        let upload = {
-            let mut u = lock(&slot.upload);
-            match u.as_ref() {
-                None => return Err(self.gone(req.upload)),
-                // Refused, but the upload goes on: the client may send the
-                // missing chunks and commit again.
-                Some(up) if up.session.missing() > 0 => {
-                    return Err(Status::failed_precondition(format!(
-                        "commit of '{}' with {} chunks still missing",
-                        up.session.id(),
-                        up.session.missing()
-                    )))
-                }
-                Some(_) => u.take(),
-            }
-        };
-        lock(&self.uploads).remove(&req.upload);
-        match upload {
-            Some(up) => self.commit_upload(up, req.crc32c),
-            None => Err(self.gone(req.upload)),
-        }
-    }
-
-    fn put_abort(&self, req: UploadRef) {
-        let slot = lock(&self.uploads).remove(&req.upload);
-        if let Some(slot) = slot {
-            let upload = lock(&slot.upload).take();
-            if let Some(up) = upload {
-                up.session.abort();
-            }
-        }
     }
 
     /// The open file of blob `id`, from the cache if the cached descriptor
@@ -460,33 +533,38 @@ impl Node {
         Ok(b)
     }
 
-    fn get_begin(&self, req: BlobRef) -> Result<BlobInfo, Status> {
-        let b = self.open_blob(&req.id)?;
-        Ok(BlobInfo {
-            credits: self.credits(b.header().chunk_size),
-            ..b.info()
-        })
+    fn stat(&self, req: BlobRef) -> Result<BlobInfo, Status> {
+        Ok(self.open_blob(&req.id)?.info())
     }
 
-    fn get_chunk(&self, req: GetChunk) -> Result<(GetChunkResponse, PageBuf), Status> {
-        let b = self.open_blob(&req.id)?;
-        let version = b.header().version;
-        if version != req.version {
+    /// `blob.get`: the blob's info, then its chunks from the offset asked
+    /// for, all read from one open file.
+    fn get(&self, body: &[u8], tx: &mut OutStream) -> Result<(), Status> {
+        let _running = self.running();
+        let req = GetRequest::decode(body)
+            .map_err(|e| Status::invalid_argument(format!("undecodable GetRequest: {e}")))?;
+        let blob = self.open_blob(&req.id)?;
+        let version = blob.header().version;
+        if req.version != 0 && version != req.version {
             return Err(Status::aborted(format!(
-                "blob '{}' was replaced on this node since the read began (version {version} \
-                 now, {} asked); start the read again",
+                "blob '{}' on this node is version {version}, not the version {} asked for (it \
+                 was replaced); read it again from the start",
                 req.id, req.version
             )));
         }
-        let r = b
-            .read_chunk(req.offset, req.len)
-            .map(|(crc32c, buf)| (GetChunkResponse { crc32c }, buf));
-        if matches!(&r, Err(s) if s.code() == pagerpc::Code::DataLoss) {
-            self.tallies
-                .corrupt_chunks_read
-                .fetch_add(1, Ordering::Relaxed);
+        let mut reader = BlobReader::starting_at(blob, req.offset)?;
+        tx.send(&GetMessage::info(reader.blob().info()), Payload::Empty)?;
+        while let Some(r) = reader.next_chunk() {
+            let (chunk, buf) = r.inspect_err(|s| {
+                if s.code() == pagerpc::Code::DataLoss {
+                    self.tallies
+                        .corrupt_chunks_read
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            })?;
+            tx.send(&GetMessage::chunk(chunk.offset, chunk.crc32c), buf)?;
         }
-        r
+        Ok(())
     }
 
     /// Blob ids in the directory, as `(id, DirEntry)`, in no order.
@@ -499,6 +577,29 @@ impl Node {
             check_id(id).ok()?;
             Some((id.to_owned(), ent))
         }))
+    }
+
+    /// The `limit` smallest blob ids after `after`, in order, from one scan
+    /// of the directory, and whether more follow.
+    fn ids_after(&self, after: &str, limit: usize) -> Result<(Vec<String>, bool), Status> {
+        // The `limit + 1` smallest (one more tells whether more follow),
+        // in a max-heap.
+        let mut smallest: BinaryHeap<String> = BinaryHeap::with_capacity(limit + 2);
+        for (id, _) in self.blob_entries()? {
+            if id.as_str() <= after {
+                continue;
+            }
+            if smallest.len() <= limit {
+                smallest.push(id);
+            } else if smallest.peek().is_some_and(|top| id < *top) {
+                smallest.pop();
+                smallest.push(id);
+            }
+        }
+        let mut ids = smallest.into_sorted_vec();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        Ok((ids, more))
     }
 
     /// Describes blob `id` for a listing from its header, read through a
@@ -525,7 +626,6 @@ impl Node {
                 crc32c: h.crc32c,
                 chunk_size: h.chunk_size,
                 version: h.version,
-                credits: 0,
                 problem: String::new(),
             }),
             Err(None) => None,
@@ -538,49 +638,51 @@ impl Node {
         }
     }
 
-    /// One page of the listing: the blobs with ids after `start_after`, in
-    /// id order, at most `limit` (or [`DEFAULT_LIST_LIMIT`]) and at most
-    /// [`MAX_LIST_PAGE_BYTES`] encoded. Each page scans the directory once
-    /// and reads the headers of the blobs it returns only.
-    fn list_page(&self, req: ListRequest) -> Result<BlobList, Status> {
-        let limit = match req.limit {
-            0 => DEFAULT_LIST_LIMIT,
-            n => n.min(MAX_LIST_LIMIT),
-        } as usize;
-        // The `limit + 1` smallest ids after `start_after` (one more tells
-        // whether the listing goes on).
-        let mut smallest: BinaryHeap<String> = BinaryHeap::with_capacity(limit + 2);
-        for (id, _) in self.blob_entries()? {
-            if id.as_str() <= req.start_after.as_str() {
-                continue;
-            }
-            if smallest.len() <= limit {
-                smallest.push(id);
-            } else if smallest.peek().is_some_and(|top| id < *top) {
-                smallest.pop();
-                smallest.push(id);
-            }
-        }
-        let mut ids = smallest.into_sorted_vec();
-        let mut more = ids.len() > limit;
-        ids.truncate(limit);
-        let mut blobs = Vec::with_capacity(ids.len());
+    /// `blob.ls`: the blobs after `start_after` in id order (at most
+    /// `limit`, 0 for all), in pages of at most [`MAX_LIST_PAGE_ENTRIES`]
+    /// entries and [`MAX_LIST_PAGE_BYTES`] bytes. The directory is scanned
+    /// once per [`LIST_SCAN_BATCH`] ids; only the headers of the blobs sent
+    /// are read.
+    fn list(&self, body: &[u8], tx: &mut OutStream) -> Result<(), Status> {
+        let _running = self.running();
+        let req = ListRequest::decode(body)
+            .map_err(|e| Status::invalid_argument(format!("undecodable ListRequest: {e}")))?;
+        let mut left = match req.limit {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let mut after = req.start_after;
+        let mut page = Vec::new();
         let mut bytes = 0;
-        for id in ids {
-            let Some(info) = self.describe(&id) else {
-                continue;
-            };
-            let len = info.encoded_len();
-            // Field tag and length prefix of a repeated message.
-            let len = 1 + prost::length_delimiter_len(len) + len;
-            if bytes + len > MAX_LIST_PAGE_BYTES && !blobs.is_empty() {
-                more = true;
+        while left > 0 {
+            let (ids, more) = self.ids_after(&after, LIST_SCAN_BATCH.min(left))?;
+            if let Some(last) = ids.last() {
+                after.clone_from(last);
+            }
+            for id in ids {
+                let Some(info) = self.describe(&id) else {
+                    continue; // deleted since the scan
+                };
+                let len = list_entry_len(&info);
+                if !page.is_empty()
+                    && (bytes + len > MAX_LIST_PAGE_BYTES || page.len() >= MAX_LIST_PAGE_ENTRIES)
+                {
+                    let blobs = std::mem::take(&mut page);
+                    tx.send(&BlobList { blobs }, Payload::Empty)?;
+                    bytes = 0;
+                }
+                bytes += len;
+                page.push(info);
+                left -= 1;
+            }
+            if !more {
                 break;
             }
-            bytes += len;
-            blobs.push(info);
         }
-        Ok(BlobList { blobs, more })
+        if !page.is_empty() {
+            tx.send(&BlobList { blobs: page }, Payload::Empty)?;
+        }
+        Ok(())
     }
 
     fn delete(&self, req: BlobRef) -> Result<DeleteResponse, Status> {
@@ -628,49 +730,10 @@ impl Node {
             direct_write_copies: t.direct_write_copies.load(Ordering::Relaxed),
             corrupt_chunks_read: t.corrupt_chunks_read.load(Ordering::Relaxed),
             uploads_rejected: t.uploads_rejected.load(Ordering::Relaxed),
-            uploads_expired: t.uploads_expired.load(Ordering::Relaxed),
             uploads_refused: t.uploads_refused.load(Ordering::Relaxed),
             open_blobs: self.open.len() as u64,
+            uploads_cut_short: t.uploads_cut_short.load(Ordering::Relaxed),
         })
-    }
-
-    /// Discards unary uploads idle for longer than the timeout. One whose
-    /// chunk is being written right now is not idle, and is left alone.
-    fn reap(&self) {
-        let mut expired = Vec::new();
-        {
-            let mut ups = lock(&self.uploads);
-            let dead: Vec<u64> = ups
-                .iter()
-                .filter(|(_, s)| lock(&s.last_active).elapsed() > self.cfg.upload_timeout)
-                .map(|(h, _)| *h)
-                .collect();
-            for h in dead {
-                let taken = match ups[&h].upload.try_lock() {
-                    Ok(mut g) => Some(g.take()),
-                    Err(TryLockError::Poisoned(p)) => Some(p.into_inner().take()),
-                    Err(TryLockError::WouldBlock) => None,
-                };
-                if let Some(upload) = taken {
-                    ups.remove(&h);
-                    expired.extend(upload);
-                }
-            }
-        }
-        // Temporary files are removed here, outside the lock.
-        for up in expired {
-            self.tallies.uploads_expired.fetch_add(1, Ordering::Relaxed);
-            up.session.abort();
-        }
-    }
-
-    /// Takes every unary upload out of the table.
-    fn drain_uploads(&self) -> Vec<Upload> {
-        let slots: Vec<Arc<UploadSlot>> = lock(&self.uploads).drain().map(|(_, s)| s).collect();
-        slots
-            .iter()
-            .filter_map(|s| lock(&s.upload).take())
-            .collect()
     }
 }
 
@@ -678,7 +741,6 @@ impl Node {
 pub struct StorageNode {
     node: Arc<Node>,
     addr: SocketAddr,
-    reaper: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
     temps_removed: usize,
 }
 
@@ -696,8 +758,19 @@ impl StorageNode {
     /// uploads that never committed), binds `listen` and serves.
     ///
     /// # Errors
-    /// When the directory cannot be prepared or the address bound.
+    /// When the directory cannot be prepared or the address bound, and
+    /// `InvalidInput` when `max_streams` is not larger than `max_uploads`.
     pub fn start(listen: impl ToSocketAddrs, cfg: NodeConfig) -> io::Result<StorageNode> {
+        if cfg.max_streams <= cfg.max_uploads {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "max_streams ({}) must be larger than max_uploads ({}): every upload holds a \
+                     stream, and reads and listings need streams too",
+                    cfg.max_streams, cfg.max_uploads
+                ),
+            ));
+        }
         fs::create_dir_all(&cfg.dir)?;
         let temps_removed = clean_temps(&cfg.dir)?;
         let direct_io = cfg.direct_io && probe_direct(&cfg.dir);
@@ -709,12 +782,13 @@ impl StorageNode {
             dir: cfg.dir.clone(),
             direct_io,
             admissions: Arc::new(Mutex::new(Admissions::default())),
-            uploads: Mutex::new(HashMap::new()),
-            next_upload: AtomicU64::new(1),
             open: OpenBlobs::new(cfg.max_open_blobs),
             server: Mutex::new(None),
             tallies: Tallies::default(),
             rng: Mutex::new(FastRng::new(seed)),
+            killed: AtomicBool::new(false),
+            handlers: Mutex::new(0),
+            handlers_done: Condvar::new(),
             cfg,
         });
         let mut scfg = if node.cfg.zerocopy {
@@ -723,60 +797,43 @@ impl StorageNode {
             ServerConfig::default()
         };
         scfg.threads = node.cfg.threads.max(2);
+        scfg.max_streams = node.cfg.max_streams;
+        scfg.stream_window = node.cfg.stream_window;
         let n = || node.clone();
-        let (n1, n2, n3, n4, n5, n6, n7, n8, n9) = (n(), n(), n(), n(), n(), n(), n(), n(), n());
+        let (n1, n2, n3, n4, n5, n6) = (n(), n(), n(), n(), n(), n());
         let server = Server::builder()
             .config(scfg)
+            .register_client_stream(method::PUT, move |c, rx| {
+                let info = n1.put(c, rx)?;
+                Ok(Reply {
+                    body: info.encode_to_vec(),
+                    ..Reply::default()
+                })
+            })
+            .register_server_stream(method::GET, move |_c, body, _p, tx| {
+                n2.get(body, tx)?;
+                Ok(Vec::new())
+            })
+            .register_server_stream(method::LIST, move |_c, body, _p, tx| {
+                n3.list(body, tx)?;
+                Ok(Vec::new())
+            })
             .register(
-                method::PUT_BEGIN,
-                move |c: &Context, req: PutBegin, _p: Pages| {
-                    Ok((n1.put_begin(c.peer(), req)?, Payload::Empty))
-                },
+                method::STAT,
+                move |_c: &Context, req: BlobRef, _p: Pages| Ok((n4.stat(req)?, Payload::Empty)),
             )
-            .register(method::PUT_CHUNK, move |_c, req: PutChunk, p: Pages| {
-                Ok((n2.put_chunk(req, p)?, Payload::Empty))
-            })
-            .register(method::PUT_COMMIT, move |_c, req: PutCommit, _p: Pages| {
-                Ok((n3.put_commit(req)?, Payload::Empty))
-            })
-            .register(method::PUT_ABORT, move |_c, req: UploadRef, _p: Pages| {
-                n4.put_abort(req);
-                Ok::<_, Status>((Empty {}, Payload::Empty))
-            })
-            .register(method::GET_BEGIN, move |_c, req: BlobRef, _p: Pages| {
-                Ok((n5.get_begin(req)?, Payload::Empty))
-            })
-            .register(method::GET_CHUNK, move |_c, req: GetChunk, _p: Pages| {
-                let (resp, buf) = n6.get_chunk(req)?;
-                Ok((resp, Payload::Buf(buf)))
-            })
-            .register(method::LIST, move |_c, req: ListRequest, _p: Pages| {
-                Ok((n7.list_page(req)?, Payload::Empty))
-            })
             .register(method::DELETE, move |_c, req: BlobRef, _p: Pages| {
-                Ok((n8.delete(req)?, Payload::Empty))
+                Ok((n5.delete(req)?, Payload::Empty))
             })
             .register(method::STATS, move |_c, _req: Empty, _p: Pages| {
-                Ok((n9.stats()?, Payload::Empty))
+                Ok((n6.stats()?, Payload::Empty))
             })
             .bind(listen)?;
         let addr = server.local_addr();
         *lock(&node.server) = Some(server);
-        let (tx, rx) = mpsc::channel::<()>();
-        let tick =
-            (node.cfg.upload_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        let rn = node.clone();
-        let reaper = std::thread::Builder::new()
-            .name("storage-reaper".into())
-            .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(tick) {
-                    rn.reap();
-                }
-            })?;
         Ok(StorageNode {
             node,
             addr,
-            reaper: Some((tx, reaper)),
             temps_removed,
         })
     }
@@ -824,51 +881,43 @@ impl StorageNode {
         self.node.blob_path(id)
     }
 
-    /// Stops the node gracefully: stops accepting, gives in-flight calls up
-    /// to 10 s to finish (a call whose client does not read its response
-    /// would otherwise hold the stop for the send timeout), closes every
-    /// connection, and discards unfinished uploads.
+    /// Stops the node gracefully: stops accepting, gives calls and streams
+    /// in progress up to 10 s to finish (an upload finishes when its client
+    /// half-closes it), closes every connection, and returns once every
+    /// unfinished upload is discarded.
     pub fn shutdown(mut self) {
-        self.stop(Some(Duration::from_secs(10)), true);
+        self.stop(Duration::from_secs(10), false);
     }
 
-    /// Stops the node at once, as a crash would: calls in flight are cut
-    /// off, connections closed, and the temporary files of unfinished
-    /// uploads are left behind (the next start removes them). For tests and
-    /// demonstrations of failover.
+    /// Stops the node at once, as a crash would: calls and streams in
+    /// progress are cut off, connections closed, and the temporary files of
+    /// unfinished uploads are left behind (the next start removes them).
+    /// For tests and demonstrations of failover.
     pub fn kill(mut self) {
-        self.stop(Some(Duration::ZERO), false);
+        self.stop(Duration::ZERO, true);
     }
 
-    fn stop(&mut self, grace: Option<Duration>, discard: bool) {
+    fn stop(&mut self, grace: Duration, crash: bool) {
+        if crash {
+            self.node.killed.store(true, Ordering::SeqCst);
+        }
         // Take the server out first: the stats handler locks this slot and
         // stopping waits for handlers.
         let server = lock(&self.node.server).take();
         if let Some(s) = server {
-            match grace {
-                Some(g) => {
-                    s.shutdown_timeout(g);
-                }
-                None => s.shutdown(),
-            }
+            s.shutdown_timeout(grace);
         }
-        if let Some((tx, h)) = self.reaper.take() {
-            drop(tx);
-            let _ = h.join();
-        }
-        for up in self.node.drain_uploads() {
-            if discard {
-                up.session.abort();
-            } else {
-                up.session.leave_behind();
-            }
-        }
+        // Streaming handlers run on threads the server does not join; with
+        // their connections closed they return promptly, discarding (or,
+        // after a kill, leaving behind) their uploads. Wait for them, so
+        // nothing writes into the directory after this returns.
+        self.node.wait_handlers(Duration::from_secs(30));
         self.node.open.clear();
     }
 }
 
 impl Drop for StorageNode {
     fn drop(&mut self) {
-        self.stop(Some(Duration::from_secs(10)), true);
+        self.stop(Duration::from_secs(10), false);
     }
 }

@@ -1,9 +1,8 @@
 //! Reading blobs: a [`BlobFile`] is one blob file opened and its header
 //! checked (including that the header names the blob the file name says),
-//! and a [`BlobReader`] walks its chunks. A streaming handler opens a
-//! reader once and sends [`BlobReader::next_chunk`] until it returns
-//! `None`; the unary `get.chunk` calls read one chunk each with
-//! [`BlobFile::read_chunk`].
+//! and a [`BlobReader`] walks its chunks. The node's `blob.get` handler
+//! opens a reader once and sends [`BlobReader::next_chunk`] until it
+//! returns `None`.
 //!
 //! Reads use the descriptor opened at the start, so a reader keeps reading
 //! the version it started with even if the blob is replaced or deleted
@@ -18,7 +17,7 @@ use std::sync::Arc;
 use pagerpc::{PageBuf, Status};
 
 use super::format::BlobHeader;
-use super::{chunk_len, io_status, round_up_page, BlobInfo, GetChunkResponse, PAGE};
+use super::{chunk_len, io_status, round_up_page, BlobInfo, GetChunk, PAGE};
 
 /// Which file a path named when it was looked at: device, inode, and the
 /// inode's change time and size. A blob file is only ever replaced by a
@@ -155,7 +154,7 @@ impl BlobFile {
         self.ident
     }
 
-    /// The blob's description (no credits, no problem).
+    /// The blob's description (no problem).
     pub fn info(&self) -> BlobInfo {
         BlobInfo {
             id: self.id.clone(),
@@ -163,7 +162,6 @@ impl BlobFile {
             crc32c: self.header.crc32c,
             chunk_size: self.header.chunk_size,
             version: self.header.version,
-            credits: 0,
             problem: String::new(),
         }
     }
@@ -227,14 +225,15 @@ impl BlobReader {
         BlobReader { blob, next: 0 }
     }
 
-    /// A reader from `offset` (a chunk boundary), to resume a transfer.
+    /// A reader from `offset` (a chunk boundary, or the blob's size: then
+    /// there is nothing to read), to resume a transfer.
     ///
     /// # Errors
     /// [`InvalidArgument`](pagerpc::Code::InvalidArgument) when `offset`
     /// is not a chunk boundary within the blob.
     pub fn starting_at(blob: Arc<BlobFile>, offset: u64) -> Result<BlobReader, Status> {
         let h = blob.header();
-        if !offset.is_multiple_of(h.chunk_size) || offset > h.size {
+        if offset != h.size && (!offset.is_multiple_of(h.chunk_size) || offset > h.size) {
             return Err(Status::invalid_argument(format!(
                 "offset {offset} is not a chunk boundary of '{}' ({} bytes in chunks of {})",
                 blob.id(),
@@ -255,17 +254,18 @@ impl BlobReader {
         self.next
     }
 
-    /// The next chunk and its stored CRC32C, or `None` at the end. After an
-    /// error the reader stays where it was.
-    pub fn next_chunk(&mut self) -> Option<Result<(GetChunkResponse, PageBuf), Status>> {
+    /// The next chunk (its offset and stored CRC32C, and its bytes), or
+    /// `None` at the end. After an error the reader stays where it was.
+    pub fn next_chunk(&mut self) -> Option<Result<(GetChunk, PageBuf), Status>> {
         let h = self.blob.header();
         if self.next >= h.size {
             return None;
         }
         let len = chunk_len(h.size, h.chunk_size, self.next);
-        Some(self.blob.read_chunk(self.next, len).map(|(crc32c, buf)| {
+        let offset = self.next;
+        Some(self.blob.read_chunk(offset, len).map(|(crc32c, buf)| {
             self.next += len;
-            (GetChunkResponse { crc32c }, buf)
+            (GetChunk { offset, crc32c }, buf)
         }))
     }
 }

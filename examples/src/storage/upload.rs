@@ -3,13 +3,13 @@
 //!
 //! The session owns its temporary file `DIR/.tmp-<id>-<tag>` and removes it
 //! when it is dropped without a successful commit, so every way an upload
-//! can end (abort, a failed commit, expiry, shutdown) leaves nothing
-//! behind. A streaming handler drives it directly: [`UploadSession::begin`]
-//! on the stream's first message, [`UploadSession::append`] for each chunk,
-//! [`UploadSession::commit`] at the end, dropping it if the stream breaks.
-//! The unary `put.chunk` calls, which may run concurrently and so reach the
-//! session in any order, use [`UploadSession::write_chunk`] with the
-//! chunk's offset.
+//! can end (abort, a failed commit, a broken stream, shutdown) leaves
+//! nothing behind. The node's `blob.put` handler drives it:
+//! [`UploadSession::begin`] on the stream's header,
+//! [`UploadSession::append`] for each chunk message,
+//! [`UploadSession::commit`] when the client half-closes, dropping it if
+//! the stream breaks. [`UploadSession::write_chunk`] writes a chunk at any
+//! offset, for a writer whose chunks may arrive out of order.
 //!
 //! Nothing here is allocated in proportion to the size announced at
 //! `begin`: the chunk CRC table grows by 4 bytes per chunk actually
@@ -24,7 +24,7 @@ use pagerpc::Status;
 
 use super::format::{chunk_count, header_len, BlobHeader, MAX_CHUNKS};
 use super::{
-    check_id, chunk_len, io_status, open_split, sync_dir, write_split, BlobInfo, PutBegin,
+    check_id, chunk_len, io_status, open_split, sync_dir, write_split, BlobInfo, PutHeader,
     MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE,
 };
 
@@ -79,7 +79,7 @@ impl UploadSession {
     /// disk is full or the node is out of file descriptors).
     pub fn begin(
         dir: &Path,
-        req: &PutBegin,
+        req: &PutHeader,
         tag: u64,
         direct_io: bool,
     ) -> Result<UploadSession, Status> {
@@ -269,14 +269,15 @@ impl UploadSession {
         let expected = match (self.crc, crc32c) {
             (Some(a), Some(b)) if a != b => {
                 return Err(Status::invalid_argument(format!(
-                    "'{}': put.begin gave CRC32C {a:#010x} but put.commit gave {b:#010x}",
+                    "'{}': the put header gave CRC32C {a:#010x} but the end message gave \
+                     {b:#010x}",
                     self.id
                 )))
             }
             (Some(a), _) | (None, Some(a)) => a,
             (None, None) => {
                 return Err(Status::invalid_argument(format!(
-                    "'{}': no CRC32C given in put.begin or put.commit",
+                    "'{}': no CRC32C given in the put header or the end message",
                     self.id
                 )))
             }
@@ -323,7 +324,6 @@ impl UploadSession {
             crc32c: whole,
             chunk_size: self.chunk_size,
             version: self.version,
-            credits: 0,
             problem: String::new(),
         })
     }
@@ -415,8 +415,8 @@ pub(crate) mod tests {
             .collect()
     }
 
-    pub(crate) fn req(id: &str, size: u64) -> PutBegin {
-        PutBegin {
+    pub(crate) fn req(id: &str, size: u64) -> PutHeader {
+        PutHeader {
             id: id.into(),
             size,
             crc32c: None,
