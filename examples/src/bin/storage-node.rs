@@ -57,7 +57,7 @@ enum Cmd {
         threads: Option<usize>,
         /// Bytes a client may send on one stream before the node releases
         /// some (the upload's flow control).
-        #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+        #[arg(long, default_value = "16MiB", value_parser = parse_size)]
         stream_window: u64,
         /// Most streams open at once: uploads, reads and listings (must be
         /// larger than --max-uploads).

@@ -54,7 +54,7 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Bytes of stream messages a node may send on one GET or listing
     /// stream before this client releases some (pagerpc's
-    /// `ClientConfig::stream_window`). Default 8 MiB: a GET holds at most
+    /// `ClientConfig::stream_window`). Default 16 MiB: a GET holds at most
     /// that much (or one chunk, if larger) of received chunks.
     pub stream_window: u64,
     /// Write GET output with `O_DIRECT` (whole pages; falls back to
@@ -75,7 +75,7 @@ impl ClientOptions {
             call_timeout: Duration::from_secs(60),
             stream_timeout: None,
             connect_timeout: Duration::from_secs(3),
-            stream_window: 8 << 20,
+            stream_window: 16 << 20,
             direct_output: true,
         }
     }
