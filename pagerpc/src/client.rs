@@ -93,6 +93,12 @@ pub struct ClientConfig {
     /// A stream whose consumer stops reading holds at most this much (plus
     /// one message larger than the window) on the client.
     pub stream_window: u64,
+    /// Bytes of separate payloads the server may have sent that this
+    /// client has not read out of its socket yet (announced in SETTINGS;
+    /// credit goes back as the client reads). Keeps the client's receive
+    /// window open so segments stay page-aligned and mappable. Default
+    /// 4 MiB; 0 announces none.
+    pub conn_window: u64,
 }
 
 impl ClientConfig {
@@ -117,6 +123,7 @@ impl Default for ClientConfig {
             segments: SegmentAlign::Auto,
             auth_key: None,
             stream_window: pagerpc_core::conn::DEFAULT_STREAM_WINDOW,
+            conn_window: pagerpc_core::conn::DEFAULT_CONN_WINDOW,
         }
     }
 }
@@ -181,6 +188,12 @@ struct State {
     peer: PeerSettings,
     /// `peer` changed and the sender's limits are not updated yet.
     peer_changed: bool,
+    /// Connection credit the server gave back, not yet handed to the
+    /// sender.
+    conn_granted: u64,
+    /// Separate payload bytes read and not yet given back to the server
+    /// as connection credit.
+    conn_unreported: u64,
 }
 
 struct Shared {
@@ -263,7 +276,8 @@ impl Client {
         // Our limits, for the server to check its responses against. Its
         // own arrive with the first frames we read; until then, calls are
         // checked against the documented defaults.
-        let ours = PeerSettings::new(cfg.limits, None, cfg.stream_window);
+        let ours = PeerSettings::new(cfg.limits, None, cfg.stream_window)
+            .with_conn_window(cfg.conn_window);
         let settings = Header {
             kind: Kind::Settings as i32,
             body: ours.encode(),

@@ -105,7 +105,7 @@ fn drain(mut peer: TcpStream) -> JoinHandle<Vec<(Kind, u64)>> {
                         .expect("the client sent a malformed frame");
                     i += used;
                     if let Some(h) = head {
-                        if h.kind() != Kind::Settings {
+                        if h.kind() != Kind::Settings && h.kind() != Kind::Credit {
                             frames.push((h.kind(), h.call_id()));
                         }
                     }

@@ -46,7 +46,7 @@ fn read_frames(s: &mut TcpStream, n: usize) -> Vec<DecodedFrame> {
         let frames: Vec<_> = decode_stream(&bytes, Limits::default(), &[])
             .frames
             .into_iter()
-            .filter(|f| f.head.kind() != Kind::Settings)
+            .filter(|f| !is_connection_frame(f))
             .collect();
         if frames.len() >= n {
             return frames;
@@ -559,7 +559,7 @@ fn garbage_gets_a_protocol_error_and_a_close() {
             raw.write_all(&bytes).unwrap();
             let answer = read_to_close(&mut raw);
             let mut out = decode_stream(&answer, Limits::default(), &[]);
-            out.frames.retain(|f| f.head.kind() != Kind::Settings);
+            out.frames.retain(|f| !is_connection_frame(f));
             assert_eq!(
                 out.error, None,
                 "{name}: the server's answer is not clean frames"

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::read_raw_frames;
+use common::{is_connection_frame, read_raw_frames};
 use pagerpc::codec::{decode_stream, encode_head, CodecError, Flags, Header, Kind, Limits};
 use pagerpc::prost::Message;
 use pagerpc::proto::MetadataEntry;
@@ -230,7 +230,7 @@ fn a_slowloris_peer_is_dropped_by_the_header_timeout() {
     let frames: Vec<_> = decode_stream(&bytes, Limits::default(), &[])
         .frames
         .into_iter()
-        .filter(|f| f.head.kind() != Kind::Settings)
+        .filter(|f| !is_connection_frame(f))
         .collect();
     assert_eq!(
         frames[0].head.header.status_code,

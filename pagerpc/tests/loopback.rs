@@ -257,9 +257,14 @@ fn thirty_two_clients_at_once() {
         checked.wait();
         for h in handles {
             let counters = h.join().unwrap();
-            // 20 calls, plus each side's SETTINGS.
-            assert_eq!(counters.frames_sent, 21);
-            assert_eq!(counters.frames_received, 21);
+            // 20 calls, each side's SETTINGS, and the connection credit
+            // each side gives back for the other's payloads (at most one
+            // per payload).
+            assert!((21..=41).contains(&counters.frames_sent), "{counters:?}");
+            assert!(
+                (21..=41).contains(&counters.frames_received),
+                "{counters:?}"
+            );
         }
     });
 }

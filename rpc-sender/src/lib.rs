@@ -104,6 +104,21 @@ pub struct Sender {
     /// The next payload waits for zero-copy completions to free room
     /// under `zerocopy_max_inflight`.
     awaiting: bool,
+    /// The peer's payload credit (its announced `conn_window`), once it
+    /// announced one: separate payloads written and not yet read out of
+    /// its socket.
+    credit: Option<pagerpc_core::conn::OutCredit>,
+    /// The next frame's payload waits for credit from the peer.
+    awaiting_credit: bool,
+    /// The payload at the front of the queue was charged to `credit`.
+    charged_front: bool,
+    /// Encoded control frames (CREDIT) that go out at the next frame
+    /// boundary, ahead of frames queued but not started: a frame waiting
+    /// for the peer's credit must not hold back the credit we owe the
+    /// peer, or both sides would wait for each other.
+    urgent: Vec<u8>,
+    /// Bytes of `urgent` written.
+    urgent_written: usize,
 }
 
 impl Sender {
@@ -133,7 +148,36 @@ impl Sender {
             zc_off,
             scratch: Vec::new(),
             awaiting: false,
+            credit: None,
+            awaiting_credit: false,
+            charged_front: false,
+            urgent: Vec::new(),
+            urgent_written: 0,
         }
+    }
+
+    /// Limits separate payloads written and not yet read by the peer to
+    /// `window` bytes (its announced `conn_window`): a frame whose payload
+    /// does not fit waits, head and all, until the peer gives credit back
+    /// ([`grant_credit`](Self::grant_credit)). One payload larger than the
+    /// window goes when nothing is outstanding. Keeping the peer's socket
+    /// from filling keeps TCP's receive window open, so segments stay on
+    /// page boundaries and the peer can map them.
+    pub fn set_payload_window(&mut self, window: u64) {
+        self.credit = Some(pagerpc_core::conn::OutCredit::new(window));
+    }
+
+    /// The peer read `bytes` more payload bytes out of its socket.
+    pub fn grant_credit(&mut self, bytes: u64) {
+        if let Some(c) = self.credit.as_mut() {
+            c.grant(bytes);
+        }
+    }
+
+    /// Whether the next frame waits for payload credit from the peer (the
+    /// driver must read, not wait for the socket to become writable).
+    pub fn awaiting_credit(&self) -> bool {
+        self.awaiting_credit
     }
 
     /// Whether `MSG_ZEROCOPY` sends are on.
@@ -175,7 +219,7 @@ impl Sender {
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.queue.bytes
+        self.queue.bytes + self.urgent.len() - self.urgent_written
     }
 
     /// Parts queued and not yet (fully) written.
@@ -194,7 +238,68 @@ impl Sender {
 
     /// Whether anything is queued.
     pub fn has_queued(&self) -> bool {
-        !self.queue.parts.is_empty()
+        !self.queue.parts.is_empty() || !self.urgent.is_empty()
+    }
+
+    /// Queues payload-less control frames (CREDIT) to go out at the next
+    /// frame boundary, ahead of frames queued and not started. Nothing is
+    /// written here.
+    ///
+    /// # Errors
+    /// As [`enqueue`](Self::enqueue); a frame with a payload is refused
+    /// as [`SendErrorKind::Codec`] would be, holding it.
+    pub fn enqueue_urgent(&mut self, frames: Vec<OutFrame>) -> Result<(), SendError> {
+        if self.broken || frames.iter().any(|f| !f.payload.is_empty()) {
+            return Err(SendError {
+                kind: SendErrorKind::Broken,
+                payloads: frames.into_iter().map(|f| f.payload).collect(),
+                partial: false,
+            });
+        }
+        let start = self.urgent.len();
+        for f in &frames {
+            if let Err(e) = encode_head(
+                &f.header,
+                0,
+                Flags::NONE,
+                &self.cfg.limits,
+                &mut self.urgent,
+            ) {
+                self.urgent.truncate(start);
+                return Err(SendError {
+                    kind: SendErrorKind::Codec(e),
+                    payloads: frames.into_iter().map(|f| f.payload).collect(),
+                    partial: false,
+                });
+            }
+            self.counters.frame_sent(0);
+        }
+        Ok(())
+    }
+
+    /// Writes urgent control frames if the stream is at a frame boundary.
+    /// `Ok(false)` if the socket took no more.
+    fn write_urgent(&mut self) -> io::Result<bool> {
+        let boundary = self.urgent_written > 0
+            || (self.queue.written == 0
+                && !matches!(self.queue.parts.front(), Some(Part::Payload { .. })));
+        while boundary && self.urgent_written < self.urgent.len() {
+            match sys::sendmsg(
+                self.fd.as_fd(),
+                &[IoSlice::new(&self.urgent[self.urgent_written..])],
+                sys::MSG_EOR,
+            ) {
+                Ok(n) => self.urgent_written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.urgent_written == self.urgent.len() {
+            self.urgent.clear();
+            self.urgent_written = 0;
+        }
+        Ok(true)
     }
 
     /// Reads completion notifications without blocking and releases every
@@ -402,6 +507,9 @@ impl Sender {
 
     fn write_queued(&mut self) -> io::Result<Flush> {
         loop {
+            if !self.urgent.is_empty() && !self.write_urgent()? {
+                return Ok(Flush::Blocked);
+            }
             let written = self.queue.written;
             // Decide once per payload, before its first byte, whether it
             // goes out with MSG_ZEROCOPY: it must qualify (a payload larger
@@ -428,6 +536,21 @@ impl Sender {
                     }
                 }
             }
+            // A frame with a separate payload starts only when the peer
+            // has credit for its payload (the head goes with it, so the
+            // peer is never left inside a frame waiting for credit).
+            if written == 0 {
+                if let (Some(Part::Head { .. }), Some(Part::Payload { payload, zc: None })) =
+                    (self.queue.parts.front(), self.queue.parts.get(1))
+                {
+                    let len = payload.len() as u64;
+                    if self.credit.is_some_and(|c| !c.can_send(len)) {
+                        self.awaiting_credit = true;
+                        return Ok(Flush::Blocked);
+                    }
+                    self.awaiting_credit = false;
+                }
+            }
             let Some(front) = self.queue.parts.front_mut() else {
                 return Ok(Flush::Done);
             };
@@ -447,6 +570,13 @@ impl Sender {
                     }
                 }
                 Part::Payload { payload, zc } => {
+                    if written == 0 && !self.charged_front {
+                        // Checked with its head; charged once, here.
+                        self.charged_front = true;
+                        if let Some(c) = self.credit.as_mut() {
+                            c.spend(payload.len() as u64);
+                        }
+                    }
                     if written == 0 && zc.is_none() {
                         self.awaiting = false;
                         if go_zc {
@@ -520,6 +650,7 @@ impl Sender {
             };
             if let Some(done) = self.queue.advance(n) {
                 if let Part::Payload { payload, zc } = done {
+                    self.charged_front = false;
                     self.uncork();
                     match zc {
                         Some(ids) if ids.count > 0 => self.hold(ids, payload),

@@ -90,11 +90,27 @@ impl Shared {
         }
     }
 
+    /// A separate payload of `bytes` was read out of the socket: give the
+    /// server connection credit for it (queued like a CANCEL, written by
+    /// whoever holds the sender lock).
+    fn payload_read(&self, bytes: u64) {
+        if self.cfg.conn_window == 0 {
+            return;
+        }
+        self.state.lock().conn_unreported += bytes;
+        self.control_waiting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.poke_backlog();
+    }
+
     /// Hands one received frame (or receive error) to its call, or fails
     /// the connection.
     pub(super) fn dispatch(&self, r: Result<Frame, RecvError>) -> Dispatched {
         match r {
             Ok(frame) => {
+                if !frame.head.inline_payload() && frame.head.payload_len() > 0 {
+                    self.payload_read(frame.head.payload_len());
+                }
                 // What the frame means is the state machine's call.
                 let incoming = self.state.lock().calls.on_frame(&frame.head);
                 match incoming {

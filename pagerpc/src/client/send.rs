@@ -103,6 +103,10 @@ impl Shared {
                 }
             }
             if tx.has_queued() {
+                // Control frames handed over while we waited (credit owed
+                // to the server goes ahead of our frame if it waits).
+                self.drain_cancels(tx);
+                self.update_limits(tx);
                 let before = tx.queued_bytes();
                 let r = tx.flush();
                 if tx.queued_bytes() < before {
@@ -154,6 +158,10 @@ impl Shared {
             if let Some(dead) = st.calls.dead() {
                 return Err(dead.clone());
             }
+            if self.control_waiting.load(SeqCst) {
+                // Handed over before we set send_waiting: queue them now.
+                return Ok(sys::SendReady::default());
+            }
             st.send_waiting = true;
             !st.reader_active
         };
@@ -161,7 +169,10 @@ impl Shared {
         // socket stays readable until the reader reads, and the reader
         // raises `wake` when it gives the role back.
         let timeout = until.map(|u| u.saturating_duration_since(Instant::now()));
-        let write = !tx.awaiting_completions();
+        // Waiting for completions (POLLERR) or for the server's credit
+        // (read, or be woken by the reader that gets it): POLLOUT would
+        // report at once, again and again.
+        let write = !tx.awaiting_completions() && !tx.awaiting_credit();
         let r = sys::wait_send_ready(self.fd.as_fd(), write, read, self.wake.as_fd(), timeout);
         self.state.lock().send_waiting = false;
         let ready =
@@ -283,7 +294,22 @@ impl Shared {
         if !self.control_waiting.swap(false, SeqCst) {
             return;
         }
-        let frames = std::mem::take(&mut self.state.lock().control);
+        let (frames, credit) = {
+            let mut st = self.state.lock();
+            (
+                std::mem::take(&mut st.control),
+                std::mem::take(&mut st.conn_unreported),
+            )
+        };
+        // Credit goes ahead of frames not started: one waiting for the
+        // server's credit must not hold back the credit we owe it.
+        let (urgent, frames): (Vec<_>, Vec<_>) = frames
+            .into_iter()
+            .chain((credit > 0).then(|| super::stream::credit_frame(0, credit)))
+            .partition(|f| f.header.kind == Kind::Credit as i32);
+        if !urgent.is_empty() {
+            let _ = tx.enqueue_urgent(urgent);
+        }
         if !frames.is_empty() {
             // Refused only once the stream is broken; the server then
             // forgets the calls anyway.
@@ -297,6 +323,13 @@ impl Shared {
         let mut st = self.state.lock();
         if std::mem::take(&mut st.peer_changed) {
             tx.set_limits(st.peer.limits);
+            if st.peer.conn_window > 0 {
+                tx.set_payload_window(st.peer.conn_window);
+            }
+        }
+        let granted = std::mem::take(&mut st.conn_granted);
+        if granted > 0 {
+            tx.grant_credit(granted);
         }
     }
 
@@ -306,6 +339,7 @@ impl Shared {
     fn flush_backlog(&self, tx: &mut Sender) {
         self.backlog.store(false, SeqCst);
         self.drain_cancels(tx);
+        self.update_limits(tx);
         if !tx.has_queued() {
             return;
         }
@@ -346,6 +380,18 @@ impl Shared {
         if let Some(mut tx) = self.sender.try_lock() {
             self.flush_backlog(&mut tx);
             self.release_sender(tx);
+        } else {
+            self.wake_sender();
+        }
+    }
+
+    /// The sender lock is held by a thread that may be waiting for the
+    /// socket (or for the server's credit): wake it, so it queues the
+    /// control frames handed over (credit we owe the server must not wait
+    /// behind a request that waits for the server's credit).
+    fn wake_sender(&self) {
+        if self.state.lock().send_waiting {
+            self.wake.raise();
         }
     }
 
@@ -372,6 +418,8 @@ impl Shared {
         if let Some(mut tx) = self.sender.try_lock() {
             self.flush_backlog(&mut tx);
             self.release_sender(tx);
+        } else {
+            self.wake_sender();
         }
     }
 }

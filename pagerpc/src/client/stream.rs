@@ -98,7 +98,7 @@ fn cost(frame: &Frame) -> u64 {
     frame.head.header.body.len() as u64 + frame.head.payload_len()
 }
 
-fn credit_frame(id: u64, credit: u64) -> OutFrame {
+pub(super) fn credit_frame(id: u64, credit: u64) -> OutFrame {
     OutFrame {
         header: Header {
             call_id: id,
@@ -254,6 +254,15 @@ impl Shared {
     /// A CREDIT frame arrived for call `id`.
     pub(super) fn stream_credit(&self, id: u64, credit: u64) {
         let mut st = self.state.lock();
+        if id == 0 {
+            // Connection credit: the server read our payloads. The thread
+            // holding the sender applies it; wake it if it waits.
+            st.conn_granted = st.conn_granted.saturating_add(credit);
+            if st.send_waiting {
+                self.wake.raise();
+            }
+            return;
+        }
         if let Some(slot) = st.calls.get_mut(id) {
             if let Some(stream) = slot.stream.as_mut() {
                 stream.out.grant(credit);

@@ -124,6 +124,18 @@ pub struct ServerConfig {
     /// A handler that stops reading holds at most this much (plus one
     /// message larger than the window) per stream.
     pub stream_window: u64,
+    /// Bytes of separate payloads a client may have sent on one connection
+    /// that the server has not read out of its socket yet (announced in
+    /// SETTINGS; the server gives credit back as it reads). Keeping the
+    /// socket from filling keeps TCP's receive window open, so segments
+    /// stay on page boundaries and zero-copy receive maps them. Default
+    /// 4 MiB; 0 announces none (no limit). The client's own
+    /// `ClientConfig::conn_window` limits the server's responses the same
+    /// way.
+    ///
+    /// # Memory cost
+    /// None of its own: it bounds what sits in the kernel's socket buffer.
+    pub conn_window: u64,
 }
 
 impl ServerConfig {
@@ -160,6 +172,7 @@ impl Default for ServerConfig {
             auth_key: None,
             max_streams: 256,
             stream_window: pagerpc_core::conn::DEFAULT_STREAM_WINDOW,
+            conn_window: pagerpc_core::conn::DEFAULT_CONN_WINDOW,
         }
     }
 }

@@ -101,6 +101,9 @@ pub(crate) struct Conn {
     /// The sender's next payload waits for zero-copy completions
     /// (`EPOLLERR`), not for room in the socket (`EPOLLOUT`).
     awaiting_zc: AtomicBool,
+    /// The sender's next payload waits for the client's credit (a CREDIT
+    /// frame): keep reading, do not wait for `EPOLLOUT`.
+    pub(crate) awaiting_credit: AtomicBool,
     pub(crate) outbound_max: usize,
     pub(crate) closed: AtomicBool,
     /// Payload bytes of this connection's requests that consumers still hold.
@@ -154,6 +157,7 @@ impl Conn {
             owner: Mutex::new(Owner::default()),
             queued_out: AtomicUsize::new(0),
             awaiting_zc: AtomicBool::new(false),
+            awaiting_credit: AtomicBool::new(false),
             outbound_max,
             closed: AtomicBool::new(false),
             held: AtomicUsize::new(0),
@@ -180,7 +184,15 @@ impl Conn {
     pub(crate) fn read_paused(&self) -> bool {
         self.held_paused.load(Ordering::SeqCst)
             || self.budget_wait.load(Ordering::SeqCst)
-            || self.outbound_full()
+            || self.outbound_blocks_reading()
+    }
+
+    /// Whether queued responses stop reading: the queue is full and the
+    /// peer is not taking it. While the queue waits for the peer's credit,
+    /// reading goes on, since the credit arrives by reading (the calls read
+    /// meanwhile are deferred, not run).
+    pub(crate) fn outbound_blocks_reading(&self) -> bool {
+        self.outbound_full() && !self.awaiting_credit.load(Ordering::SeqCst)
     }
 
     /// Whether the owner should read requests now.
@@ -188,7 +200,7 @@ impl Conn {
         !self.closed.load(Ordering::SeqCst)
             && !self.held_paused.load(Ordering::SeqCst)
             && !self.budget_wait.load(Ordering::SeqCst)
-            && !self.outbound_full()
+            && !self.outbound_blocks_reading()
     }
 
     /// Takes ownership of the connection's I/O for `ev`; if another thread
@@ -234,8 +246,9 @@ impl Conn {
         }
         // Waiting for completions: EPOLLERR (always reported) wakes us;
         // EPOLLOUT would report at once, again and again.
-        let write =
-            self.queued_out.load(Ordering::SeqCst) > 0 && !self.awaiting_zc.load(Ordering::SeqCst);
+        let write = self.queued_out.load(Ordering::SeqCst) > 0
+            && !self.awaiting_zc.load(Ordering::SeqCst)
+            && !self.awaiting_credit.load(Ordering::SeqCst);
         let flags = sys::conn_interest(self.wants_read(), write);
         if poller.rearm(self.fd.as_fd(), self.token, flags).is_err() {
             // Gone from the poller (closing): nothing to wait for.
@@ -262,9 +275,16 @@ impl Conn {
             let was_full = self.outbound_full();
             let before = tx.queued_bytes();
             if !batch.is_empty() {
+                // Credit goes ahead of frames not started (one of which
+                // may wait for the client's credit).
+                let (urgent, batch): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|f| f.header.kind == pagerpc_core::Kind::Credit as i32);
                 // Replies were checked against the client's limits, so a
                 // failure here is the socket's (the sender is broken).
-                if tx.enqueue(batch).is_err() {
+                if (!urgent.is_empty() && tx.enqueue_urgent(urgent).is_err())
+                    || (!batch.is_empty() && tx.enqueue(batch).is_err())
+                {
                     outcome.failed = true;
                 }
             }
@@ -273,6 +293,8 @@ impl Conn {
             self.queued_out.store(after, Ordering::SeqCst);
             self.awaiting_zc
                 .store(tx.awaiting_completions(), Ordering::SeqCst);
+            self.awaiting_credit
+                .store(tx.awaiting_credit(), Ordering::SeqCst);
             drop(tx);
             match r {
                 Ok(Flush::Done) => {}
@@ -314,9 +336,18 @@ impl Conn {
 
     /// The client announced its limits: replies and stream messages are
     /// checked against them from now on.
-    pub(crate) fn set_peer_limits(&self, limits: pagerpc_core::Limits) {
+    pub(crate) fn set_peer_limits(&self, limits: pagerpc_core::Limits, conn_window: u64) {
         *self.peer_limits.lock() = limits;
-        self.sender.lock().set_limits(limits);
+        let mut tx = self.sender.lock();
+        tx.set_limits(limits);
+        if conn_window > 0 {
+            tx.set_payload_window(conn_window);
+        }
+    }
+
+    /// The client read `bytes` more of our payloads out of its socket.
+    pub(crate) fn grant_credit(&self, bytes: u64) {
+        self.sender.lock().grant_credit(bytes);
     }
 
     /// Closes the socket: aborts it (reset; the kernel drops queued data

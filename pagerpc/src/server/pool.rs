@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use pagerpc_core::conn::{ConnConfig, IoSnapshot, PeerSettings, Refusal, ServerConn, Timeout};
 use pagerpc_core::{Code, CodecError, Counters, Kind, Status};
+
+use super::stream::credit_frame;
 use pagerpc_pages::Pages;
 use pagerpc_receiver::{Frame, Receiver, RecvError};
 use pagerpc_sender::Sender;
@@ -169,8 +171,11 @@ impl Shared {
         let mut more = false;
         let mut rx = conn.receiver.lock();
         conn.budget_wait.store(false, Ordering::SeqCst);
+        // Separate payload bytes taken out of the socket this turn: given
+        // back to the client as connection credit when the turn ends.
+        let mut credit = 0u64;
         loop {
-            if conn.held_paused.load(Ordering::SeqCst) || conn.outbound_full() {
+            if conn.held_paused.load(Ordering::SeqCst) || conn.outbound_blocks_reading() {
                 break;
             }
             if frames == DISPATCH_BATCH {
@@ -184,6 +189,9 @@ impl Shared {
             match rx.poll_frame() {
                 Ok(Some(frame)) => {
                     frames += 1;
+                    if !frame.head.inline_payload() {
+                        credit += frame.head.payload_len();
+                    }
                     let job = self.classify(conn, frame, now);
                     if conn.open_limits.swap(false, Ordering::SeqCst) {
                         rx.set_limits(self.cfg.limits);
@@ -241,6 +249,9 @@ impl Shared {
         }
         if failure.is_none() {
             rx.wait_lowat();
+        }
+        if credit > 0 && self.cfg.conn_window > 0 && !conn.closed.load(Ordering::SeqCst) {
+            self.send(conn, credit_frame(0, credit));
         }
         let awaiting = rx.awaiting_budget();
         if awaiting {
@@ -438,7 +449,7 @@ impl Shared {
                     Ok(peer) => {
                         conn.peer_stream_window
                             .store(peer.stream_window, Ordering::SeqCst);
-                        conn.set_peer_limits(peer.limits);
+                        conn.set_peer_limits(peer.limits, peer.conn_window);
                     }
                     Err(e) => self.close(
                         conn,
@@ -545,7 +556,8 @@ impl Shared {
             self.cfg.limits,
             u32::try_from(self.cfg.max_inflight_per_conn).ok(),
             self.cfg.stream_window,
-        );
+        )
+        .with_conn_window(self.cfg.conn_window);
         control_frame(0, Kind::Settings, ours.encode())
     }
 

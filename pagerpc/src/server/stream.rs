@@ -103,7 +103,7 @@ fn cost(frame: &Frame) -> u64 {
     frame.head.header.body.len() as u64 + frame.head.payload_len()
 }
 
-fn credit_frame(id: u64, credit: u64) -> OutFrame {
+pub(crate) fn credit_frame(id: u64, credit: u64) -> OutFrame {
     OutFrame {
         header: Header {
             call_id: id,
@@ -246,7 +246,16 @@ impl Shared {
         let id = frame.head.call_id();
         let kind = frame.head.kind();
         if kind == Kind::Credit && id == 0 {
-            return; // connection-level credit: not used by this version
+            // Connection credit: the client read our payloads.
+            conn.grant_credit(frame.head.header.credit);
+            self.post_work(
+                conn,
+                super::conn::Events {
+                    write: true,
+                    ..Default::default()
+                },
+            );
+            return;
         }
         let Some(stream) = conn.streams.lock().get(&id).cloned() else {
             return;

@@ -162,18 +162,24 @@ pub fn raw_request(call_id: u64, method: &str, payload: &[u8]) -> Vec<u8> {
     wire
 }
 
-/// Frames a raw peer reads, without the server's SETTINGS (connection
-/// setup, not an answer to anything).
+/// Whether a frame is the connection's own business (its SETTINGS, or
+/// connection credit) rather than an answer to anything.
+pub fn is_connection_frame(f: &DecodedFrame) -> bool {
+    f.head.kind() == Kind::Settings || (f.head.kind() == Kind::Credit && f.head.call_id() == 0)
+}
+
+/// Frames a raw peer reads, without the server's connection frames.
 fn answers(buf: &[u8]) -> Vec<DecodedFrame> {
     decode_stream(buf, Limits::default(), &[])
         .frames
         .into_iter()
-        .filter(|f| f.head.kind() != Kind::Settings)
+        .filter(|f| !is_connection_frame(f))
         .collect()
 }
 
 /// Reads frames from a raw connection until `n` arrived, it closes, or
-/// `limit` passes. The server's SETTINGS frame is left out.
+/// `limit` passes. The server's connection frames (SETTINGS, connection
+/// credit) are left out.
 pub fn read_raw_frames(s: &mut TcpStream, n: usize, limit: Duration) -> Vec<DecodedFrame> {
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 pub use calls::{CallTable, Refusal};
 pub use client::{ClientConn, Incoming};
 pub use flow::{InCredit, OutCredit, WindowExceeded};
-pub use settings::{PeerSettings, DEFAULT_STREAM_WINDOW};
+pub use settings::{PeerSettings, DEFAULT_CONN_WINDOW, DEFAULT_STREAM_WINDOW};
 pub use timers::{IoSnapshot, Timeout, Timers};
 
 /// Settings of one connection's state machine.

@@ -19,10 +19,18 @@ pub struct PeerSettings {
     /// Bytes of stream messages it accepts on one stream before it gives
     /// credit back.
     pub stream_window: u64,
+    /// Bytes of separate payloads it accepts in flight on the connection
+    /// (sent, not yet read out of its socket) before it gives credit back;
+    /// 0 if it announced none (then nothing limits them).
+    pub conn_window: u64,
 }
 
 /// The stream window assumed when a peer announces none: 8 MiB.
 pub const DEFAULT_STREAM_WINDOW: u64 = 8 << 20;
+
+/// The connection payload window a pagerpc endpoint announces by default:
+/// 4 MiB (see `docs/wire-format.md`, "Connection credit").
+pub const DEFAULT_CONN_WINDOW: u64 = 4 << 20;
 
 impl Default for PeerSettings {
     fn default() -> Self {
@@ -30,6 +38,7 @@ impl Default for PeerSettings {
             limits: Limits::default(),
             max_inflight: None,
             stream_window: DEFAULT_STREAM_WINDOW,
+            conn_window: 0,
         }
     }
 }
@@ -41,7 +50,14 @@ impl PeerSettings {
             limits,
             max_inflight,
             stream_window,
+            conn_window: 0,
         }
+    }
+
+    /// The same, announcing a connection payload window of `bytes`.
+    pub fn with_conn_window(mut self, bytes: u64) -> PeerSettings {
+        self.conn_window = bytes;
+        self
     }
 
     /// The message sent in a SETTINGS frame's body.
@@ -56,7 +72,7 @@ impl PeerSettings {
             max_method_len: l.max_method_len,
             max_inflight: self.max_inflight.unwrap_or(0),
             stream_window: self.stream_window,
-            conn_window: 0,
+            conn_window: self.conn_window,
         }
     }
 
@@ -82,6 +98,7 @@ impl PeerSettings {
             },
             max_inflight: (s.max_inflight != 0).then_some(s.max_inflight),
             stream_window: pick64(s.stream_window, DEFAULT_STREAM_WINDOW),
+            conn_window: s.conn_window,
         }
     }
 
@@ -114,7 +131,8 @@ mod tests {
             },
             Some(7),
             1 << 20,
-        );
+        )
+        .with_conn_window(3 << 20);
         assert_eq!(PeerSettings::decode(&s.encode()).unwrap(), s);
         assert_eq!(PeerSettings::decode(&[]).unwrap(), PeerSettings::default());
     }
