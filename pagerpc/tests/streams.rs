@@ -351,3 +351,87 @@ fn a_server_killed_mid_stream_is_never_a_complete_stream() {
         "{err}"
     );
 }
+
+/// A client that announces a huge window and reads nothing must not make
+/// the server queue a huge stream: the server also bounds what it has
+/// outstanding by its own `stream_window`.
+#[test]
+fn a_huge_client_window_does_not_make_the_server_queue_the_stream() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let s2 = sent.clone();
+    let b = Server::builder().register_server_stream("big", move |_ctx, _b, _p, out| {
+        for i in 0..64u64 {
+            out.send(&msg("x"), payload(i, 256 * KIB))?;
+            s2.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(Vec::new())
+    });
+    let mut cfg = config(2);
+    cfg.stream_window = MIB as u64;
+    let server = b.config(cfg).bind("127.0.0.1:0").unwrap();
+    let ccfg = pagerpc::ClientConfig {
+        stream_window: 1 << 30,
+        ..pagerpc::ClientConfig::default()
+    };
+    let client = Client::connect_with(server.local_addr(), ccfg).unwrap();
+    let mut rx = client
+        .server_stream("big", &msg(""), Payload::Empty, &CallOptions::default())
+        .unwrap();
+    // Nothing read: whatever the server sent sits in sockets or in its
+    // queue. It stops at its own window (1 MiB: three messages of 256 KiB
+    // and a body each, the fourth would pass it).
+    assert!(wait_until(Duration::from_secs(10), || sent
+        .load(Ordering::SeqCst)
+        >= 3));
+    std::thread::sleep(Duration::from_millis(300));
+    let n = sent.load(Ordering::SeqCst);
+    assert!(
+        n <= 4,
+        "the server queued {n} messages for a client that reads nothing"
+    );
+    let mut got = 0;
+    while let Some(m) = rx.recv().unwrap() {
+        assert_bytes_eq(&m.payload, &pattern(256 * KIB, got), "after the stall");
+        got += 1;
+    }
+    assert_eq!(got, 64);
+}
+
+/// Shutting down does not wait for a stream stalled on a client that
+/// never gives credit back: its handler is told the server is going.
+#[test]
+fn shutdown_ends_a_stalled_stream() {
+    let ended = Arc::new(std::sync::Mutex::new(None));
+    let e2 = ended.clone();
+    let b = Server::builder().register_server_stream("forever", move |_ctx, _b, _p, out| {
+        let mut i = 0;
+        loop {
+            if let Err(e) = out.send(&msg("x"), payload(i, 64 * KIB)) {
+                *e2.lock().unwrap() = Some(e.status.clone());
+                return Err(e.status);
+            }
+            i += 1;
+        }
+    });
+    let server = b.config(config(2)).bind("127.0.0.1:0").unwrap();
+    let client = Client::connect(server.local_addr()).unwrap();
+    let mut rx = client
+        .server_stream("forever", &msg(""), Payload::Empty, &CallOptions::default())
+        .unwrap();
+    // Keep the first messages: no credit goes back, the handler stalls.
+    let _kept: Vec<_> = (0..4).map(|_| rx.recv().unwrap().unwrap()).collect();
+    with_watchdog(Duration::from_secs(20), "shutdown", move || {
+        server.shutdown()
+    });
+    let status = ended.lock().unwrap().clone().expect("the handler was told");
+    assert_eq!(status.code(), Code::Unavailable, "{status}");
+    // The client sees the end as an error, never as a complete stream.
+    let err = loop {
+        match rx.recv() {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("a stream cut by shutdown was reported complete"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err.code(), Code::Unavailable), "{err}");
+}

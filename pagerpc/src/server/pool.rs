@@ -570,8 +570,13 @@ impl Shared {
         }
     }
 
-    /// Puts calls deferred by a full outbound queue back to run.
+    /// Puts calls deferred by a full outbound queue back to run, and wakes
+    /// streams waiting for room in it.
     fn undefer(&self, conn: &Arc<Conn>) {
+        let streams: Vec<_> = conn.streams.lock().values().cloned().collect();
+        for s in streams {
+            s.poke();
+        }
         let jobs = std::mem::take(&mut conn.core.lock().deferred);
         if jobs.is_empty() {
             return;

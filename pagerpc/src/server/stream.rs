@@ -88,6 +88,12 @@ impl StreamShared {
         }
     }
 
+    /// Wakes the stream's handler to look again (its connection's
+    /// outbound queue drained, say).
+    pub(crate) fn poke(&self) {
+        self.cv.notify_all();
+    }
+
     /// The stream is cut short (CANCEL, or the connection closed).
     pub(crate) fn cancel(&self, status: Status) {
         let mut inner = self.inner.lock();
@@ -150,8 +156,15 @@ impl Shared {
                 self.cfg.max_streams
             )));
         }
+        // What we send is bounded by the client's window and by our own:
+        // a client announcing a huge window must not make us queue a huge
+        // stream for it.
+        let window_out = conn
+            .peer_stream_window
+            .load(Ordering::SeqCst)
+            .min(self.cfg.stream_window);
         let stream = Arc::new(StreamShared::new(
-            conn.peer_stream_window.load(Ordering::SeqCst),
+            window_out,
             self.cfg.stream_window,
             client_streams,
         ));
@@ -322,6 +335,13 @@ impl Half {
             }
             if self.conn.closed.load(Ordering::SeqCst) {
                 return Err(Status::unavailable("the connection closed"));
+            }
+            if self
+                .shared
+                .upgrade()
+                .is_none_or(|s| s.shutting_down.load(Ordering::SeqCst))
+            {
+                return Err(Status::unavailable("the server is shutting down"));
             }
             if self.cancelled.load(Ordering::Relaxed) {
                 return Err(Status::cancelled("the client cancelled the call"));
@@ -542,7 +562,11 @@ impl OutStream {
                 payload,
             });
         }
-        match h.wait(|i| i.out.can_send(bytes)) {
+        // Within the stream's credit, and within the connection's outbound
+        // budget (`max_outbound_bytes_per_conn`): a client that stops
+        // reading its socket stops the stream, it does not grow our queue.
+        let conn = h.conn.clone();
+        match h.wait(|i| i.out.can_send(bytes) && !conn.outbound_full()) {
             Ok(mut inner) => inner.out.spend(bytes),
             Err(status) => return Err(StreamSendError { status, payload }),
         }
