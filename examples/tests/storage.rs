@@ -781,6 +781,16 @@ impl NodeProc {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// Peak resident memory of the node process, in KiB (`VmHWM`).
+    fn peak_rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .expect("VmHWM in /proc/PID/status");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     /// Open file descriptors of the node process.
     fn fds(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.pid()))
@@ -1262,6 +1272,53 @@ fn ls_streams_100500_blobs() {
         "{count} blob files written in {:.1} s; `storage-node ls` listed them in {:.1} s",
         made.as_secs_f64(),
         listed.as_secs_f64()
+    );
+}
+
+/// `ls` of a million blobs through `storage-node ls`: the node scans its
+/// directory ten times (`LIST_SCAN_BATCH`) and the client prints as the
+/// stream arrives, so neither holds the listing. Writes 1,000,000 blob
+/// files (about 4 GiB) first, so it runs by hand: `cargo test --release -p
+/// pagerpc-examples --test storage -- --ignored --nocapture`.
+#[test]
+#[ignore = "writes 1,000,000 blob files (about 4 GiB); run by hand"]
+fn ls_streams_a_million_blobs() {
+    let tmp = TempDir::new("ls1m");
+    let dir = tmp.join("node");
+    fs::create_dir_all(&dir).unwrap();
+    let count = 1_000_000u32;
+    let t0 = std::time::Instant::now();
+    for i in 0..count {
+        let id = format!("b{i:07}");
+        write_blob_file(&dir, &id, Some(&id), b"", 1);
+    }
+    let made = t0.elapsed();
+    let node = NodeProc::start(&dir, &[]);
+    let node_rss_before = node.rss_kib();
+    let t1 = std::time::Instant::now();
+    let (ok, out, err) = node.run(&["ls"]);
+    let listed = t1.elapsed();
+    assert!(ok, "ls failed: {err}");
+    let mut n = 0u32;
+    let mut last = "";
+    for l in out.lines() {
+        let id = l.split_whitespace().nth(2).unwrap();
+        assert!(id > last, "in id order, once each: {id} after {last}");
+        last = id;
+        n += 1;
+    }
+    assert_eq!(n, count);
+    // The largest resident set of any child waited for so far: the client.
+    let client_kib = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .unwrap()
+        .max_rss();
+    println!(
+        "{count} blob files written in {:.0} s; `storage-node ls` listed them in {:.1} s; the \
+         client's peak RSS {client_kib} KiB; the node's RSS {node_rss_before} KiB before, peak \
+         {} KiB",
+        made.as_secs_f64(),
+        listed.as_secs_f64(),
+        node.peak_rss_kib()
     );
 }
 
