@@ -25,15 +25,31 @@ fn frame(h: &Header, payload: &[u8], flags: Flags) -> Vec<u8> {
     out
 }
 
-/// A raw prefix, for frames the encoder would refuse to produce.
+/// A raw version-`version` prefix with no body, for frames the encoder
+/// would refuse to produce. Version 1 prefixes are 20 bytes (no
+/// `body_len`), as version-1 peers send them.
 fn raw_prefix(version: u8, flags: u8, reserved: u16, header_len: u32, payload_len: u64) -> Vec<u8> {
+    raw_prefix_body(version, flags, reserved, header_len, 0, payload_len)
+}
+
+fn raw_prefix_body(
+    version: u8,
+    flags: u8,
+    reserved: u16,
+    header_len: u32,
+    body_len: u32,
+    payload_len: u64,
+) -> Vec<u8> {
     let mut p = b"PGRP".to_vec();
     p.push(version);
     p.push(flags);
     p.extend_from_slice(&reserved.to_le_bytes());
     p.extend_from_slice(&header_len.to_le_bytes());
+    if version != 1 {
+        p.extend_from_slice(&body_len.to_le_bytes());
+    }
     p.extend_from_slice(&payload_len.to_le_bytes());
-    assert_eq!(p.len(), PREFIX_LEN);
+    assert_eq!(p.len(), if version == 1 { 20 } else { PREFIX_LEN });
     p
 }
 
@@ -71,9 +87,18 @@ fn main() {
     err.status_code = 5;
     err.status_message = "not found".into();
     let cancel = header(Kind::Cancel, 9, "");
-    let chunk = header(Kind::StreamChunk, 11, "");
+    let mut chunk = header(Kind::StreamChunk, 11, "");
+    chunk.body = b"chunk body".to_vec();
     let end = header(Kind::StreamEnd, 11, "");
     let pong = header(Kind::Pong, 1, "");
+    let mut settings = header(Kind::Settings, 0, "");
+    settings.body = pagerpc_core::conn::PeerSettings::default()
+        .with_conn_window(4 << 20)
+        .encode();
+    let mut credit = header(Kind::Credit, 11, "");
+    credit.credit = 1 << 20;
+    let mut open = header(Kind::Request, 11, "store.Blobs/Put");
+    open.client_stream = true;
 
     let frames: Vec<(&str, Vec<u8>)> = vec![
         ("ping", frame(&ping, b"", Flags::NONE)),
@@ -87,6 +112,9 @@ fn main() {
         ("cancel", frame(&cancel, b"", Flags::NONE)),
         ("stream_chunk", frame(&chunk, &[1, 2, 3, 4], Flags::NONE)),
         ("stream_end", frame(&end, b"", Flags::INLINE_PAYLOAD)),
+        ("settings", frame(&settings, b"", Flags::NONE)),
+        ("credit", frame(&credit, b"", Flags::NONE)),
+        ("stream_open", frame(&open, b"", Flags::NONE)),
     ];
 
     // One seed per distinct shape; the stream seeds below hold every frame.
@@ -163,17 +191,19 @@ fn main() {
     // Bad prefixes.
     let bad_prefixes: Vec<(&str, Vec<u8>)> = vec![
         ("bad_magic", {
-            let mut p = raw_prefix(1, 0, 0, 2, 0);
+            let mut p = raw_prefix(2, 0, 0, 2, 0);
             p[..4].copy_from_slice(b"GET ");
             p
         }),
-        ("bad_version", raw_prefix(2, 0, 0, 2, 0)),
-        ("bad_flags", raw_prefix(1, 0x82, 0, 2, 0)),
-        ("bad_reserved", raw_prefix(1, 0, 0x0100, 2, 0)),
-        ("empty_header", raw_prefix(1, 0, 0, 0, 0)),
-        ("header_too_large", raw_prefix(1, 0, 0, 64 * 1024 + 1, 0)),
-        ("payload_too_large", raw_prefix(1, 0, 0, 2, u64::MAX)),
-        ("inline_too_large", raw_prefix(1, 1, 0, 2, 16 * 1024 + 1)),
+        ("bad_version", raw_prefix(3, 0, 0, 2, 0)),
+        ("version_1", raw_prefix(1, 0, 0, 2, 0)),
+        ("bad_flags", raw_prefix(2, 0x82, 0, 2, 0)),
+        ("bad_reserved", raw_prefix(2, 0, 0x0100, 2, 0)),
+        ("empty_header", raw_prefix(2, 0, 0, 0, 0)),
+        ("header_too_large", raw_prefix(2, 0, 0, 64 * 1024 + 1, 0)),
+        ("body_too_large", raw_prefix_body(2, 0, 0, 2, 4 * 1024 * 1024 + 1, 0)),
+        ("payload_too_large", raw_prefix(2, 0, 0, 2, u64::MAX)),
+        ("inline_too_large", raw_prefix(2, 1, 0, 2, 16 * 1024 + 1)),
     ];
     for (name, p) in &bad_prefixes {
         write(prefix_dir, name, p);
@@ -205,7 +235,7 @@ fn main() {
     for (name, h) in &bad_headers {
         write(header_dir, name, h);
         let mut s = vec![1u8]; // small limits
-        s.extend_from_slice(&raw_prefix(1, 0, 0, h.len() as u32, 0));
+        s.extend_from_slice(&raw_prefix(2, 0, 0, h.len() as u32, 0));
         s.extend_from_slice(h);
         write(stream_dir, &format!("frame_{name}"), &s);
     }

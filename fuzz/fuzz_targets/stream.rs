@@ -78,7 +78,13 @@ fn check_outcome(stream: &[u8], limits: &Limits, out: &StreamOutcome) {
     let mut off = 0u64;
     for f in &out.frames {
         let size = check_frame(f, limits);
-        let pay_at = (off + PREFIX_LEN as u64 + u64::from(f.head.prefix.header_len)) as usize;
+        let body_at = (off + PREFIX_LEN as u64 + u64::from(f.head.prefix.header_len)) as usize;
+        assert_eq!(
+            &f.head.header.body[..],
+            &stream[body_at..body_at + f.head.header.body.len()],
+            "body bytes are not the stream's bytes"
+        );
+        let pay_at = body_at + f.head.header.body.len();
         assert_eq!(
             &f.payload[..],
             &stream[pay_at..pay_at + f.payload.len()],
@@ -102,7 +108,10 @@ fn check_outcome(stream: &[u8], limits: &Limits, out: &StreamOutcome) {
                     assert_eq!(off + got, len);
                 }
                 Section::Header => assert_eq!(off + PREFIX_LEN as u64 + got, len),
-                Section::Payload => assert!(off + PREFIX_LEN as u64 + got < len),
+                // A body or payload follows a header of at least one byte.
+                Section::Body | Section::Payload => {
+                    assert!(off + PREFIX_LEN as u64 + got < len)
+                }
             }
         }
         Some(e) => {

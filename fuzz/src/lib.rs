@@ -4,9 +4,11 @@
 use pagerpc_core::{validate_header, DecodedFrame, Flags, Limits, PREFIX_LEN};
 
 /// Limits small enough that fuzzed inputs reach every limit branch
-/// (header, payload, inline payload, metadata entries, method length).
+/// (header, body, payload, inline payload, metadata entries, method
+/// length).
 pub const SMALL: Limits = Limits {
     max_header_bytes: 48,
+    max_body_bytes: 32,
     max_payload_bytes: 64,
     max_inline_payload_bytes: 16,
     max_metadata_entries: 2,
@@ -17,6 +19,7 @@ pub const SMALL: Limits = Limits {
 /// `kind`), no payload, no metadata, a 1-byte method.
 pub const TINY: Limits = Limits {
     max_header_bytes: 4,
+    max_body_bytes: 0,
     max_payload_bytes: 0,
     max_inline_payload_bytes: 0,
     max_metadata_entries: 0,
@@ -27,6 +30,7 @@ pub const TINY: Limits = Limits {
 /// allows (an odd but legal configuration), and payloads are small.
 pub const SKEWED: Limits = Limits {
     max_header_bytes: 300,
+    max_body_bytes: 2000,
     max_payload_bytes: 5,
     max_inline_payload_bytes: 1000,
     max_metadata_entries: 64,
@@ -42,6 +46,7 @@ pub fn all_limits() -> [Limits; 4] {
 /// `a` accepts `b` must accept too.
 pub fn tighter_or_equal(a: &Limits, b: &Limits) -> bool {
     a.max_header_bytes <= b.max_header_bytes
+        && a.max_body_bytes <= b.max_body_bytes
         && a.max_payload_bytes <= b.max_payload_bytes
         && a.max_inline_payload_bytes <= b.max_inline_payload_bytes
         && a.max_metadata_entries <= b.max_metadata_entries
@@ -49,7 +54,7 @@ pub fn tighter_or_equal(a: &Limits, b: &Limits) -> bool {
 }
 
 /// Checks everything a delivered frame promises, and returns its size on
-/// the wire (prefix + header + payload).
+/// the wire (prefix + header + body + payload).
 pub fn check_frame(f: &DecodedFrame, limits: &Limits) -> u64 {
     let p = &f.head.prefix;
     assert_eq!(
@@ -67,6 +72,12 @@ pub fn check_frame(f: &DecodedFrame, limits: &Limits) -> u64 {
         p.payload_len <= limits.max_payload_bytes,
         "payload over limit accepted"
     );
+    assert!(p.body_len <= limits.max_body_bytes, "body over limit accepted");
+    assert_eq!(
+        f.head.header.body.len() as u64,
+        u64::from(p.body_len),
+        "delivered body length differs from the declared body_len"
+    );
     if p.flags.contains(Flags::INLINE_PAYLOAD) {
         assert!(f.head.inline_payload());
         assert!(
@@ -81,5 +92,5 @@ pub fn check_frame(f: &DecodedFrame, limits: &Limits) -> u64 {
     );
     // kind() never falls back for a validated header.
     assert_eq!(f.head.kind() as i32, f.head.header.kind);
-    PREFIX_LEN as u64 + u64::from(p.header_len) + p.payload_len
+    PREFIX_LEN as u64 + u64::from(p.header_len) + u64::from(p.body_len) + p.payload_len
 }
