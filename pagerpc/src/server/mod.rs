@@ -349,6 +349,14 @@ impl Server {
     fn stop(&mut self, grace: Option<Duration>) -> bool {
         let s = &self.shared;
         s.shutting_down.store(true, Ordering::SeqCst);
+        // Stream handlers waiting for messages or credit learn it now.
+        let conns: Vec<_> = s.conns.lock().values().cloned().collect();
+        for c in conns {
+            let streams: Vec<_> = c.streams.lock().values().cloned().collect();
+            for st in streams {
+                st.poke();
+            }
+        }
         if let Some(l) = s.listener.lock().take() {
             s.poller.delete(l.as_fd());
         }

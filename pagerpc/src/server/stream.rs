@@ -91,6 +91,9 @@ impl StreamShared {
     /// Wakes the stream's handler to look again (its connection's
     /// outbound queue drained, say).
     pub(crate) fn poke(&self) {
+        // Under the lock: a waiter between its check and its wait would
+        // miss a bare notify.
+        let _inner = self.inner.lock();
         self.cv.notify_all();
     }
 
@@ -346,21 +349,19 @@ impl Half {
             if self.cancelled.load(Ordering::Relaxed) {
                 return Err(Status::cancelled("the client cancelled the call"));
             }
+            // Every change a waiter looks for notifies under the stream's
+            // lock: a message, credit, the client's end or CANCEL, the
+            // connection closing (`cancel`), its outbound queue draining and
+            // the server shutting down (`poke`). So a waiter sleeps until
+            // one of them or its deadline; it never polls.
             match self.deadline {
                 Some(d) if Instant::now() >= d => {
                     return Err(Status::deadline_exceeded("the stream's deadline passed"))
                 }
                 Some(d) => {
-                    // Wake now and then: closing and cancelling set flags
-                    // and notify, but a notify can race the check above.
-                    let until = d.min(Instant::now() + Duration::from_millis(200));
-                    self.stream.cv.wait_until(&mut inner, until);
+                    self.stream.cv.wait_until(&mut inner, d);
                 }
-                None => {
-                    self.stream
-                        .cv
-                        .wait_for(&mut inner, Duration::from_millis(200));
-                }
+                None => self.stream.cv.wait(&mut inner),
             }
         }
     }
