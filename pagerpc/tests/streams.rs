@@ -435,3 +435,70 @@ fn shutdown_ends_a_stalled_stream() {
     };
     assert!(matches!(err.code(), Code::Unavailable), "{err}");
 }
+
+/// A client that opens a stream and then says nothing does not hold the
+/// handler's thread forever: `stream_idle_timeout` ends the stream, naming
+/// itself. A stream that keeps moving, however slowly, never hits it.
+#[test]
+fn a_silent_client_stream_ends_at_the_stream_idle_timeout() {
+    let b = Server::builder().register_client_stream("upload", |_ctx, rx| {
+        while rx.recv()?.is_some() {}
+        Ok(Reply::default())
+    });
+    let mut cfg = config(2);
+    cfg.stream_idle_timeout = Some(Duration::from_millis(300));
+    let server = b.config(cfg).bind("127.0.0.1:0").unwrap();
+    let client = Client::connect(server.local_addr()).unwrap();
+    let (tx, resp) = client
+        .client_stream("upload", &CallOptions::default())
+        .unwrap();
+    let err = resp.wait::<MetadataEntry>().unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("stream_idle_timeout"), "{err}");
+    drop(tx);
+    // Slow but steady: a message every 100 ms for a second.
+    let (mut tx, resp) = client
+        .client_stream("upload", &CallOptions::default())
+        .unwrap();
+    for i in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        tx.send(&msg("slow"), payload(i, 4096)).unwrap();
+    }
+    tx.finish().unwrap();
+    resp.wait::<MetadataEntry>().unwrap();
+}
+
+/// Shutting down waits for the stream handlers' threads (they run outside
+/// the pool): when it returns, no handler is still running.
+#[test]
+fn shutdown_waits_for_stream_handler_threads() {
+    let exited = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicBool::new(false));
+    let (e2, s2) = (exited.clone(), started.clone());
+    let b = Server::builder().register_client_stream("upload", move |_ctx, rx| {
+        s2.store(true, Ordering::SeqCst);
+        let r = loop {
+            match rx.recv() {
+                Ok(Some(_)) => {}
+                Ok(None) => break Ok(Reply::default()),
+                Err(s) => break Err(s),
+            }
+        };
+        // Some cleanup after the stream is cut.
+        std::thread::sleep(Duration::from_millis(30));
+        e2.store(true, Ordering::SeqCst);
+        r
+    });
+    let server = b.config(config(2)).bind("127.0.0.1:0").unwrap();
+    let client = Client::connect(server.local_addr()).unwrap();
+    let (mut tx, _resp) = client
+        .client_stream("upload", &CallOptions::default())
+        .unwrap();
+    tx.send(&msg("x"), payload(0, 4096)).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || started.load(Ordering::SeqCst)));
+    server.shutdown_timeout(Duration::from_millis(1));
+    assert!(
+        exited.load(Ordering::SeqCst),
+        "shutdown returned while a stream handler was still running"
+    );
+}

@@ -117,6 +117,17 @@ pub struct ServerConfig {
     /// A thread (its stack, 2 MiB of address space, a few KiB resident) per
     /// open stream, plus what its messages hold (see `stream_window`).
     pub max_streams: usize,
+    /// How long a stream handler may wait for the client in one go — for
+    /// its next message, or for credit to send more — before the stream
+    /// ends with [`Code::DeadlineExceeded`](crate::Code) naming this
+    /// setting. It measures lack of progress: a stream that keeps moving
+    /// never hits it. Default 300 s; `None` waits as long as the stream's
+    /// deadline (if any) allows.
+    ///
+    /// # Memory cost
+    /// Bounds how long a silent client holds a stream thread and what its
+    /// stream holds (`stream_window`).
+    pub stream_idle_timeout: Option<Duration>,
     /// Bytes of stream messages a client may send on one stream before the
     /// handler releases some (announced in SETTINGS). Default 8 MiB.
     ///
@@ -171,6 +182,7 @@ impl Default for ServerConfig {
             max_unauthenticated: (max_connections / 4).max(1),
             auth_key: None,
             max_streams: 256,
+            stream_idle_timeout: Some(Duration::from_secs(300)),
             stream_window: pagerpc_core::conn::DEFAULT_STREAM_WINDOW,
             conn_window: pagerpc_core::conn::DEFAULT_CONN_WINDOW,
         }

@@ -231,6 +231,7 @@ impl ServerBuilder {
             handlers: self.handlers,
             stream_handlers: self.stream_handlers,
             streams_open: std::sync::atomic::AtomicUsize::new(0),
+            stream_threads: Mutex::new(Vec::new()),
             cfg: self.cfg,
             shutting_down: AtomicBool::new(false),
             inflight: Mutex::new(0),
@@ -385,6 +386,22 @@ impl Server {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Stream handlers run on threads of their own; closing cancelled
+        // their streams, so they return. Wait for them (within the grace,
+        // when there is one: a handler stuck in its own code is left).
+        let streams = std::mem::take(&mut *s.stream_threads.lock());
+        let give_up = deadline.map(|d| d.max(Instant::now() + Duration::from_millis(100)));
+        for t in streams {
+            if let Some(d) = give_up {
+                while !t.is_finished() && Instant::now() < d {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if !t.is_finished() {
+                    continue;
+                }
+            }
+            let _ = t.join();
+        }
         if let Some((t, stop)) = self.sweeper.take() {
             let _ = stop.send(());
             let _ = t.join();
@@ -414,6 +431,9 @@ struct Shared {
     stream_handlers: HashMap<String, (Shape, Arc<StreamHandler>)>,
     /// Streams open, server-wide (each has a handler thread).
     streams_open: std::sync::atomic::AtomicUsize,
+    /// The stream handler threads not known to be finished; joined at
+    /// shutdown.
+    stream_threads: Mutex<Vec<JoinHandle<()>>>,
     cfg: ServerConfig,
     shutting_down: AtomicBool,
     inflight: Mutex<usize>,

@@ -177,14 +177,21 @@ impl Shared {
         let spawned = std::thread::Builder::new()
             .name("pagerpc-stream".into())
             .spawn(move || this.run_stream(c, frame, shape, handler, stream, cancelled, received));
-        if let Err(e) = spawned {
-            conn.streams.lock().remove(&id);
-            self.streams_open.fetch_sub(1, Ordering::SeqCst);
-            return Err(Status::resource_exhausted(format!(
-                "no thread for the stream's handler: {e}"
-            )));
+        match spawned {
+            Ok(t) => {
+                let mut threads = self.stream_threads.lock();
+                threads.retain(|t| !t.is_finished());
+                threads.push(t);
+                Ok(())
+            }
+            Err(e) => {
+                conn.streams.lock().remove(&id);
+                self.streams_open.fetch_sub(1, Ordering::SeqCst);
+                Err(Status::resource_exhausted(format!(
+                    "no thread for the stream's handler: {e}"
+                )))
+            }
         }
-        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -216,6 +223,7 @@ impl Shared {
             stream: stream.clone(),
             id,
             deadline,
+            idle: self.cfg.stream_idle_timeout,
             cancelled: cancelled.clone(),
         };
         let streams = Streams {
@@ -318,6 +326,8 @@ struct Half {
     stream: Arc<StreamShared>,
     id: u64,
     deadline: Option<Instant>,
+    /// How long one wait for the client (a message, or credit) may last.
+    idle: Option<Duration>,
     cancelled: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -329,6 +339,9 @@ impl Half {
         mut ready: impl FnMut(&mut Inner) -> bool,
     ) -> Result<parking_lot::MutexGuard<'a, Inner>, Status> {
         let mut inner = self.stream.inner.lock();
+        // Lack of progress, not total time: each wait for the client may
+        // last `stream_idle_timeout`.
+        let idle_end = self.idle.map(|t| Instant::now() + t);
         loop {
             if ready(&mut inner) {
                 return Ok(inner);
@@ -354,14 +367,24 @@ impl Half {
             // connection closing (`cancel`), its outbound queue draining and
             // the server shutting down (`poke`). So a waiter sleeps until
             // one of them or its deadline; it never polls.
-            match self.deadline {
-                Some(d) if Instant::now() >= d => {
-                    return Err(Status::deadline_exceeded("the stream's deadline passed"))
+            let now = Instant::now();
+            if self.deadline.is_some_and(|d| now >= d) {
+                return Err(Status::deadline_exceeded("the stream's deadline passed"));
+            }
+            if idle_end.is_some_and(|d| now >= d) {
+                return Err(Status::deadline_exceeded(format!(
+                    "the client made no progress on the stream for the stream_idle_timeout of {:?}",
+                    self.idle.unwrap_or_default()
+                )));
+            }
+            match (self.deadline, idle_end) {
+                (Some(a), Some(b)) => {
+                    self.stream.cv.wait_until(&mut inner, a.min(b));
                 }
-                Some(d) => {
+                (Some(d), None) | (None, Some(d)) => {
                     self.stream.cv.wait_until(&mut inner, d);
                 }
-                None => self.stream.cv.wait(&mut inner),
+                (None, None) => self.stream.cv.wait(&mut inner),
             }
         }
     }
