@@ -2,11 +2,16 @@
 //!
 //! - `bulk`: a loopback bulk transfer; the receiving (server) process prints
 //!   one line in the format of the kernel's tcp_mmap tool.
+//! - `stream`: a client stream and a server stream over loopback, each
+//!   measured in its receiving process, in the same format.
 //! - `pingpong`: sequential calls, latency percentiles.
 //! - `concurrent`: many calls in flight on one connection.
 #![forbid(unsafe_code)]
 
+mod meter;
+mod pin;
 mod soak;
+mod stream;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -15,14 +20,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
-use nix::sys::resource::{getrusage, UsageWho};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use pagerpc::netns::NetnsPair;
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{
-    CallOptions, Client, ClientConfig, Counters, PageBuf, Payload, SegmentAlign, Server,
+    CallOptions, Client, ClientConfig, PageBuf, Payload, Reply, SegmentAlign, SendConfig, Server,
     ServerConfig, Status,
 };
+
+use meter::Meter;
 
 #[derive(Parser)]
 #[command(name = "pagerpc-bench", about = "Benchmarks for pagerpc")]
@@ -31,26 +37,139 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What both processes of a transfer use; the parent passes it on to its
+/// child process as the same flags.
+#[derive(Args, Clone, Debug)]
+struct Transfer {
+    /// Payload size of each call or message, in KiB.
+    #[arg(long, default_value_t = 1024)]
+    size_kib: usize,
+    /// Total payload to send, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    total_mib: usize,
+    /// Zero-copy: MSG_ZEROCOPY sends, TCP_ZEROCOPY_RECEIVE receives.
+    #[arg(long)]
+    zerocopy: bool,
+    /// TCP_MAXSEG for both ends; 0 leaves the kernel's MSS. Default:
+    /// page-aligned segments on loopback (4108 with timestamps).
+    #[arg(long)]
+    mss: Option<u32>,
+    /// Smallest payload the sender sends with MSG_ZEROCOPY.
+    #[arg(long)]
+    zc_min: Option<usize>,
+    /// Streams only: the per-stream credit window (`stream_window`) of
+    /// both ends, in KiB. Default 8 MiB.
+    #[arg(long)]
+    window_kib: Option<u64>,
+}
+
+impl Transfer {
+    /// Payload bytes per call or message.
+    fn size(&self) -> usize {
+        self.size_kib * 1024
+    }
+
+    /// Calls or messages to send.
+    fn count(&self) -> usize {
+        (self.total_mib * 1024 * 1024) / self.size().max(1)
+    }
+
+    /// The flags that give a child process the same settings.
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--size-kib".to_owned(),
+            self.size_kib.to_string(),
+            "--total-mib".to_owned(),
+            self.total_mib.to_string(),
+        ];
+        if self.zerocopy {
+            a.push("--zerocopy".to_owned());
+        }
+        let opts = [
+            ("--mss", self.mss.map(u64::from)),
+            ("--zc-min", self.zc_min.map(|z| z as u64)),
+            ("--window-kib", self.window_kib),
+        ];
+        for (name, v) in opts {
+            if let Some(v) = v {
+                a.extend([name.to_owned(), v.to_string()]);
+            }
+        }
+        a
+    }
+
+    fn server_config(&self) -> ServerConfig {
+        let mut c = self.pick(ServerConfig::zerocopy);
+        self.tune(&mut c.send, &mut c.segments, &mut c.stream_window);
+        c
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = self.pick(ClientConfig::zerocopy);
+        self.tune(&mut c.send, &mut c.segments, &mut c.stream_window);
+        c
+    }
+
+    /// The zero-copy settings with `--zerocopy`, the defaults without.
+    fn pick<C: Default>(&self, zerocopy: fn() -> C) -> C {
+        if self.zerocopy {
+            zerocopy()
+        } else {
+            C::default()
+        }
+    }
+
+    /// What both ends' configs take from the flags.
+    fn tune(&self, send: &mut SendConfig, segs: &mut SegmentAlign, window: &mut u64) {
+        *segs = segments(self.mss);
+        if let Some(z) = self.zc_min {
+            send.zerocopy_min = z;
+        }
+        if let Some(w) = self.window_kib {
+            *window = w * 1024;
+        }
+    }
+
+    /// The payload every call or message sends: one page-aligned buffer,
+    /// shared.
+    fn payload(&self) -> std::io::Result<pagerpc::Pages> {
+        let mut buf = PageBuf::new(self.size())?;
+        buf.fill(b'p');
+        Ok(buf.freeze())
+    }
+}
+
+/// Where the two processes of a transfer run.
+#[derive(Args, Clone, Copy, Debug)]
+struct Pin {
+    /// Pin the receiving process (all its threads) to this CPU.
+    #[arg(long)]
+    receiver_cpu: Option<usize>,
+    /// Pin the sending process (all its threads) to this CPU.
+    #[arg(long)]
+    sender_cpu: Option<usize>,
+}
+
+/// Which streams `stream` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Direction {
+    /// A client stream: the client sends, the server's handler drops.
+    Client,
+    /// A server stream: the server's handler sends, the client drops.
+    Server,
+    /// Both, one after the other.
+    Both,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Loopback bulk transfer through the RPC layer; prints a tcp_mmap-style line.
     Bulk {
-        /// Payload size of each call, in KiB.
-        #[arg(long, default_value_t = 1024)]
-        size_kib: usize,
-        /// Total payload to send, in MiB.
-        #[arg(long, default_value_t = 1024)]
-        total_mib: usize,
+        #[command(flatten)]
+        t: Transfer,
         /// Calls the sender keeps in flight.
         #[arg(long, default_value_t = 8)]
         inflight: usize,
-        /// Zero-copy: MSG_ZEROCOPY sends, TCP_ZEROCOPY_RECEIVE receives.
-        #[arg(long)]
-        zerocopy: bool,
-        /// TCP_MAXSEG for both ends; 0 leaves the kernel's MSS. Default:
-        /// page-aligned segments on loopback (4108 with timestamps).
-        #[arg(long)]
-        mss: Option<u32>,
         /// Run between two network namespaces joined by a veth pair with
         /// MTU 4148 instead of over loopback (needs root and iproute2; the
         /// namespaces are created and removed by the bench).
@@ -73,9 +192,27 @@ enum Cmd {
         /// were mapped (for scripted checks).
         #[arg(long)]
         min_mapped: Option<f64>,
-        /// Smallest payload the sender sends with MSG_ZEROCOPY.
+        #[command(flatten)]
+        pin: Pin,
+    },
+    /// Loopback streams: a client stream and a server stream of T MiB in
+    /// S KiB messages, each consumer dropping what it gets; prints a
+    /// tcp_mmap-style line per stream, measured in the receiving process.
+    Stream {
+        #[command(flatten)]
+        t: Transfer,
+        /// Which stream(s) to measure.
+        #[arg(long, value_enum, default_value_t = Direction::Both)]
+        direction: Direction,
+        /// Server pool threads (as for bulk).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Exit with status 1 if fewer than this percentage of payload bytes
+        /// were mapped.
         #[arg(long)]
-        zc_min: Option<usize>,
+        min_mapped: Option<f64>,
+        #[command(flatten)]
+        pin: Pin,
     },
     /// Sequential calls with a payload of SIZE bytes each way.
     Pingpong {
@@ -108,26 +245,37 @@ enum Cmd {
         #[arg(long, default_value_t = 180)]
         seconds: u64,
     },
-    /// Internal: the sending process of `bulk`.
+    /// Internal: the sending process of `bulk` and of `stream --direction client`.
     #[command(hide = true)]
     BulkSend {
+        #[command(flatten)]
+        t: Transfer,
         #[arg(long)]
         addr: SocketAddr,
-        #[arg(long)]
-        size_kib: usize,
-        #[arg(long)]
-        total_mib: usize,
-        #[arg(long)]
+        #[arg(long, default_value_t = 8)]
         inflight: usize,
+        /// Send everything as one client stream instead of unary calls.
         #[arg(long)]
-        zerocopy: bool,
-        #[arg(long)]
-        mss: Option<u32>,
+        stream: bool,
         /// Network namespace to enter before connecting.
         #[arg(long)]
         netns_name: Option<String>,
+        /// CPUs to pin to (comma-separated).
         #[arg(long)]
-        zc_min: Option<usize>,
+        cpus: Option<String>,
+    },
+    /// Internal: the sending (server) process of `stream --direction server`.
+    /// Prints its address, serves one server stream, exits when its stdin
+    /// closes.
+    #[command(hide = true)]
+    ServeStream {
+        #[command(flatten)]
+        t: Transfer,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// CPUs to pin to (comma-separated).
+        #[arg(long)]
+        cpus: Option<String>,
     },
 }
 
@@ -144,55 +292,55 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Bulk {
-            size_kib,
-            total_mib,
+            mut t,
             inflight,
-            zerocopy,
-            mss,
             netns,
             no_tlb_hint,
             threads,
             mmap,
             min_mapped,
-            zc_min,
-        } => bulk(
-            &BulkOpts {
-                size_kib,
-                total_mib,
-                inflight,
-                zerocopy: zerocopy || mmap,
-                mss,
-                mmap,
-                min_mapped,
-                zc_min,
-            },
-            netns,
-            !no_tlb_hint,
+            pin,
+        } => {
+            t.zerocopy |= mmap;
+            pin::receiver(pin.receiver_cpu, pin.sender_cpu).and_then(|cpus| {
+                bulk(
+                    &BulkOpts {
+                        t,
+                        inflight,
+                        stream: false,
+                        threads,
+                        tlb_hint: !no_tlb_hint,
+                        mmap,
+                        min_mapped,
+                    },
+                    netns,
+                    cpus.as_deref(),
+                )
+            })
+        }
+        Cmd::Stream {
+            t,
+            direction,
             threads,
-        ),
+            min_mapped,
+            pin,
+        } => stream::run(&t, direction, threads, min_mapped, pin),
         Cmd::BulkSend {
+            t,
             addr,
-            size_kib,
-            total_mib,
             inflight,
-            zerocopy,
-            mss,
+            stream,
             netns_name,
-            zc_min,
+            cpus,
         } => bulk_send(
+            &t,
             addr,
+            inflight,
+            stream,
             netns_name.as_deref(),
-            &BulkOpts {
-                size_kib,
-                total_mib,
-                inflight,
-                zerocopy,
-                mss,
-                mmap: false,
-                min_mapped: None,
-                zc_min,
-            },
+            cpus.as_deref(),
         ),
+        Cmd::ServeStream { t, threads, cpus } => stream::serve(&t, threads, cpus.as_deref()),
         Cmd::Pingpong {
             calls,
             size,
@@ -217,28 +365,30 @@ fn empty() -> MetadataEntry {
     MetadataEntry::default()
 }
 
-/// CPU seconds (user+sys), voluntary+involuntary context switches.
-fn usage() -> Result<(f64, i64), nix::Error> {
-    let u = getrusage(UsageWho::RUSAGE_SELF)?;
-    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    Ok((
-        secs(u.user_time()) + secs(u.system_time()),
-        u.voluntary_context_switches() + u.involuntary_context_switches(),
-    ))
+/// A command running this binary's subcommand `sub` (a child process of a
+/// transfer).
+fn child(sub: &str) -> std::io::Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg(sub);
+    Ok(cmd)
 }
 
+/// How `bulk` (and the client stream of `stream`) runs.
 struct BulkOpts {
-    size_kib: usize,
-    total_mib: usize,
+    t: Transfer,
     inflight: usize,
-    zerocopy: bool,
-    mss: Option<u32>,
+    /// The sender sends everything as one client stream.
+    stream: bool,
+    threads: usize,
+    tlb_hint: bool,
     mmap: bool,
     min_mapped: Option<f64>,
-    zc_min: Option<usize>,
 }
 
-fn bulk(o: &BulkOpts, netns: bool, tlb_hint: bool, threads: usize) -> Res {
+/// Runs the server in this process and the sender in a child process, and
+/// prints the receiving side's line (after `label: ` for a stream).
+/// `sender_cpus`: what the sender pins itself to (see [`pin::receiver`]).
+fn bulk(o: &BulkOpts, netns: bool, sender_cpus: Option<&str>) -> Res {
     // With --netns the server lives in namespace a (this thread enters it
     // before binding) and the sender process in namespace b.
     let pair = if netns {
@@ -253,119 +403,121 @@ fn bulk(o: &BulkOpts, netns: bool, tlb_hint: bool, threads: usize) -> Res {
     } else {
         SocketAddr::from(([127, 0, 0, 1], 0))
     };
-    let size = o.size_kib * 1024;
-    let n = (o.total_mib * 1024 * 1024) / size.max(1);
+    let size = o.t.size();
+    let n = o.t.count();
     let received = Arc::new(AtomicU64::new(0));
     let bad = Arc::new(AtomicU64::new(0));
-    let (r2, b2) = (received.clone(), bad.clone());
-    let mut cfg = if o.zerocopy {
-        ServerConfig::zerocopy()
-    } else {
-        ServerConfig::default()
-    };
-    cfg.segments = segments(o.mss);
-    cfg.recv.zc_tlb_clean_hint = tlb_hint;
-    cfg.threads = threads.max(1);
+    let mut cfg = o.t.server_config();
+    cfg.recv.zc_tlb_clean_hint = o.tlb_hint;
+    cfg.threads = o.threads.max(1);
     if o.mmap {
         cfg.recv.backend = pagerpc::Backend::Mmap;
     }
+    let sink = Sink {
+        size,
+        received: received.clone(),
+        bad: bad.clone(),
+    };
+    let s2 = sink.clone();
     let server = Server::builder()
         .config(cfg)
         .register("bulk.put", move |_ctx, _req: MetadataEntry, pages| {
-            if pages.len() != size {
-                b2.fetch_add(1, Ordering::Relaxed);
+            if !sink.take(&pages) {
                 return Err(Status::invalid_argument("wrong payload size"));
             }
-            r2.fetch_add(pages.len() as u64, Ordering::Relaxed);
             Ok((empty(), Payload::Empty))
         })
+        .register_client_stream("bulk.stream", move |_ctx, rx| {
+            while let Some(m) = rx.recv()? {
+                s2.take(&m.payload);
+            }
+            Ok(Reply::default())
+        })
         .bind(bind_addr)?;
-    let before = Counters::global().snapshot();
-    let (cpu0, cs0) = usage()?;
-    let t0 = Instant::now();
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args([
-        "bulk-send",
+    let meter = Meter::start()?;
+    let mut cmd = child("bulk-send")?;
+    cmd.args(o.t.args()).args([
         "--addr",
         &server.local_addr().to_string(),
-        "--size-kib",
-        &o.size_kib.to_string(),
-        "--total-mib",
-        &o.total_mib.to_string(),
         "--inflight",
         &o.inflight.to_string(),
     ]);
-    if o.zerocopy {
-        cmd.arg("--zerocopy");
-    }
-    if let Some(m) = o.mss {
-        cmd.args(["--mss", &m.to_string()]);
+    if o.stream {
+        cmd.arg("--stream");
     }
     if let Some(p) = &pair {
         cmd.args(["--netns-name", p.name_b()]);
     }
-    if let Some(z) = o.zc_min {
-        cmd.args(["--zc-min", &z.to_string()]);
+    if let Some(c) = sender_cpus {
+        cmd.args(["--cpus", c]);
     }
     let status = cmd.stdin(Stdio::null()).status()?;
-    let secs = t0.elapsed().as_secs_f64();
-    let (cpu1, cs1) = usage()?;
+    let bytes = received.load(Ordering::Relaxed);
+    let sample = meter.stop(bytes)?;
     if !status.success() {
         return Err(format!("sender process failed: {status}").into());
     }
-    let c = Counters::global().snapshot().since(&before);
-    let bytes = received.load(Ordering::Relaxed);
     if bytes != (n * size) as u64 || bad.load(Ordering::Relaxed) != 0 {
         return Err(format!("received {bytes} bytes, expected {}", n * size).into());
     }
-    let mb = bytes as f64 / (1024.0 * 1024.0);
-    let cpu = cpu1 - cpu0;
     println!(
-        "received {} MB ({:.4} % mmap'ed) in {:.3} s, {:.2} Gbit, cpu {:.3} s, {:.1} usec per MB, {} c-switches",
-        bytes >> 20,
-        c.mapped_percent(),
-        secs,
-        bytes as f64 * 8.0 / secs / 1e9,
-        cpu,
-        cpu * 1e6 / mb,
-        cs1 - cs0
+        "{}",
+        sample.line(if o.stream { "client-stream" } else { "" })
     );
     server.shutdown();
-    if let Some(min) = o.min_mapped {
-        if c.mapped_percent() < min {
-            return Err(format!(
-                "{:.4} % mapped is below --min-mapped {min}",
-                c.mapped_percent()
-            )
-            .into());
-        }
-    }
-    Ok(())
+    Ok(sample.check_mapped(o.min_mapped)?)
 }
 
-fn bulk_send(addr: SocketAddr, netns: Option<&str>, o: &BulkOpts) -> Res {
+/// Counts what a receiving handler got.
+#[derive(Clone)]
+struct Sink {
+    size: usize,
+    received: Arc<AtomicU64>,
+    bad: Arc<AtomicU64>,
+}
+
+impl Sink {
+    /// Counts one payload (and drops it); false if it has the wrong size.
+    fn take(&self, pages: &pagerpc::Pages) -> bool {
+        if pages.len() != self.size {
+            self.bad.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.received
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        true
+    }
+}
+
+fn bulk_send(
+    t: &Transfer,
+    addr: SocketAddr,
+    inflight: usize,
+    stream: bool,
+    netns: Option<&str>,
+    cpus: Option<&str>,
+) -> Res {
+    if let Some(c) = cpus {
+        pin::apply(c)?;
+    }
     if let Some(name) = netns {
         pagerpc::netns::enter(name)?;
     }
-    let size = o.size_kib * 1024;
-    let n = (o.total_mib * 1024 * 1024) / size.max(1);
-    let inflight = o.inflight;
-    let mut cfg = if o.zerocopy {
-        ClientConfig::zerocopy()
-    } else {
-        ClientConfig::default()
-    };
-    cfg.segments = segments(o.mss);
-    if let Some(z) = o.zc_min {
-        cfg.send.zerocopy_min = z;
-    }
-    let client = Client::connect_with(addr, cfg)?;
-    let mut buf = PageBuf::new(size)?;
-    buf.fill(b'p');
-    let pages = buf.freeze();
+    let n = t.count();
+    let client = Client::connect_with(addr, t.client_config())?;
+    let pages = t.payload()?;
     let body = pagerpc::prost::Message::encode_to_vec(&empty());
-    let mut q = VecDeque::new();
     let opts = CallOptions::default();
+    if stream {
+        let (mut tx, resp) = client.client_stream("bulk.stream", &opts)?;
+        for _ in 0..n {
+            tx.send_raw(body.clone(), Payload::Pages(pages.clone()))?;
+        }
+        tx.finish()?;
+        resp.wait::<MetadataEntry>()?;
+        return Ok(());
+    }
+    let mut q = VecDeque::new();
     for _ in 0..n {
         if q.len() >= inflight.max(1) {
             let call: pagerpc::PendingCall = q.pop_front().ok_or("empty queue")?;
