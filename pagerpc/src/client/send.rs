@@ -135,6 +135,16 @@ impl Shared {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            if tx.awaiting_credit() {
+                // The server's credit may already be read into the
+                // receiver's buffer (behind a response another caller was
+                // reading): hand out what is buffered before waiting for
+                // the socket, which may never become readable again.
+                self.read_available();
+                if self.state.lock().conn_granted > 0 {
+                    continue;
+                }
+            }
             match self.wait_socket(tx, until) {
                 Ok(_) => {}
                 Err(status) => return Err(self.give_up(tx, mark, mine, GiveUp::Failed(status))),
