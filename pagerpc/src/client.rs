@@ -97,7 +97,7 @@ pub struct ClientConfig {
     /// client has not read out of its socket yet (announced in SETTINGS;
     /// credit goes back as the client reads). Keeps the client's receive
     /// window open so segments stay page-aligned and mappable. Default
-    /// 4 MiB; 0 announces none.
+    /// 2 MiB; 0 announces none.
     pub conn_window: u64,
 }
 

@@ -140,7 +140,7 @@ pub struct ServerConfig {
     /// SETTINGS; the server gives credit back as it reads). Keeping the
     /// socket from filling keeps TCP's receive window open, so segments
     /// stay on page boundaries and zero-copy receive maps them. Default
-    /// 4 MiB; 0 announces none (no limit). The client's own
+    /// 2 MiB; 0 announces none (no limit). The client's own
     /// `ClientConfig::conn_window` limits the server's responses the same
     /// way.
     ///

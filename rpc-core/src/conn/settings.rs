@@ -29,8 +29,8 @@ pub struct PeerSettings {
 pub const DEFAULT_STREAM_WINDOW: u64 = 8 << 20;
 
 /// The connection payload window a pagerpc endpoint announces by default:
-/// 4 MiB (see `docs/wire-format.md`, "Connection credit").
-pub const DEFAULT_CONN_WINDOW: u64 = 4 << 20;
+/// 2 MiB (see `docs/wire-format.md`, "Connection credit").
+pub const DEFAULT_CONN_WINDOW: u64 = 2 << 20;
 
 impl Default for PeerSettings {
     fn default() -> Self {
