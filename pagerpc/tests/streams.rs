@@ -92,6 +92,7 @@ fn server_stream_delivers_every_message_then_ends_ok() {
         i += 1;
     }
     assert_eq!(i, 200);
+    assert_eq!(rx.trailers(), &[msg("trailer")], "the handler's trailers");
     assert!(rx.recv().unwrap().is_none(), "the end stays the end");
     assert_eq!(client.pending_calls(), 0, "the call is over");
 }

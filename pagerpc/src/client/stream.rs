@@ -404,11 +404,12 @@ impl Shared {
     }
 
     /// Hands out the next message of stream `id`, or its end.
+    /// `Ok(Err(trailers))` is the end with status OK.
     fn stream_recv(
         self: &Arc<Self>,
         id: u64,
         deadline: Option<Instant>,
-    ) -> Result<Option<StreamMessage>, CallError> {
+    ) -> Result<Result<StreamMessage, Vec<MetadataEntry>>, CallError> {
         let mut st = self
             .wait_slot(id, deadline, |s| s.ready())
             .map_err(CallError::new)?;
@@ -425,10 +426,10 @@ impl Shared {
             if let Some(credit) = grant {
                 self.send_control(credit_frame(id, credit));
             }
-            return Ok(Some(self.hand_out(id, frame)));
+            return Ok(Ok(self.hand_out(id, frame)));
         }
         let end = match stream.end.as_ref() {
-            Some(Ok(_)) => Ok(None),
+            Some(Ok(f)) => Ok(Err(f.head.header.metadata.clone())),
             Some(Err(s)) => Err(CallError::new(s.clone())),
             None => Err(CallError::new(Status::internal(
                 "stream woke without an end",
@@ -624,6 +625,8 @@ pub struct StreamReceiver {
     deadline: Option<Instant>,
     /// The end was seen (or the handle gave up).
     done: bool,
+    /// The metadata the server ended the stream with (status OK).
+    trailers: Vec<MetadataEntry>,
 }
 
 impl StreamReceiver {
@@ -633,6 +636,7 @@ impl StreamReceiver {
             id,
             deadline,
             done: false,
+            trailers: Vec::new(),
         }
     }
 
@@ -651,20 +655,27 @@ impl StreamReceiver {
         if self.done {
             return Ok(None);
         }
-        let r = self.shared.stream_recv(self.id, self.deadline);
-        match &r {
-            Ok(Some(_)) => {}
-            Ok(None) => {
+        match self.shared.stream_recv(self.id, self.deadline) {
+            Ok(Ok(m)) => Ok(Some(m)),
+            Ok(Err(trailers)) => {
                 self.done = true;
+                self.trailers = trailers;
                 self.shared.stream_close(self.id, Half::Rx, None);
+                Ok(None)
             }
             Err(e) => {
                 self.done = true;
                 self.shared
                     .stream_close(self.id, Half::Rx, Some(e.status().clone()));
+                Err(e)
             }
         }
-        r
+    }
+
+    /// The metadata the server ended the stream with, once
+    /// [`recv`](Self::recv) returned `None` (empty before).
+    pub fn trailers(&self) -> &[MetadataEntry] {
+        &self.trailers
     }
 
     /// The next message decoded as `T`, with its payload.
