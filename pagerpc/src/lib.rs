@@ -30,6 +30,7 @@ mod error;
 pub mod netns;
 mod segments;
 mod server;
+mod stream_message;
 mod sys;
 
 pub use client::{
@@ -39,8 +40,7 @@ pub use client::{
 pub use error::CallError;
 pub use segments::SegmentAlign;
 pub use server::{
-    Context, InMessage, InStream, OutStream, Reply, Server, ServerBuilder, ServerConfig,
-    StreamSendError,
+    Context, InStream, OutStream, Reply, Server, ServerBuilder, ServerConfig, StreamSendError,
 };
 
 pub use pagerpc_core::{Code, CodecError, Counters, CountersSnapshot, Limits, Status};

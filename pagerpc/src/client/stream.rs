@@ -26,30 +26,8 @@ use pagerpc_core::conn::{InCredit, OutCredit};
 use super::send::cancel_frame;
 use super::*;
 
-/// One message of a stream: its body (the application's encoded message)
-/// and its payload.
-#[derive(Debug)]
-pub struct StreamMessage {
-    /// The encoded message.
-    pub body: Vec<u8>,
-    /// The payload (empty if none). Credit for it goes back to the sender
-    /// when the last handle to it is dropped.
-    pub payload: Pages,
-    /// Metadata sent with this message.
-    pub metadata: Vec<MetadataEntry>,
-}
-
-impl StreamMessage {
-    /// Decodes the body as `T`.
-    ///
-    /// # Errors
-    /// [`Code::Internal`](crate::Code::Internal) when the body is not a `T`.
-    pub fn decode<T: Message + Default>(&self) -> Result<T, CallError> {
-        T::decode(self.body.as_slice()).map_err(|e| {
-            CallError::new(Status::internal(format!("undecodable stream message: {e}")))
-        })
-    }
-}
+pub(super) use crate::stream_message::credit_frame;
+pub use crate::stream_message::StreamMessage;
 
 /// A streaming call's state in its slot.
 pub(super) struct StreamSlot {
@@ -96,18 +74,6 @@ impl StreamSlot {
 /// Bytes a stream message costs in credit: its body and its payload.
 fn cost(frame: &Frame) -> u64 {
     frame.head.header.body.len() as u64 + frame.head.payload_len()
-}
-
-pub(super) fn credit_frame(id: u64, credit: u64) -> OutFrame {
-    OutFrame {
-        header: Header {
-            call_id: id,
-            kind: Kind::Credit as i32,
-            credit,
-            ..Default::default()
-        },
-        payload: Payload::Empty,
-    }
 }
 
 impl Client {
@@ -684,7 +650,7 @@ impl StreamReceiver {
     /// As [`recv`](Self::recv), and `Internal` for an undecodable body.
     pub fn recv_typed<T: Message + Default>(&mut self) -> Result<Option<(T, Pages)>, CallError> {
         match self.recv()? {
-            Some(m) => Ok(Some((m.decode()?, m.payload))),
+            Some(m) => Ok(Some((m.decode().map_err(CallError::new)?, m.payload))),
             None => Ok(None),
         }
     }

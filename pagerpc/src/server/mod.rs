@@ -58,7 +58,7 @@ pub use config::ServerConfig;
 use conn::{Conn, Events, Job};
 use context::RawHandler;
 pub use context::{Context, Reply};
-pub use stream::{InMessage, InStream, OutStream, StreamSendError};
+pub use stream::{InStream, OutStream, StreamSendError};
 use stream::{Shape, StreamHandler, Streams};
 
 const TOKEN_LISTENER: u64 = 0;

@@ -22,7 +22,7 @@ use parking_lot::{Condvar, Mutex};
 use prost::Message;
 
 use pagerpc_core::conn::{InCredit, OutCredit};
-use pagerpc_core::{Header, Kind, MetadataEntry, Status};
+use pagerpc_core::{Header, Kind, Status};
 use pagerpc_pages::{Pages, Payload};
 use pagerpc_receiver::Frame;
 use pagerpc_sender::OutFrame;
@@ -31,6 +31,8 @@ use super::conn::Conn;
 use super::context::{Context, Reply};
 use super::reply::{error_frame, response_frame};
 use super::Shared;
+pub(crate) use crate::stream_message::credit_frame;
+use crate::stream_message::StreamMessage;
 
 /// The three streaming shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,18 +112,6 @@ impl StreamShared {
 /// Bytes a stream message costs in credit.
 fn cost(frame: &Frame) -> u64 {
     frame.head.header.body.len() as u64 + frame.head.payload_len()
-}
-
-pub(crate) fn credit_frame(id: u64, credit: u64) -> OutFrame {
-    OutFrame {
-        header: Header {
-            call_id: id,
-            kind: Kind::Credit as i32,
-            credit,
-            ..Default::default()
-        },
-        payload: Payload::Empty,
-    }
 }
 
 impl Shared {
@@ -418,29 +408,6 @@ impl Half {
     }
 }
 
-/// A message of a stream, as a handler receives it.
-#[derive(Debug)]
-pub struct InMessage {
-    /// The encoded message.
-    pub body: Vec<u8>,
-    /// Its payload. Credit for it goes back to the client when the last
-    /// handle to it is dropped.
-    pub payload: Pages,
-    /// Metadata sent with it.
-    pub metadata: Vec<MetadataEntry>,
-}
-
-impl InMessage {
-    /// Decodes the body as `T`.
-    ///
-    /// # Errors
-    /// [`Code::InvalidArgument`](crate::Code::InvalidArgument) when it is not a `T`.
-    pub fn decode<T: Message + Default>(&self) -> Result<T, Status> {
-        T::decode(self.body.as_slice())
-            .map_err(|e| Status::invalid_argument(format!("undecodable stream message: {e}")))
-    }
-}
-
 /// The client's messages on a client-streaming or bidirectional call, as
 /// its handler reads them.
 pub struct InStream {
@@ -462,7 +429,7 @@ impl InStream {
     ///
     /// # Errors
     /// The status that cut the stream short.
-    pub fn recv(&mut self) -> Result<Option<InMessage>, Status> {
+    pub fn recv(&mut self) -> Result<Option<StreamMessage>, Status> {
         let mut inner = self
             .half
             .wait(|i| !i.queue.is_empty() || matches!(i.client_end, Some(Ok(()))))?;
@@ -491,7 +458,7 @@ impl InStream {
                 hook(0);
             }
         }
-        Ok(Some(InMessage {
+        Ok(Some(StreamMessage {
             body: frame.head.header.body,
             payload,
             metadata: frame.head.header.metadata,
