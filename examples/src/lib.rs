@@ -3,9 +3,9 @@
 //! - [`kv`]: an in-memory key-value server that keeps the payload pages it
 //!   receives as its values (`kv-server`, `kv` binaries).
 //! - [`storage`]: a storage node that writes received pages to disk with
-//!   `O_DIRECT`, with chunked transfers under credit-based flow control,
-//!   CRC32C end to end, and rendezvous placement over several nodes
-//!   (`storage-node` binary).
+//!   `O_DIRECT`, PUT and GET as client and server streams (flow control is
+//!   the library's per-stream credit), CRC32C end to end, and rendezvous
+//!   placement over several nodes (`storage-node` binary).
 //! - [`util`]: helpers the binaries share.
 #![forbid(unsafe_code)]
 
