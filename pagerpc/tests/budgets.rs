@@ -300,3 +300,47 @@ fn a_slow_but_steady_reader_gets_the_whole_response() {
         .enumerate()
         .all(|(i, &x)| x == (i % 241) as u8));
 }
+
+/// Regression: every message body was reserved from the receive budget,
+/// so while other connections held the whole budget a new connection
+/// stopped at its first frame (the client's SETTINGS, a few bytes of
+/// body) and its calls waited until a peer holding the budget was closed.
+/// Small bodies, like headers and inline payloads, cost only the
+/// connection's own buffer.
+#[test]
+fn a_new_client_is_served_while_other_peers_hold_the_whole_budget() {
+    const PAYLOAD: usize = 64 << 20;
+    let server = Server::builder()
+        .config(ServerConfig {
+            threads: 2,
+            max_receive_bytes: Some(PAYLOAD),
+            progress_timeout: Some(Duration::from_secs(60)),
+            ..ServerConfig::default()
+        })
+        .register("put", |_ctx, req: MetadataEntry, _p: Pages| {
+            Ok::<_, Status>((req, Payload::Empty))
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // One peer takes the whole budget and pauses before its last page.
+    let mut peer = TcpStream::connect(addr).unwrap();
+    peer.write_all(&request_head(1, PAYLOAD as u64)).unwrap();
+    peer.write_all(&vec![3u8; PAYLOAD - 4096]).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || server
+        .receive_budget()
+        .0
+        >= PAYLOAD));
+    // A new client connects and calls; it must not wait for the peer.
+    let r = common::with_watchdog(Duration::from_secs(20), "new client", move || {
+        let c = Client::connect(addr).unwrap();
+        c.call::<_, MetadataEntry>("put", &MetadataEntry::default(), vec![1u8; 100])
+            .map(|_| ())
+    });
+    r.unwrap();
+    assert!(
+        server.receive_budget().0 >= PAYLOAD,
+        "the paused peer still holds the budget: the call did not wait for it"
+    );
+    drop(peer);
+}

@@ -442,9 +442,9 @@ impl Receiver {
         }
     }
 
-    /// Reserves every separate payload, and every body, from `budget`
-    /// before allocating anything for it (a body when its prefix arrives,
-    /// a payload when its header completes). While the budget has no room,
+    /// Reserves every separate payload, and every body larger than the
+    /// read buffer, from `budget` before allocating anything for it (a body
+    /// when its prefix arrives, a payload when its header completes). While the budget has no room,
     /// the receiver stops at that frame's prefix or header ([`poll_frame`](Self::poll_frame) returns
     /// `None` and [`awaiting_budget`](Self::awaiting_budget) is true) and
     /// reads nothing more until a later call finds room.
@@ -465,7 +465,12 @@ impl Receiver {
         let (Some(budget), Some(prefix)) = (&self.budget, self.decoder.pending_prefix()) else {
             return true;
         };
-        if prefix.body_len == 0 || self.body_reserved.is_some() {
+        // A body no larger than the read buffer costs what a header or an
+        // inline payload costs (bounded per connection, like them): only
+        // larger ones are reserved. Reserving every body would stop a
+        // connection at its first small frame (a SETTINGS) whenever other
+        // connections hold the whole budget.
+        if prefix.body_len as usize <= self.cfg.read_buf || self.body_reserved.is_some() {
             return true;
         }
         let bytes = prefix.body_len as usize;
