@@ -1016,10 +1016,11 @@ fn shutdown_cuts_a_stalled_listing_short_with_an_error() {
         .list_bytes_sent
         >= window - kv::LIST_CHUNK_BYTES as u64));
     let t0 = Instant::now();
-    assert!(
-        !srv.shutdown_timeout(Duration::from_millis(300)),
-        "the stalled listing cannot have finished"
-    );
+    // The library tells a stream handler waiting for credit that the
+    // server is going, so the listing's handler ends (with an error for
+    // the client) within the grace, or the grace cuts it: either way the
+    // shutdown is quick and the listing is cut short.
+    let _ = srv.shutdown_timeout(Duration::from_millis(300));
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     let rest: Vec<_> = keys.collect();
