@@ -396,10 +396,41 @@ impl Client {
         payload: impl Into<Payload>,
         opts: &CallOptions,
     ) -> Result<PendingCall, CallError> {
-        let payload = payload.into();
+        let (id, deadline) = self.open_call(method, body, payload.into(), opts, None)?;
+        Ok(PendingCall {
+            shared: self.shared.clone(),
+            id,
+            deadline,
+            done: false,
+        })
+    }
+
+    /// Starts a call and sends its REQUEST. `stream` is `None` for a
+    /// unary call, `Some(client_stream)` for a streaming one (its slot gets
+    /// the stream's state; `client_stream` says whether the client sends
+    /// messages after the REQUEST). Returns the call id and its deadline.
+    fn open_call(
+        &self,
+        method: &str,
+        body: Vec<u8>,
+        payload: Payload,
+        opts: &CallOptions,
+        stream: Option<bool>,
+    ) -> Result<(u64, Option<Instant>), CallError> {
         let timeout = opts.timeout.or(self.shared.cfg.default_timeout);
         let deadline = timeout.map(|t| Instant::now() + t);
-        let started = self.shared.state.lock().calls.start(Slot::new());
+        let started = {
+            let mut st = self.shared.state.lock();
+            let mut slot = Slot::new();
+            if let Some(client_stream) = stream {
+                slot.stream = Some(Box::new(stream::StreamSlot::new(
+                    st.peer.stream_window,
+                    self.shared.cfg.stream_window,
+                    client_stream,
+                )));
+            }
+            st.calls.start(slot)
+        };
         let id = match started {
             Ok(id) => id,
             Err(dead) => return Err(CallError::with_payload(dead, payload)),
@@ -411,6 +442,7 @@ impl Client {
             deadline_us: timeout.map_or(0, |t| (t.as_micros() as u64).max(1)),
             metadata: opts.metadata.clone(),
             body,
+            client_stream: stream.unwrap_or(false),
             ..Default::default()
         };
         if let Err(e) = self
@@ -420,12 +452,7 @@ impl Client {
             self.shared.state.lock().calls.end(id);
             return Err(e);
         }
-        Ok(PendingCall {
-            shared: self.shared.clone(),
-            id,
-            deadline,
-            done: false,
-        })
+        Ok((id, deadline))
     }
 
     /// Sends a PING and waits for the PONG; returns the round-trip time.

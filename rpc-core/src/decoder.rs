@@ -67,9 +67,21 @@ pub enum Need {
 
 #[derive(Debug)]
 enum State {
-    Prefix { buf: [u8; PREFIX_LEN], have: usize },
-    Header { prefix: Prefix, buf: Vec<u8> },
-    Payload { remaining: u64, total: u64 },
+    Prefix {
+        buf: [u8; PREFIX_LEN],
+        have: usize,
+    },
+    /// Reading the header into `buf`, then the body into `body` (its own
+    /// buffer, so it is handed over without a copy).
+    Header {
+        prefix: Prefix,
+        buf: Vec<u8>,
+        body: Vec<u8>,
+    },
+    Payload {
+        remaining: u64,
+        total: u64,
+    },
     Failed(CodecError),
 }
 
@@ -108,8 +120,8 @@ impl FrameDecoder {
     pub fn need(&self) -> Need {
         match &self.state {
             State::Prefix { have, .. } => Need::Prefix(PREFIX_LEN - have),
-            State::Header { prefix, buf } => Need::Header {
-                remaining: head_len(prefix) - buf.len(),
+            State::Header { prefix, buf, body } => Need::Header {
+                remaining: head_len(prefix) - buf.len() - body.len(),
                 inline_payload: if prefix.flags.contains(crate::Flags::INLINE_PAYLOAD) {
                     prefix.payload_len
                 } else {
@@ -157,33 +169,40 @@ impl FrameDecoder {
                     match Prefix::decode(buf, &self.limits) {
                         Ok(prefix) => {
                             // Bounded by max_header_bytes, checked just
-                            // above; a body grows the buffer only as its
+                            // above; a body grows its buffer only as its
                             // bytes arrive.
-                            let buf = Vec::with_capacity(
-                                head_len(&prefix).min(prefix.header_len as usize + 64 * 1024),
-                            );
-                            self.state = State::Header { prefix, buf };
+                            let buf = Vec::with_capacity(prefix.header_len as usize);
+                            self.state = State::Header {
+                                prefix,
+                                buf,
+                                body: Vec::new(),
+                            };
                         }
                         Err(e) => return Err(self.fail(e)),
                     }
                 }
-                State::Header { prefix, buf } => {
-                    let want = head_len(prefix) - buf.len();
+                State::Header { prefix, buf, body } => {
+                    let hl = prefix.header_len as usize;
+                    let into_header = (hl - buf.len()).min(input.len() - used);
+                    buf.extend_from_slice(&input[used..used + into_header]);
+                    used += into_header;
+                    let want = prefix.body_len as usize - body.len();
                     let n = want.min(input.len() - used);
-                    buf.extend_from_slice(&input[used..used + n]);
-                    used += n;
-                    if n < want {
+                    if n > 0 {
+                        if body.is_empty() {
+                            body.reserve(want.min(64 * 1024));
+                        }
+                        body.extend_from_slice(&input[used..used + n]);
+                        used += n;
+                    }
+                    if buf.len() < hl || n < want {
                         return Ok((used, None));
                     }
                     let prefix = *prefix;
-                    let hl = prefix.header_len as usize;
-                    match decode_header(&buf[..hl], &self.limits) {
+                    let body = std::mem::take(body);
+                    match decode_header(buf, &self.limits) {
                         Ok(mut header) => {
-                            if prefix.body_len > 0 {
-                                let mut body = std::mem::take(buf);
-                                body.drain(..hl);
-                                header.body = body;
-                            }
+                            header.body = body;
                             self.state = if prefix.payload_len == 0 {
                                 Self::fresh()
                             } else {
@@ -235,17 +254,17 @@ impl FrameDecoder {
                 expected: PREFIX_LEN as u64,
                 got: *have as u64,
             }),
-            State::Header { prefix, buf } if buf.len() < prefix.header_len as usize => {
+            State::Header { prefix, buf, .. } if buf.len() < prefix.header_len as usize => {
                 Err(CodecError::Truncated {
                     section: Section::Header,
                     expected: u64::from(prefix.header_len),
                     got: buf.len() as u64,
                 })
             }
-            State::Header { prefix, buf } => Err(CodecError::Truncated {
+            State::Header { prefix, body, .. } => Err(CodecError::Truncated {
                 section: Section::Body,
                 expected: u64::from(prefix.body_len),
-                got: (buf.len() - prefix.header_len as usize) as u64,
+                got: body.len() as u64,
             }),
             State::Payload { remaining, total } => Err(CodecError::Truncated {
                 section: Section::Payload,

@@ -444,10 +444,11 @@ impl Receiver {
 
     /// Reserves every separate payload, and every body larger than the
     /// read buffer, from `budget` before allocating anything for it (a body
-    /// when its prefix arrives, a payload when its header completes). While the budget has no room,
-    /// the receiver stops at that frame's prefix or header ([`poll_frame`](Self::poll_frame) returns
-    /// `None` and [`awaiting_budget`](Self::awaiting_budget) is true) and
-    /// reads nothing more until a later call finds room.
+    /// when its prefix arrives, a payload when its header completes). While
+    /// the budget has no room, the receiver stops at that frame's prefix or
+    /// header ([`poll_frame`](Self::poll_frame) returns `None` and
+    /// [`awaiting_budget`](Self::awaiting_budget) is true) and reads nothing
+    /// more until a later call finds room.
     pub fn set_budget(&mut self, budget: Arc<dyn PayloadBudget>) {
         self.budget = Some(budget);
     }

@@ -47,7 +47,7 @@ pub(super) struct StreamSlot {
 }
 
 impl StreamSlot {
-    fn new(window_out: u64, window_in: u64, sends: bool) -> StreamSlot {
+    pub(super) fn new(window_out: u64, window_in: u64, sends: bool) -> StreamSlot {
         StreamSlot {
             queue: VecDeque::new(),
             end: None,
@@ -88,7 +88,8 @@ impl Client {
         method: &str,
         opts: &CallOptions,
     ) -> Result<(StreamSender, StreamReceiver), CallError> {
-        let (id, deadline) = self.open(method, true, Vec::new(), Payload::Empty, opts)?;
+        let (id, deadline) =
+            self.open_call(method, Vec::new(), Payload::Empty, opts, Some(true))?;
         Ok((
             StreamSender::new(self.shared.clone(), id, deadline),
             StreamReceiver::new(self.shared.clone(), id, deadline),
@@ -106,7 +107,8 @@ impl Client {
         method: &str,
         opts: &CallOptions,
     ) -> Result<(StreamSender, StreamResponse), CallError> {
-        let (id, deadline) = self.open(method, true, Vec::new(), Payload::Empty, opts)?;
+        let (id, deadline) =
+            self.open_call(method, Vec::new(), Payload::Empty, opts, Some(true))?;
         Ok((
             StreamSender::new(self.shared.clone(), id, deadline),
             StreamResponse {
@@ -127,52 +129,14 @@ impl Client {
         payload: impl Into<Payload>,
         opts: &CallOptions,
     ) -> Result<StreamReceiver, CallError> {
-        let (id, deadline) = self.open(method, false, req.encode_to_vec(), payload.into(), opts)?;
+        let (id, deadline) = self.open_call(
+            method,
+            req.encode_to_vec(),
+            payload.into(),
+            opts,
+            Some(false),
+        )?;
         Ok(StreamReceiver::new(self.shared.clone(), id, deadline))
-    }
-
-    fn open(
-        &self,
-        method: &str,
-        client_stream: bool,
-        body: Vec<u8>,
-        payload: Payload,
-        opts: &CallOptions,
-    ) -> Result<(u64, Option<Instant>), CallError> {
-        let timeout = opts.timeout.or(self.shared.cfg.default_timeout);
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let started = {
-            let mut st = self.shared.state.lock();
-            let mut slot = Slot::new();
-            slot.stream = Some(Box::new(StreamSlot::new(
-                st.peer.stream_window,
-                self.shared.cfg.stream_window,
-                client_stream,
-            )));
-            st.calls.start(slot)
-        };
-        let id = match started {
-            Ok(id) => id,
-            Err(dead) => return Err(CallError::with_payload(dead, payload)),
-        };
-        let header = Header {
-            call_id: id,
-            kind: Kind::Request as i32,
-            method: method.to_owned(),
-            deadline_us: timeout.map_or(0, |t| (t.as_micros() as u64).max(1)),
-            metadata: opts.metadata.clone(),
-            body,
-            client_stream,
-            ..Default::default()
-        };
-        if let Err(e) = self
-            .shared
-            .send_request(OutFrame { header, payload }, deadline)
-        {
-            self.shared.state.lock().calls.end(id);
-            return Err(e);
-        }
-        Ok((id, deadline))
     }
 }
 
