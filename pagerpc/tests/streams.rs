@@ -503,3 +503,73 @@ fn shutdown_waits_for_stream_handler_threads() {
         "shutdown returned while a stream handler was still running"
     );
 }
+
+/// A raw peer that ignores flow control and floods a stream past its
+/// window gets that stream ended with `ResourceExhausted` naming the
+/// window; its connection stays usable.
+#[test]
+fn a_peer_flooding_a_stream_past_its_window_gets_an_error() {
+    use pagerpc::codec::{encode_head, Flags, Header, Kind, Limits};
+    use std::io::Write;
+    let b = Server::builder()
+        .register_client_stream("upload", |_ctx, rx| {
+            // Holds what it gets: no credit goes back.
+            let mut kept = Vec::new();
+            while let Some(m) = rx.recv()? {
+                kept.push(m);
+            }
+            Ok(Reply::default())
+        })
+        .register("ping", |_ctx, req: MetadataEntry, _p: Pages| {
+            Ok::<_, Status>((req, Payload::Empty))
+        });
+    let mut cfg = config(2);
+    cfg.stream_window = MIB as u64;
+    let server = b.config(cfg).bind("127.0.0.1:0").unwrap();
+    let mut s = std::net::TcpStream::connect(server.local_addr()).unwrap();
+    let frame = |h: &Header, payload: &[u8]| {
+        let mut w = Vec::new();
+        encode_head(
+            h,
+            payload.len() as u64,
+            Flags::NONE,
+            &Limits::default(),
+            &mut w,
+        )
+        .unwrap();
+        w.extend_from_slice(payload);
+        w
+    };
+    let open = Header {
+        call_id: 5,
+        kind: Kind::Request as i32,
+        method: "upload".into(),
+        client_stream: true,
+        ..Default::default()
+    };
+    let chunk = Header {
+        call_id: 5,
+        kind: Kind::StreamChunk as i32,
+        ..Default::default()
+    };
+    let data = vec![7u8; 600 * 1024];
+    let mut wire = frame(&open, b"");
+    for _ in 0..3 {
+        wire.extend(frame(&chunk, &data));
+    }
+    s.write_all(&wire).unwrap();
+    let frames = read_raw_frames(&mut s, 1, Duration::from_secs(10));
+    let h = &frames[0].head.header;
+    assert_eq!((h.call_id, h.kind), (5, Kind::Error as i32));
+    assert_eq!(h.status_code, Code::ResourceExhausted.as_u32());
+    assert!(
+        h.status_message.contains("stream_window"),
+        "{}",
+        h.status_message
+    );
+    // The connection goes on.
+    s.write_all(&raw_request(6, "ping", b"")).unwrap();
+    let frames = read_raw_frames(&mut s, 1, Duration::from_secs(10));
+    assert_eq!(frames[0].head.call_id(), 6);
+    assert_eq!(frames[0].head.kind(), Kind::Response);
+}

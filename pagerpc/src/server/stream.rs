@@ -282,6 +282,9 @@ impl Shared {
                     inner.client_end = Some(Ok(()));
                 }
             }
+            // The stream already failed (its error was sent): what the
+            // client sent meanwhile crossed that error on the wire.
+            _ if matches!(inner.client_end, Some(Err(_))) => return,
             _ if inner.client_end.is_some() => {
                 // A message after STREAM_END, or on a server-streaming call.
                 let status =
