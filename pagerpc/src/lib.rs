@@ -32,6 +32,7 @@ mod segments;
 mod server;
 mod stream_message;
 mod sys;
+pub mod typed;
 
 pub use client::{
     CallOptions, Client, ClientConfig, PendingCall, Response, StreamMessage, StreamReceiver,
@@ -43,10 +44,28 @@ pub use server::{
     Context, InStream, OutStream, Reply, Server, ServerBuilder, ServerConfig, StreamSendError,
 };
 
-pub use pagerpc_core::{Code, CodecError, Counters, CountersSnapshot, Limits, Status};
+pub use pagerpc_core::{
+    Code, CodecError, Counters, CountersSnapshot, Limits, MetadataEntry, Status,
+};
 pub use pagerpc_pages::{cached_bytes, set_cache_limit, Origin, PageBuf, Pages, Payload};
 pub use pagerpc_receiver::{Backend, Frame, ReceivePath, RecvConfig, RecvError};
 pub use pagerpc_sender::{SendConfig, SendError, ZcSendStats};
+
+/// Includes the code `pagerpc-build` generated for a protobuf package
+/// (`$OUT_DIR/<package>.rs`): its messages, and for each service a client,
+/// a server trait and its registration.
+///
+/// ```ignore
+/// pub mod kv {
+///     pagerpc::include_proto!("pagerpc.examples.kv");
+/// }
+/// ```
+#[macro_export]
+macro_rules! include_proto {
+    ($package:literal) => {
+        include!(concat!(env!("OUT_DIR"), "/", $package, ".rs"));
+    };
+}
 
 /// The prost crate, for encoding request and response messages.
 pub use prost;

@@ -133,6 +133,12 @@ impl ServerBuilder {
         self
     }
 
+    /// Registers every method of a service: what `pagerpc-build`
+    /// generates from a `.proto` service (`KvServer::new(my_impl)`).
+    pub fn add_service<S: crate::typed::Service>(self, service: S) -> ServerBuilder {
+        service.register(self)
+    }
+
     fn register_stream(mut self, method: &str, shape: Shape, f: Arc<StreamHandler>) -> Self {
         self.handlers.remove(method);
         self.stream_handlers.insert(method.to_owned(), (shape, f));

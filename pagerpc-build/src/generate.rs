@@ -1,0 +1,458 @@
+//! The Rust code generated for each `.proto` service: its method-name
+//! constants, client, server trait and registration.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::rc::Rc;
+
+use heck::{ToShoutySnakeCase, ToSnakeCase};
+use prost_build::{Comments, Method, Service, ServiceGenerator};
+
+use crate::options::Payloads;
+
+/// Client methods every generated client has; an rpc may not take their
+/// names.
+const CLIENT_RESERVED: &[&str] = &["new", "connect", "inner", "into_inner"];
+
+/// prost's service generator hook.
+pub(crate) struct Generator {
+    pub client: bool,
+    pub server: bool,
+    /// Payload directions by `package.Service/Method`.
+    pub payloads: HashMap<String, Payloads>,
+    /// Problems found; `compile` reports them after prost returns.
+    pub errors: Rc<RefCell<Vec<String>>>,
+}
+
+/// One rpc, as the generated code needs it.
+struct Rpc<'a> {
+    m: &'a Method,
+    /// The Rust method name (`put`, `r#type`).
+    ident: String,
+    /// `ident` without a raw prefix, for derived names.
+    base: String,
+    /// The wire-name constant (`PUT`).
+    konst: String,
+    /// `package.Service/Method`.
+    wire: String,
+    payloads: Payloads,
+}
+
+fn mode(carries: bool) -> &'static str {
+    if carries {
+        "::pagerpc::typed::WithPayload"
+    } else {
+        "::pagerpc::typed::NoPayload"
+    }
+}
+
+/// The rustdoc of an item: the `.proto` comments, or `fallback` when there
+/// are none, then `extra` lines.
+fn docs(buf: &mut String, comments: &Comments, fallback: &str, extra: &[String]) {
+    let has_comments = !comments.leading.is_empty() || !comments.trailing.is_empty();
+    if has_comments {
+        let c = Comments {
+            leading_detached: Vec::new(),
+            leading: comments.leading.clone(),
+            trailing: comments.trailing.clone(),
+        };
+        c.append_with_indent(0, buf);
+    } else {
+        let _ = writeln!(buf, "/// {fallback}");
+    }
+    for line in extra {
+        buf.push_str("///\n");
+        let _ = writeln!(buf, "/// {line}");
+    }
+}
+
+/// A sentence on the rpc's shape and payloads, for its rustdoc.
+fn shape_doc(r: &Rpc<'_>) -> String {
+    let shape = match (r.m.client_streaming, r.m.server_streaming) {
+        (false, false) => "Unary",
+        (true, false) => "Client-streaming",
+        (false, true) => "Server-streaming",
+        (true, true) => "Bidirectional streaming",
+    };
+    let payloads = match (r.payloads.request, r.payloads.response) {
+        (false, false) => "no payloads",
+        (true, false) => "payloads on the client's messages",
+        (false, true) => "payloads on the server's messages",
+        (true, true) => "payloads both ways",
+    };
+    format!("{shape}, {payloads}; on the wire `{}`.", r.wire)
+}
+
+impl Generator {
+    fn rpcs<'a>(&self, service: &'a Service) -> Vec<Rpc<'a>> {
+        let full = full_name(service);
+        service
+            .methods
+            .iter()
+            .map(|m| {
+                let wire = format!("{full}/{}", m.proto_name);
+                let base = m.name.trim_start_matches("r#").to_owned();
+                Rpc {
+                    m,
+                    ident: m.name.clone(),
+                    konst: base.to_shouty_snake_case(),
+                    base,
+                    payloads: self.payloads.get(&wire).copied().unwrap_or_default(),
+                    wire,
+                }
+            })
+            .collect()
+    }
+
+    /// Names that would clash in the generated code.
+    fn check(&self, service: &Service, rpcs: &[Rpc<'_>]) -> Vec<String> {
+        let full = full_name(service);
+        let mut errors = Vec::new();
+        let mut taken: HashSet<String> = CLIENT_RESERVED.iter().map(|s| s.to_string()).collect();
+        let mut konsts = HashSet::new();
+        for r in rpcs {
+            for name in [r.base.clone(), format!("{}_with", r.base)] {
+                if !taken.insert(name.clone()) {
+                    errors.push(format!(
+                        "{full}: rpc `{}` would generate a client method `{name}`, which another \
+                         generated method already has; rename the rpc",
+                        r.m.proto_name
+                    ));
+                }
+            }
+            if !konsts.insert(r.konst.clone()) {
+                errors.push(format!(
+                    "{full}: rpcs differing only in case clash as `{}`",
+                    r.konst
+                ));
+            }
+        }
+        errors
+    }
+
+    fn methods_module(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
+        let full = full_name(service);
+        let _ = writeln!(
+            buf,
+            "/// The wire names of the `{full}` service's methods, for hand-written peers \
+             and the string API."
+        );
+        let _ = writeln!(buf, "pub mod {} {{", methods_module(service));
+        for r in rpcs {
+            let _ = writeln!(buf, "/// `{}`.", r.m.proto_name);
+            let _ = writeln!(buf, "pub const {}: &str = \"{}\";", r.konst, r.wire);
+        }
+        buf.push_str("}\n");
+    }
+
+    fn client(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
+        let full = full_name(service);
+        let name = format!("{}Client", service.name);
+        let m = methods_module(service);
+        docs(
+            buf,
+            &service.comments,
+            &format!("The `{full}` service."),
+            &[format!(
+                "The client of `{full}`: one method per rpc, over one \
+                 [`pagerpc::Client`] connection. Clones share the connection."
+            )],
+        );
+        let _ = writeln!(buf, "#[derive(Clone, Debug)]\npub struct {name} {{");
+        buf.push_str("    client: ::pagerpc::Client,\n}\n\n");
+        let _ = writeln!(buf, "#[allow(clippy::type_complexity)]\nimpl {name} {{");
+        buf.push_str(
+            "/// Wraps a connected client.
+pub fn new(client: ::pagerpc::Client) -> Self {
+    Self { client }
+}
+
+/// Connects to `addr` with default settings.
+///
+/// # Errors
+/// When the connection cannot be made.
+pub fn connect(addr: impl ::std::net::ToSocketAddrs) -> ::std::io::Result<Self> {
+    ::pagerpc::Client::connect(addr).map(Self::new)
+}
+
+/// The client underneath (pings, counters, the string API).
+pub fn inner(&self) -> &::pagerpc::Client {
+    &self.client
+}
+
+/// The client underneath.
+pub fn into_inner(self) -> ::pagerpc::Client {
+    self.client
+}
+",
+        );
+        for r in rpcs {
+            self.client_method(r, &m, buf);
+        }
+        buf.push_str("}\n");
+    }
+
+    fn client_method(&self, r: &Rpc<'_>, module: &str, buf: &mut String) {
+        let (input, output) = (&r.m.input_type, &r.m.output_type);
+        let (ident, with) = (&r.ident, format!("{}_with", r.base));
+        let wire = format!("{module}::{}", r.konst);
+        let pin = mode(r.payloads.request);
+        let pout = mode(r.payloads.response);
+        let errors = "///\n/// # Errors\n/// The call's status: the server's, or a local failure \
+                      (deadline, connection, limits), as for [`pagerpc::Client::call`].\n";
+        let with_doc = format!(
+            "/// [`{}`](Self::{}) with per-call options (timeout, metadata).\n{errors}",
+            r.base, ident
+        );
+        let (req_params, req_args, req_payload) = match (r.m.client_streaming, r.payloads.request) {
+            (true, _) => (String::new(), String::new(), String::new()),
+            (false, true) => (
+                format!(
+                    "request: &{input}, payload: impl ::std::convert::Into<::pagerpc::Payload>, "
+                ),
+                "request, payload, ".to_owned(),
+                "payload.into()".to_owned(),
+            ),
+            (false, false) => (
+                format!("request: &{input}, "),
+                "request, ".to_owned(),
+                "::pagerpc::Payload::Empty".to_owned(),
+            ),
+        };
+        let ret = match (r.m.client_streaming, r.m.server_streaming) {
+            (false, false) => format!("::pagerpc::Response<{output}>"),
+            (true, false) => format!(
+                "(::pagerpc::typed::Sender<{input}, {pin}>, \
+                 ::pagerpc::typed::PendingResponse<{output}, {pout}>)"
+            ),
+            (false, true) => format!("::pagerpc::typed::Receiver<{output}, {pout}>"),
+            (true, true) => format!(
+                "(::pagerpc::typed::Sender<{input}, {pin}>, \
+                 ::pagerpc::typed::Receiver<{output}, {pout}>)"
+            ),
+        };
+        let body = match (r.m.client_streaming, r.m.server_streaming) {
+            (false, false) => format!(
+                "::pagerpc::typed::call_unary::<_, _, {pout}>(&self.client, {wire}, request, \
+                 {req_payload}, options)"
+            ),
+            (true, false) => format!(
+                "let (tx, rx) = self.client.client_stream({wire}, options)?;
+                 Ok((::pagerpc::typed::Sender::new(tx), \
+                 ::pagerpc::typed::PendingResponse::new(rx, {wire})))"
+            ),
+            (false, true) => format!(
+                "let rx = self.client.server_stream({wire}, request, {req_payload}, options)?;
+                 Ok(::pagerpc::typed::Receiver::new(rx, {wire}))"
+            ),
+            (true, true) => format!(
+                "let (tx, rx) = self.client.bidi_stream({wire}, options)?;
+                 Ok((::pagerpc::typed::Sender::new(tx), ::pagerpc::typed::Receiver::new(rx, {wire})))"
+            ),
+        };
+        docs(
+            buf,
+            &r.m.comments,
+            &format!("Calls `{}`.", r.m.proto_name),
+            &[shape_doc(r)],
+        );
+        buf.push_str(errors);
+        let _ = writeln!(
+            buf,
+            "pub fn {ident}(&self, {req_params}) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
+    self.{with}({req_args}&::pagerpc::CallOptions::default())
+}}
+"
+        );
+        buf.push_str(&with_doc);
+        let _ = writeln!(
+            buf,
+            "pub fn {with}(&self, {req_params}options: &::pagerpc::CallOptions) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
+    {body}
+}}
+"
+        );
+    }
+
+    fn server(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
+        let full = full_name(service);
+        let tr = &service.name;
+        let m = methods_module(service);
+        docs(
+            buf,
+            &service.comments,
+            &format!("The `{full}` service."),
+            &[format!(
+                "The server side of `{full}`: implement it and register it with \
+                 `builder.add_service({tr}Server::new(my_impl))`. Unary handlers run on the \
+                 server's pool threads, streaming ones on threads of their own."
+            )],
+        );
+        let _ = writeln!(
+            buf,
+            "pub trait {tr}: ::std::marker::Send + ::std::marker::Sync + 'static {{"
+        );
+        for r in rpcs {
+            let (input, output) = (&r.m.input_type, &r.m.output_type);
+            let pin = mode(r.payloads.request);
+            let pout = mode(r.payloads.response);
+            let payload_param = if r.payloads.request {
+                "payload: ::pagerpc::Pages, "
+            } else {
+                ""
+            };
+            let (params, ret) = match (r.m.client_streaming, r.m.server_streaming) {
+                (false, false) => (
+                    format!("request: {input}, {payload_param}"),
+                    response_type(output, r.payloads.response),
+                ),
+                (true, false) => (
+                    format!("requests: ::pagerpc::typed::Inbound<'_, {input}, {pin}>, "),
+                    response_type(output, r.payloads.response),
+                ),
+                (false, true) => (
+                    format!(
+                        "request: {input}, {payload_param}responses: \
+                         ::pagerpc::typed::Outbound<'_, {output}, {pout}>, "
+                    ),
+                    "()".to_owned(),
+                ),
+                (true, true) => (
+                    format!(
+                        "requests: ::pagerpc::typed::Inbound<'_, {input}, {pin}>, responses: \
+                         ::pagerpc::typed::Outbound<'_, {output}, {pout}>, "
+                    ),
+                    "()".to_owned(),
+                ),
+            };
+            docs(
+                buf,
+                &r.m.comments,
+                &format!("Handles `{}`.", r.m.proto_name),
+                &[shape_doc(r)],
+            );
+            buf.push_str(
+                "///\n/// # Errors\n/// The status the caller gets instead of a response (or as \
+                 the end of its stream).\n",
+            );
+            let _ = writeln!(
+                buf,
+                "fn {}(&self, ctx: &::pagerpc::Context, {params}) -> ::std::result::Result<{ret}, ::pagerpc::Status>;",
+                r.ident
+            );
+        }
+        buf.push_str("}\n\n");
+
+        let server = format!("{tr}Server");
+        let _ = writeln!(
+            buf,
+            "/// Registers a [`{tr}`] implementation on a server:
+/// `pagerpc::Server::builder().add_service({server}::new(my_impl))`.
+pub struct {server}<S: {tr}> {{
+    inner: ::std::sync::Arc<S>,
+}}
+
+impl<S: {tr}> {server}<S> {{
+    /// Serves `service`.
+    pub fn new(service: S) -> Self {{
+        Self::from_arc(::std::sync::Arc::new(service))
+    }}
+
+    /// Serves a shared `service`.
+    pub fn from_arc(service: ::std::sync::Arc<S>) -> Self {{
+        Self {{ inner: service }}
+    }}
+}}
+
+impl<S: {tr}> ::std::fmt::Debug for {server}<S> {{
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {{
+        f.write_str(\"{server}\")
+    }}
+}}
+
+impl<S: {tr}> ::pagerpc::typed::Service for {server}<S> {{
+    const NAME: &'static str = \"{full}\";
+
+    fn register(self, builder: ::pagerpc::ServerBuilder) -> ::pagerpc::ServerBuilder {{"
+        );
+        for r in rpcs {
+            let (input, output) = (&r.m.input_type, &r.m.output_type);
+            let pin = mode(r.payloads.request);
+            let pout = mode(r.payloads.response);
+            let wire = format!("{m}::{}", r.konst);
+            let id = &r.ident;
+            let (pl_pat, pl_arg) = if r.payloads.request {
+                ("payload", "payload, ")
+            } else {
+                ("()", "")
+            };
+            let wrap = if r.payloads.response {
+                ""
+            } else {
+                ".map(|response| (response, ()))"
+            };
+            let call = match (r.m.client_streaming, r.m.server_streaming) {
+                (false, false) => format!(
+                    "::pagerpc::typed::register_unary::<{input}, {output}, {pin}, {pout}, _>(builder, {wire}, \
+                     move |ctx, request, {pl_pat}| svc.{id}(ctx, request, {pl_arg}){wrap})"
+                ),
+                (true, false) => format!(
+                    "::pagerpc::typed::register_client_stream::<{input}, {output}, {pin}, {pout}, _>(builder, {wire}, \
+                     move |ctx, requests| svc.{id}(ctx, requests){wrap})"
+                ),
+                (false, true) => format!(
+                    "::pagerpc::typed::register_server_stream::<{input}, {output}, {pin}, {pout}, _>(builder, {wire}, \
+                     move |ctx, request, {pl_pat}, responses| svc.{id}(ctx, request, {pl_arg}responses))"
+                ),
+                (true, true) => format!(
+                    "::pagerpc::typed::register_bidi_stream::<{input}, {output}, {pin}, {pout}, _>(builder, {wire}, \
+                     move |ctx, requests, responses| svc.{id}(ctx, requests, responses))"
+                ),
+            };
+            let _ = writeln!(
+                buf,
+                "let builder = {{ let svc = self.inner.clone(); {call} }};"
+            );
+        }
+        buf.push_str("builder\n}\n}\n");
+    }
+}
+
+fn response_type(output: &str, payload: bool) -> String {
+    if payload {
+        format!("({output}, ::pagerpc::Payload)")
+    } else {
+        output.to_owned()
+    }
+}
+
+fn full_name(service: &Service) -> String {
+    if service.package.is_empty() {
+        service.proto_name.clone()
+    } else {
+        format!("{}.{}", service.package, service.proto_name)
+    }
+}
+
+fn methods_module(service: &Service) -> String {
+    format!("{}_methods", service.name.to_snake_case())
+}
+
+impl ServiceGenerator for Generator {
+    fn generate(&mut self, service: Service, buf: &mut String) {
+        let rpcs = self.rpcs(&service);
+        let errors = self.check(&service, &rpcs);
+        if !errors.is_empty() {
+            self.errors.borrow_mut().extend(errors);
+            return;
+        }
+        self.methods_module(&service, &rpcs, buf);
+        if self.client {
+            self.client(&service, &rpcs, buf);
+        }
+        if self.server {
+            self.server(&service, &rpcs, buf);
+        }
+    }
+}
