@@ -1,6 +1,7 @@
 //! Compiles every `.proto` file in `proto/` (the examples' protocols) with
-//! protox (pure Rust, no system `protoc`) and prost-build. Package
-//! `pagerpc.examples.X` becomes `$OUT_DIR/pagerpc.examples.X.rs`.
+//! pagerpc-build (protox: pure Rust, no system `protoc`): messages, and for
+//! each service a typed client, a server trait and its registration.
+//! Package `pagerpc.examples.X` becomes `$OUT_DIR/pagerpc.examples.X.rs`.
 
 use std::path::PathBuf;
 
@@ -16,7 +17,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if files.is_empty() {
         return Err("no .proto files in examples/proto".into());
     }
-    let fds = protox::compile(&files, ["proto"])?;
-    prost_build::Config::new().compile_fds(fds)?;
+    pagerpc_build::compile_protos(&files, &["proto"])?;
     Ok(())
 }

@@ -3,6 +3,8 @@
 use pagerpc::typed::{Inbound, NoPayload, Outbound, WithPayload};
 use pagerpc::{Context, MetadataEntry, Pages, Payload, Status};
 
+use sha2::{Digest, Sha256};
+
 use crate::lab::{Ack, Blob, Lab, Note};
 
 /// Byte `i` of the `Fetch` pattern for `seq`.
@@ -15,26 +17,25 @@ pub fn pattern_bytes(len: usize, seq: u64) -> Vec<u8> {
     (0..len).map(|i| pattern(i, seq)).collect()
 }
 
-/// SHA-256 as lowercase hex, without a dependency: the tests compare it
-/// with `sha2`'s.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// SHA-256 of `parts`, in order, as lowercase hex.
+pub fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The test implementation. Digests are computed by the caller's hasher
-/// (`Hasher`), so this crate needs no SHA-256 of its own.
+/// The test implementation.
 #[derive(Debug, Default)]
-pub struct LabImpl {
-    /// Hashes payload bytes for `Ack::sha256`.
-    pub hasher: Option<fn(&[&[u8]]) -> Vec<u8>>,
-}
+pub struct LabImpl;
 
 impl LabImpl {
     fn ack(&self, parts: &[&[u8]], count: u64) -> Ack {
         Ack {
             bytes: parts.iter().map(|p| p.len() as u64).sum(),
             count,
-            sha256: self.hasher.map(|h| hex(&h(parts))).unwrap_or_default(),
+            sha256: sha256_hex(parts),
         }
     }
 }

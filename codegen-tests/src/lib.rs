@@ -63,7 +63,7 @@
 
 mod lab_impl;
 
-pub use lab_impl::LabImpl;
+pub use lab_impl::{pattern_bytes, sha256_hex, LabImpl};
 
 /// The generated code for package `pagerpc.test.lab`.
 pub mod lab {

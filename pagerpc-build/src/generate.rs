@@ -376,7 +376,7 @@ impl<S: {tr}> ::pagerpc::typed::Service for {server}<S> {{
 
     fn register(self, builder: ::pagerpc::ServerBuilder) -> ::pagerpc::ServerBuilder {{"
         );
-        for r in rpcs {
+        for (i, r) in rpcs.iter().enumerate() {
             let (input, output) = (&r.m.input_type, &r.m.output_type);
             let pin = mode(r.payloads.request);
             let pout = mode(r.payloads.response);
@@ -410,12 +410,19 @@ impl<S: {tr}> ::pagerpc::typed::Service for {server}<S> {{
                      move |ctx, requests, responses| svc.{id}(ctx, requests, responses))"
                 ),
             };
-            let _ = writeln!(
-                buf,
-                "let builder = {{ let svc = self.inner.clone(); {call} }};"
-            );
+            // The last registration is the function's value (no
+            // `let` and return, which clippy would flag).
+            let block = format!("{{ let svc = self.inner.clone(); {call} }}");
+            if i + 1 == rpcs.len() {
+                let _ = writeln!(buf, "{block}");
+            } else {
+                let _ = writeln!(buf, "let builder = {block};");
+            }
         }
-        buf.push_str("builder\n}\n}\n");
+        if rpcs.is_empty() {
+            buf.push_str("builder\n");
+        }
+        buf.push_str("}\n}\n");
     }
 }
 
