@@ -1,7 +1,7 @@
 //! An implementation of the `Lab` service for the tests.
 
 use pagerpc::typed::{Inbound, NoPayload, Outbound, WithPayload};
-use pagerpc::{Context, MetadataEntry, Pages, Payload, Status};
+use pagerpc::{Context, MetadataEntry, PageBuf, Pages, Payload, Status};
 
 use sha2::{Digest, Sha256};
 
@@ -40,10 +40,19 @@ impl LabImpl {
     }
 }
 
-fn reversed(p: &Pages) -> Vec<u8> {
-    let mut v = p.to_vec();
-    v.reverse();
-    v
+/// `bytes` in a page-aligned buffer: a response payload that can go out
+/// with `MSG_ZEROCOPY` and be mapped by the receiver.
+fn page_buf(bytes: impl ExactSizeIterator<Item = u8>) -> Result<PageBuf, Status> {
+    let mut pb = PageBuf::new(bytes.len())
+        .map_err(|e| Status::resource_exhausted(format!("no memory for the payload: {e}")))?;
+    for (d, s) in pb.iter_mut().zip(bytes) {
+        *d = s;
+    }
+    Ok(pb)
+}
+
+fn reversed(p: &Pages) -> Result<PageBuf, Status> {
+    page_buf(p.iter().rev().copied())
 }
 
 impl Lab for LabImpl {
@@ -63,7 +72,7 @@ impl Lab for LabImpl {
             .ok()
             .filter(|&l| l <= 64 << 20)
             .ok_or_else(|| Status::invalid_argument("len over 64 MiB"))?;
-        let body = pattern_bytes(len, request.seq);
+        let body = page_buf((0..len).map(|i| pattern(i, request.seq)))?;
         Ok((request, body.into()))
     }
 
@@ -73,7 +82,7 @@ impl Lab for LabImpl {
         request: Blob,
         payload: Pages,
     ) -> Result<(Blob, Payload), Status> {
-        Ok((request, reversed(&payload).into()))
+        Ok((request, reversed(&payload)?.into()))
     }
 
     fn upload(
@@ -177,7 +186,7 @@ impl Lab for LabImpl {
         mut responses: Outbound<'_, Blob, WithPayload>,
     ) -> Result<(), Status> {
         while let Some((blob, pages)) = requests.recv()? {
-            let back = reversed(&pages);
+            let back = reversed(&pages)?;
             drop(pages);
             responses.send(&blob, back)?;
         }
