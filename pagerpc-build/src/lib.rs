@@ -6,7 +6,7 @@
 //! every service `Kv` in package `pkg` this crate adds, in the same
 //! `$OUT_DIR/pkg.rs`:
 //!
-//! - `KvClient`: a clonable client wrapping a [`pagerpc::Client`], with one
+//! - `KvClient`: a clonable client wrapping a `pagerpc::Client`, with one
 //!   method per rpc (and a `_with` variant taking `CallOptions`). Unary
 //!   methods take the request and, when the rpc carries one, a payload, and
 //!   return `Response<Resp>`; streaming methods return typed stream handles
