@@ -201,10 +201,13 @@ pub fn into_inner(self) -> ::pagerpc::Client {
         let pout = mode(r.payloads.response);
         let errors = "///\n/// # Errors\n/// The call's status: the server's, or a local failure \
                       (deadline, connection, limits), as for [`pagerpc::Client::call`].\n";
-        let with_doc = format!(
-            "/// [`{}`](Self::{}) with per-call options (timeout, metadata).\n{errors}",
-            r.base, ident
-        );
+        // rustdoc cannot link to a raw identifier (`r#type`): name it.
+        let link = if ident.starts_with("r#") {
+            format!("`{}`", r.base)
+        } else {
+            format!("[`{ident}`](Self::{ident})")
+        };
+        let with_doc = format!("/// {link} with per-call options (timeout, metadata).\n{errors}");
         let (req_params, req_args, req_payload) = match (r.m.client_streaming, r.payloads.request) {
             (true, _) => (String::new(), String::new(), String::new()),
             (false, true) => (

@@ -12,8 +12,8 @@
 //!   `(message, Pages)`;
 //! - a side that carries none sends and receives bare messages, and a
 //!   payload arriving where the method carries none is refused with a typed
-//!   error: [`Code::InvalidArgument`](crate::Code::InvalidArgument) on the
-//!   server, [`Code::Internal`](crate::Code::Internal) on the client.
+//!   error: [`Code::InvalidArgument`] on the
+//!   server, [`Code::Internal`] on the client.
 //!
 //! The string API ([`Client::call`](crate::Client::call),
 //! [`ServerBuilder::register`](crate::ServerBuilder::register) and the
