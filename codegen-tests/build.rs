@@ -1,6 +1,6 @@
 //! Generates the test service's messages, client and server trait.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    pagerpc_build::compile_protos(&["proto/lab.proto"], &["proto"])?;
+    pagerpc_build::compile_protos(&["proto/lab.proto", "proto/blobs.proto"], &["proto"])?;
     Ok(())
 }
