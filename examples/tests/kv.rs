@@ -256,25 +256,18 @@ fn list(c: &KvClient, prefix: &str, start_after: &str, limit: u64) -> Vec<String
     listed(c.list(&req, &CallOptions::default()))
 }
 
-/// The chunks of a `kv.list_stream` call, received with the plain pagerpc
-/// client, checked against the bounds the protocol promises.
+/// The chunks of a `List` call, received with the generated client,
+/// checked against the bounds the protocol promises.
 fn raw_chunks(c: &KvClient, prefix: &str) -> Vec<kv::ListChunk> {
     let req = kv::ListRequest {
         prefix: prefix.into(),
         ..Default::default()
     };
-    let mut rx = c
-        .inner()
-        .server_stream(
-            kv::method::LIST_STREAM,
-            &req,
-            Payload::Empty,
-            &CallOptions::default(),
-        )
-        .unwrap();
+    let mut rx = c.rpc().list(&req).unwrap();
     let mut chunks = Vec::new();
-    while let Some((chunk, payload)) = rx.recv_typed::<kv::ListChunk>().unwrap() {
-        assert!(payload.is_empty(), "a chunk carries no payload");
+    // A chunk carries no payload: List's responses carry none, so the
+    // generated receiver would fail on one.
+    while let Some(chunk) = rx.recv().unwrap() {
         assert!(!chunk.entries.is_empty(), "an empty chunk");
         assert!(chunk.entries.len() <= kv::LIST_CHUNK_KEYS);
         assert!(chunk.encoded_len() <= kv::LIST_CHUNK_BYTES);
@@ -352,13 +345,28 @@ fn listing_streams_by_prefix_start_and_limit_in_bounded_chunks() {
             .code(),
         Code::InvalidArgument
     );
-    // The unary paging method is gone: a client of the old protocol is
-    // told so instead of misreading a stream.
-    let old = c
+    // A hand-written peer speaking the wire names: a payload on a method
+    // whose requests carry none is refused, not ignored.
+    let e = c
         .inner()
-        .call::<_, kv::ListChunk>("kv.list", &kv::ListRequest::default(), Payload::Empty)
+        .call::<_, kv::GetResponse>(
+            kv::kv_methods::GET,
+            &kv::KeyRequest { key: "b".into() },
+            vec![1u8],
+        )
         .unwrap_err();
-    assert_eq!(old.code(), Code::Unimplemented, "{old}");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    // The old protocol's methods are gone: a client of it is told so
+    // instead of misreading a stream. These names are deliberately
+    // strings: they are a hand-written peer of the old protocol, which no
+    // generated code names.
+    for old in ["kv.list", "kv.list_stream", "kv.get"] {
+        let e = c
+            .inner()
+            .call::<_, kv::ListChunk>(old, &kv::ListRequest::default(), Payload::Empty)
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented, "{old}: {e}");
+    }
 }
 
 #[test]
@@ -705,8 +713,7 @@ fn puts_past_the_mapping_limit_are_answered_not_dropped() {
 
 /// Regression: `kv ls` sent every key in one response, which failed once
 /// the keys passed the 64 KiB header limit (1,000 keys of 64 bytes). Now
-/// the server streams them in bounded chunks, in one `kv.list_stream`
-/// call.
+/// the server streams them in bounded chunks, in one `List` call.
 #[test]
 fn kv_ls_lists_a_hundred_thousand_keys_of_a_hundred_bytes() {
     const N: usize = 100_000;
@@ -1057,22 +1064,17 @@ fn a_stalled_listing_is_bounded_by_the_servers_window_whatever_the_client_announ
     let c = KvClient::connect(addr.as_str(), false).unwrap();
     assert_eq!(listed(c.keys("")).len(), N);
     let listing = c.stats().unwrap().list_bytes_sent;
-    let greedy = pagerpc::Client::connect_with(
-        addr.as_str(),
-        pagerpc::ClientConfig {
-            stream_window: 1 << 30,
-            ..pagerpc::ClientConfig::default()
-        },
-    )
-    .unwrap();
-    let mut rx = greedy
-        .server_stream(
-            kv::method::LIST_STREAM,
-            &kv::ListRequest::default(),
-            Payload::Empty,
-            &CallOptions::default(),
+    let greedy = kv::proto::KvClient::new(
+        pagerpc::Client::connect_with(
+            addr.as_str(),
+            pagerpc::ClientConfig {
+                stream_window: 1 << 30,
+                ..pagerpc::ClientConfig::default()
+            },
         )
-        .unwrap();
+        .unwrap(),
+    );
+    let mut rx = greedy.list(&kv::ListRequest::default()).unwrap();
     rx.recv().unwrap().expect("a first chunk");
     // Then it stops reading. The listing reaches the bound either way...
     let sent = || c.stats().unwrap().list_bytes_sent - listing;
