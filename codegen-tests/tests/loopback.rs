@@ -20,8 +20,8 @@ fn start(server_cfg: ServerConfig, client_cfg: ClientConfig) -> (Server, LabClie
         .add_service(LabServer::new(LabImpl))
         .bind("127.0.0.1:0")
         .unwrap();
-    let client = Client::connect_with(server.local_addr(), client_cfg).unwrap();
-    (server, LabClient::new(client))
+    let lab = LabClient::connect_with(server.local_addr(), client_cfg).unwrap();
+    (server, lab)
 }
 
 fn lab() -> (Server, LabClient) {

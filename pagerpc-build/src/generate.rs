@@ -13,7 +13,7 @@ use crate::options::Payloads;
 
 /// Client methods every generated client has; an rpc may not take their
 /// names.
-const CLIENT_RESERVED: &[&str] = &["new", "connect", "inner", "into_inner"];
+const CLIENT_RESERVED: &[&str] = &["new", "connect", "connect_with", "inner", "into_inner"];
 
 /// prost's service generator hook.
 pub(crate) struct Generator {
@@ -174,6 +174,14 @@ pub fn new(client: ::pagerpc::Client) -> Self {
 /// When the connection cannot be made.
 pub fn connect(addr: impl ::std::net::ToSocketAddrs) -> ::std::io::Result<Self> {
     ::pagerpc::Client::connect(addr).map(Self::new)
+}
+
+/// Connects to `addr` with `config`.
+///
+/// # Errors
+/// When the connection cannot be made.
+pub fn connect_with(addr: impl ::std::net::ToSocketAddrs, config: ::pagerpc::ClientConfig) -> ::std::io::Result<Self> {
+    ::pagerpc::Client::connect_with(addr, config).map(Self::new)
 }
 
 /// The client underneath (pings, counters, the string API).
