@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use pagerpc::typed::Service;
 use pagerpc::{
-    CallOptions, Client, ClientConfig, Code, Origin, PageBuf, Payload, Reply, Server, ServerConfig,
+    CallOptions, ClientConfig, Code, Origin, PageBuf, Payload, Reply, Server, ServerConfig,
 };
 use pagerpc_codegen_tests::lab::{lab_methods, Ack, Blob, LabClient, LabServer, Note};
 use pagerpc_codegen_tests::{pattern_bytes, sha256_hex, LabImpl};
