@@ -138,7 +138,13 @@ impl Generator {
             "/// The wire names of the `{full}` service's methods, for hand-written peers \
              and the string API."
         );
-        let _ = writeln!(buf, "pub mod {} {{", methods_module(service));
+        // Generated items a program does not use are not its mistake: no
+        // dead-code warnings for them (a binary may call one rpc of many).
+        let _ = writeln!(
+            buf,
+            "#[allow(dead_code)]\npub mod {} {{",
+            methods_module(service)
+        );
         for r in rpcs {
             let _ = writeln!(buf, "/// `{}`.", r.m.proto_name);
             let _ = writeln!(buf, "pub const {}: &str = \"{}\";", r.konst, r.wire);
@@ -159,9 +165,15 @@ impl Generator {
                  [`pagerpc::Client`] connection. Clones share the connection."
             )],
         );
-        let _ = writeln!(buf, "#[derive(Clone, Debug)]\npub struct {name} {{");
+        let _ = writeln!(
+            buf,
+            "#[derive(Clone, Debug)]\n#[allow(dead_code)]\npub struct {name} {{"
+        );
         buf.push_str("    client: ::pagerpc::Client,\n}\n\n");
-        let _ = writeln!(buf, "#[allow(clippy::type_complexity)]\nimpl {name} {{");
+        let _ = writeln!(
+            buf,
+            "#[allow(clippy::type_complexity, dead_code)]\nimpl {name} {{"
+        );
         buf.push_str(
             "/// Wraps a connected client.
 pub fn new(client: ::pagerpc::Client) -> Self {
@@ -302,7 +314,7 @@ pub fn into_inner(self) -> ::pagerpc::Client {
         );
         let _ = writeln!(
             buf,
-            "pub trait {tr}: ::std::marker::Send + ::std::marker::Sync + 'static {{"
+            "#[allow(dead_code)]\npub trait {tr}: ::std::marker::Send + ::std::marker::Sync + 'static {{"
         );
         for r in rpcs {
             let (input, output) = (&r.m.input_type, &r.m.output_type);
@@ -360,10 +372,12 @@ pub fn into_inner(self) -> ::pagerpc::Client {
             buf,
             "/// Registers a [`{tr}`] implementation on a server:
 /// `pagerpc::Server::builder().add_service({server}::new(my_impl))`.
+#[allow(dead_code)]
 pub struct {server}<S: {tr}> {{
     inner: ::std::sync::Arc<S>,
 }}
 
+#[allow(dead_code)]
 impl<S: {tr}> {server}<S> {{
     /// Serves `service`.
     pub fn new(service: S) -> Self {{
