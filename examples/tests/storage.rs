@@ -1,7 +1,9 @@
 //! The storage node on one machine: real files in a temp dir, real
 //! loopback sockets, `O_DIRECT` on the temp dir's filesystem. PUT, GET and
-//! listing are pagerpc streams (`blob.put`, `blob.get`, `blob.ls`); the
-//! raw-protocol tests below drive them with a plain pagerpc `Client`.
+//! listing are pagerpc streams (the `Put`, `Get` and `List` rpcs of the
+//! `Storage` service); the protocol-level tests below drive them with the
+//! generated typed client of one node, and a fake node is hand-written on
+//! pagerpc's string API with the generated `storage_methods` names.
 
 mod common;
 
@@ -14,15 +16,16 @@ use std::time::Duration;
 
 use common::{addr_in, sha256_file, spawn_and_wait_for, wait_until, write_random_file, TempDir};
 use pagerpc::prost::Message;
-use pagerpc::{
-    CallError, CallOptions, Client, ClientConfig, Code, Payload, Server, Status, StreamResponse,
-    StreamSender,
-};
+use pagerpc::typed::{NoPayload, PendingResponse, Receiver, Sender, WithPayload};
+use pagerpc::{CallError, CallOptions, ClientConfig, Code, Payload, Server, Status};
 use pagerpc_examples::storage::format::BlobHeader;
+// The generated typed client of one node (`StorageClient` here is the
+// multi-node client built on it).
+use pagerpc_examples::storage::messages::StorageClient as NodeClient;
 use pagerpc_examples::storage::{
-    get_message, method, rank_nodes, BlobInfo, BlobList, BlobRef, ClientOptions, DeleteResponse,
-    Empty, GetChunk, GetMessage, GetRequest, ListRequest, NodeConfig, NodeStats, PutChunk, PutEnd,
-    PutHeader, PutMessage, StorageClient, StorageNode,
+    get_message, rank_nodes, storage_methods, BlobInfo, BlobList, BlobRef, ClientOptions,
+    DeleteResponse, Empty, GetChunk, GetMessage, GetRequest, ListRequest, NodeConfig, NodeStats,
+    PutChunk, PutEnd, PutHeader, PutMessage, StorageClient, StorageNode,
 };
 use pagerpc_examples::util::FastRng;
 
@@ -82,27 +85,32 @@ fn header(id: &str, size: u64) -> PutHeader {
     }
 }
 
-/// Opens a `blob.put` stream on `c` and sends its header.
-fn open_put(c: &Client, h: PutHeader) -> (StreamSender, StreamResponse) {
-    let (mut tx, resp) = c
-        .client_stream(method::PUT, &CallOptions::default())
-        .unwrap();
+/// The client's half of a put stream.
+type PutTx = Sender<PutMessage, WithPayload>;
+/// The node's answer to a put stream.
+type PutResp = PendingResponse<BlobInfo, NoPayload>;
+/// The node's half of a get stream.
+type GetRx = Receiver<GetMessage, WithPayload>;
+
+/// Opens a put stream on `c` and sends its header.
+fn open_put(c: &NodeClient, h: PutHeader) -> (PutTx, PutResp) {
+    let (mut tx, resp) = c.put().unwrap();
     tx.send(&PutMessage::header(h), Payload::Empty).unwrap();
     (tx, resp)
 }
 
 /// Half-closes a put stream and waits for the node's answer.
-fn finish(tx: StreamSender, resp: StreamResponse) -> Result<BlobInfo, CallError> {
+fn finish(tx: PutTx, resp: PutResp) -> Result<BlobInfo, CallError> {
     // Refused when the node already ended the stream; its answer says why.
     let _ = tx.finish();
-    resp.wait::<BlobInfo>().map(|r| r.message)
+    resp.wait().map(|r| r.message)
 }
 
-/// A whole `blob.put` stream: the header, `data` in chunks of the header's
+/// A whole put stream: the header, `data` in chunks of the header's
 /// chunk size (each with its CRC32C), the end message with `end_crc`, the
 /// half-close, and the node's answer.
 fn raw_put(
-    c: &Client,
+    c: &NodeClient,
     h: PutHeader,
     data: &[u8],
     end_crc: Option<u32>,
@@ -114,34 +122,33 @@ fn raw_put(
             .send(&PutMessage::chunk(Some(crc(chunk))), chunk.to_vec())
             .is_err()
         {
-            return resp.wait::<BlobInfo>().map(|r| r.message);
+            return resp.wait().map(|r| r.message);
         }
     }
     if tx.send(&PutMessage::end(end_crc), Payload::Empty).is_err() {
-        return resp.wait::<BlobInfo>().map(|r| r.message);
+        return resp.wait().map(|r| r.message);
     }
     finish(tx, resp)
 }
 
-fn stat(c: &Client, id: &str) -> Result<BlobInfo, CallError> {
-    c.call::<_, BlobInfo>(method::STAT, &BlobRef { id: id.into() }, Payload::Empty)
-        .map(|r| r.message)
+fn stat(c: &NodeClient, id: &str) -> Result<BlobInfo, CallError> {
+    c.stat(&BlobRef { id: id.into() }).map(|r| r.message)
 }
 
-/// Opens a `blob.get` stream and reads its first message, the info.
+/// Opens a get stream and reads its first message, the info.
 fn open_get(
-    c: &Client,
+    c: &NodeClient,
     id: &str,
     offset: u64,
     version: u64,
-) -> Result<(BlobInfo, pagerpc::StreamReceiver), CallError> {
+) -> Result<(BlobInfo, GetRx), CallError> {
     let req = GetRequest {
         id: id.into(),
         offset,
         version,
     };
-    let mut rx = c.server_stream(method::GET, &req, Payload::Empty, &CallOptions::default())?;
-    match rx.recv_typed::<GetMessage>()? {
+    let mut rx = c.get(&req)?;
+    match rx.recv()? {
         Some((
             GetMessage {
                 kind: Some(get_message::Kind::Info(info)),
@@ -153,9 +160,9 @@ fn open_get(
 }
 
 /// The rest of a get stream: each chunk message and its bytes.
-fn read_rest(rx: &mut pagerpc::StreamReceiver) -> Result<Vec<(GetChunk, Vec<u8>)>, CallError> {
+fn read_rest(rx: &mut GetRx) -> Result<Vec<(GetChunk, Vec<u8>)>, CallError> {
     let mut out = Vec::new();
-    while let Some((m, pages)) = rx.recv_typed::<GetMessage>()? {
+    while let Some((m, pages)) = rx.recv()? {
         match m.kind {
             Some(get_message::Kind::Chunk(c)) => out.push((c, pages.to_vec())),
             other => panic!("a chunk, not {other:?}"),
@@ -168,9 +175,9 @@ fn concat(chunks: &[(GetChunk, Vec<u8>)]) -> Vec<u8> {
     chunks.iter().flat_map(|(_, b)| b.iter().copied()).collect()
 }
 
-/// A whole `blob.get` stream from `offset`: the info and the bytes.
+/// A whole get stream from `offset`: the info and the bytes.
 fn raw_get(
-    c: &Client,
+    c: &NodeClient,
     id: &str,
     offset: u64,
     version: u64,
@@ -179,17 +186,15 @@ fn raw_get(
     Ok((info, concat(&read_rest(&mut rx)?)))
 }
 
-/// The whole `blob.ls` stream: each message.
-fn list_stream(c: &Client, start_after: &str, limit: u32) -> Vec<BlobList> {
+/// The whole list stream: each message.
+fn list_stream(c: &NodeClient, start_after: &str, limit: u32) -> Vec<BlobList> {
     let req = ListRequest {
         start_after: start_after.into(),
         limit,
     };
-    let mut rx = c
-        .server_stream(method::LIST, &req, Payload::Empty, &CallOptions::default())
-        .unwrap();
+    let mut rx = c.list(&req).unwrap();
     let mut pages = Vec::new();
-    while let Some((p, _)) = rx.recv_typed::<BlobList>().unwrap() {
+    while let Some(p) = rx.recv().unwrap() {
         pages.push(p);
     }
     pages
@@ -307,7 +312,7 @@ fn a_put_stream_cut_short_leaves_no_blob_and_no_temporary_file() {
         .into_iter()
         .enumerate()
     {
-        let raw = Client::connect_with(n.local_addr(), ClientConfig::zerocopy()).unwrap();
+        let raw = NodeClient::connect_with(n.local_addr(), ClientConfig::zerocopy()).unwrap();
         let id = format!("half-{i}");
         let (mut tx, resp) = open_put(
             &raw,
@@ -328,17 +333,17 @@ fn a_put_stream_cut_short_leaves_no_blob_and_no_temporary_file() {
         );
         match i {
             0 => {
-                raw.close();
+                raw.inner().close();
                 drop((tx, resp));
             }
             1 => {
                 drop(tx);
-                let e = resp.wait::<BlobInfo>().unwrap_err();
+                let e = resp.wait().unwrap_err();
                 assert_eq!(e.code(), Code::Cancelled, "{e}");
             }
             _ => {
                 tx.abort(Status::aborted("the client gave up"));
-                assert_eq!(resp.wait::<BlobInfo>().unwrap_err().code(), Code::Aborted);
+                assert_eq!(resp.wait().unwrap_err().code(), Code::Aborted);
             }
         }
         assert!(
@@ -409,8 +414,8 @@ fn an_upload_belongs_to_its_stream() {
     let dir = tmp.join("node");
     let n = node(&dir);
     let (a, b) = (
-        Client::connect(n.local_addr()).unwrap(),
-        Client::connect(n.local_addr()).unwrap(),
+        NodeClient::connect(n.local_addr()).unwrap(),
+        NodeClient::connect(n.local_addr()).unwrap(),
     );
     let cs = 64usize << 10;
     let v1 = common::value_bytes(3 * cs, 1);
@@ -458,7 +463,7 @@ fn an_upload_belongs_to_its_stream() {
         .uploads
         == 1));
     tx.abort(Status::aborted("changed my mind"));
-    assert_eq!(resp.wait::<BlobInfo>().unwrap_err().code(), Code::Aborted);
+    assert_eq!(resp.wait().unwrap_err().code(), Code::Aborted);
     assert!(
         wait_until(Duration::from_secs(5), || temp_files(&dir).is_empty()),
         "{:?}",
@@ -535,7 +540,7 @@ fn checksum_mismatches_and_malformed_streams_are_refused_and_discarded() {
     let tmp = TempDir::new("crc");
     let dir = tmp.join("node");
     let n = node(&dir);
-    let raw = Client::connect(n.local_addr()).unwrap();
+    let raw = NodeClient::connect(n.local_addr()).unwrap();
     let cs = 64usize << 10;
     let data: Vec<u8> = {
         let mut v = vec![0u8; cs + 100];
@@ -583,9 +588,7 @@ fn checksum_mismatches_and_malformed_streams_are_refused_and_discarded() {
     let e = raw_put(&raw, header("c", cs as u64), &data, None).unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(e.message().contains("already has all"), "{e}");
-    let (mut tx, resp) = raw
-        .client_stream(method::PUT, &CallOptions::default())
-        .unwrap();
+    let (mut tx, resp) = raw.put().unwrap();
     let _ = tx.send(&PutMessage::chunk(None), data[..cs].to_vec());
     let e = finish(tx, resp).unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
@@ -599,7 +602,17 @@ fn checksum_mismatches_and_malformed_streams_are_refused_and_discarded() {
     let _ = tx.send(&PutMessage::chunk(None), data[..10].to_vec());
     let e = finish(tx, resp).unwrap_err();
     assert!(e.message().contains("after the end message"), "{e}");
+    // An undecodable message (a hand-written peer's bytes) is the node's
+    // refusal, not a stream cut short.
+    let (tx, resp) = open_put(&raw, header("c", size));
+    let mut tx = tx.into_inner();
+    let _ = tx.send_raw(vec![0xff, 0xff, 0xff], Payload::Empty);
+    let _ = tx.finish();
+    let e = resp.wait().unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("undecodable"), "{e}");
     no_temps("malformed streams");
+    assert_eq!(n.stats().unwrap().uploads_cut_short, 0);
     // No CRC anywhere: refused; one in the header alone is enough.
     let e = raw_put(&raw, header("d", size), &data, None).unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
@@ -645,7 +658,7 @@ fn a_get_whose_client_stops_reading_holds_at_most_one_window() {
         stream_window: window,
         ..ClientConfig::default()
     };
-    let raw = Client::connect_with(n.local_addr(), cfg).unwrap();
+    let raw = NodeClient::connect_with(n.local_addr(), cfg).unwrap();
     let sent_before = n.counters().payload_bytes_sent;
     // The stream's deadline ends the test's wait for more.
     let opts = CallOptions {
@@ -657,19 +670,17 @@ fn a_get_whose_client_stops_reading_holds_at_most_one_window() {
         offset: 0,
         version: 0,
     };
-    let mut rx = raw
-        .server_stream(method::GET, &req, Payload::Empty, &opts)
-        .unwrap();
+    let mut rx = raw.get_with(&req, &opts).unwrap();
     let mut kept = Vec::new();
-    kept.push(rx.recv().unwrap().expect("the info").payload);
-    kept.push(rx.recv().unwrap().expect("the first chunk").payload);
+    kept.push(rx.recv().unwrap().expect("the info").1);
+    kept.push(rx.recv().unwrap().expect("the first chunk").1);
     // While that stream is stalled, the node serves others.
     let dst = tmp.join("dst");
     c.get_to_file("big", &dst).unwrap();
     assert_eq!(sha256_file(&dst), sha256_file(&src));
     let e = loop {
         match rx.recv() {
-            Ok(Some(m)) => kept.push(m.payload),
+            Ok(Some((_, pages))) => kept.push(pages),
             Ok(None) => panic!("the whole blob arrived though nothing was released"),
             Err(e) => break e,
         }
@@ -880,17 +891,13 @@ fn round_trip(c: &StorageClient, tmp: &TempDir, id: &str) {
 fn a_put_stream_announcing_an_absurd_size_is_refused_without_allocating() {
     let tmp = TempDir::new("huge");
     let node = NodeProc::start(&tmp.join("node"), &[]);
-    let raw = Client::connect(node.addr).unwrap();
-    let stats = |raw: &Client| -> NodeStats {
-        raw.call(method::STATS, &Empty {}, Payload::Empty)
-            .unwrap()
-            .message
-    };
+    let raw = NodeClient::connect(node.addr).unwrap();
+    let stats = |raw: &NodeClient| -> NodeStats { raw.node_stats(&Empty {}).unwrap().message };
     stats(&raw);
     let rss_before = node.rss_kib();
     // The header, then a first chunk as a client would send it, then the
     // half-close: the answer is the refusal.
-    let put = |raw: &Client, size: u64, chunk_size: u64| {
+    let put = |raw: &NodeClient, size: u64, chunk_size: u64| {
         let h = PutHeader {
             chunk_size,
             ..header("huge", size)
@@ -925,7 +932,7 @@ fn a_put_stream_announcing_an_absurd_size_is_refused_without_allocating() {
         &tmp.join("uncapped"),
         &["--max-blob-bytes", &u64::MAX.to_string()],
     );
-    let raw = Client::connect(node.addr).unwrap();
+    let raw = NodeClient::connect(node.addr).unwrap();
     stats(&raw);
     let rss_before = node.rss_kib();
     for (size, cs) in [
@@ -955,7 +962,7 @@ fn a_put_stream_announcing_an_absurd_size_is_refused_without_allocating() {
 }
 
 /// One put stream per entry of `ids` on `c`, each with its header sent.
-fn open_puts(c: &Client, ids: &[String]) -> Vec<(String, StreamSender, StreamResponse)> {
+fn open_puts(c: &NodeClient, ids: &[String]) -> Vec<(String, PutTx, PutResp)> {
     ids.iter()
         .map(|id| {
             let (tx, resp) = open_put(c, header(id, 1 << 20));
@@ -980,10 +987,10 @@ fn concurrent_uploads_are_bounded_per_connection_and_per_node() {
     let fds_before = node.fds();
     let stats = || client.node_stats(node.addr).unwrap();
     // Uploads admitted, still streaming.
-    let mut held: Vec<(StreamSender, StreamResponse)> = Vec::new();
+    let mut held: Vec<(PutTx, PutResp)> = Vec::new();
 
     // 1. 1,000 at once on one connection.
-    let one = Client::connect(node.addr).unwrap();
+    let one = NodeClient::connect(node.addr).unwrap();
     let ids: Vec<String> = (0..1000).map(|i| format!("one-{i}")).collect();
     let streams = open_puts(&one, &ids);
     assert!(
@@ -1002,7 +1009,7 @@ fn concurrent_uploads_are_bounded_per_connection_and_per_node() {
             held.push((tx, resp));
             continue;
         }
-        let e = resp.wait::<BlobInfo>().unwrap_err();
+        let e = resp.wait().unwrap_err();
         drop(tx);
         assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
         if e.message().contains("(max_uploads_per_conn) is 16") {
@@ -1024,8 +1031,8 @@ fn concurrent_uploads_are_bounded_per_connection_and_per_node() {
 
     // 2. 50 on each of 20 more connections, one connection after the
     // other (so that the refused streams never add up to max_streams).
-    let conns: Vec<Client> = (0..20)
-        .map(|_| Client::connect(node.addr).unwrap())
+    let conns: Vec<NodeClient> = (0..20)
+        .map(|_| NodeClient::connect(node.addr).unwrap())
         .collect();
     let (mut total, mut refused) = (16u64, per_conn);
     let mut node_refusals = 0;
@@ -1049,7 +1056,7 @@ fn concurrent_uploads_are_bounded_per_connection_and_per_node() {
                 held.push((tx, resp));
                 continue;
             }
-            let e = resp.wait::<BlobInfo>().unwrap_err();
+            let e = resp.wait().unwrap_err();
             drop(tx);
             assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
             if e.message().contains("(max_uploads) is 128") {
@@ -1084,7 +1091,7 @@ fn concurrent_uploads_are_bounded_per_connection_and_per_node() {
     // Aborted streams give their descriptors and slots back at once.
     for (tx, resp) in held {
         tx.abort(Status::aborted("the test is done"));
-        assert_eq!(resp.wait::<BlobInfo>().unwrap_err().code(), Code::Aborted);
+        assert_eq!(resp.wait().unwrap_err().code(), Code::Aborted);
     }
     drop(conns);
     drop(one);
@@ -1115,7 +1122,7 @@ fn a_blob_replaced_or_deleted_during_a_get_is_never_mixed_or_served_stale() {
         stream_window: 256 << 10,
         ..ClientConfig::default()
     };
-    let raw = Client::connect_with(n.local_addr(), cfg).unwrap();
+    let raw = NodeClient::connect_with(n.local_addr(), cfg).unwrap();
     let old = common::value_bytes(4 << 20, 1);
     let new = common::value_bytes(4 << 20, 2);
     write_blob_file(&dir, "x", Some("x"), &old, 10);
@@ -1124,7 +1131,7 @@ fn a_blob_replaced_or_deleted_during_a_get_is_never_mixed_or_served_stale() {
     assert_eq!(v10.version, 10);
     let (info, mut rx) = open_get(&raw, "x", 0, v10.version).unwrap();
     assert_eq!(info.version, 10);
-    let (first, _) = rx.recv_typed::<GetMessage>().unwrap().unwrap();
+    let (first, _) = rx.recv().unwrap().unwrap();
     assert!(matches!(first.kind, Some(get_message::Kind::Chunk(_))));
     // Another process replaces the file (rename over it) mid-read.
     write_blob_file(&dir, "x", Some("x"), &new, 11);
@@ -1164,7 +1171,7 @@ fn a_blob_replaced_or_deleted_during_a_get_is_never_mixed_or_served_stale() {
     let v1 = fs::read(&src).unwrap();
     c.put_file(&src, "y").unwrap();
     let (_, mut rx) = open_get(&raw, "y", 0, 0).unwrap();
-    let (_, head) = rx.recv_typed::<GetMessage>().unwrap().unwrap();
+    let (_, head) = rx.recv().unwrap().unwrap();
     write_random_file(&src, 3 << 20, 4);
     let v2 = fs::read(&src).unwrap();
     c.put_file(&src, "y").unwrap();
@@ -1176,7 +1183,7 @@ fn a_blob_replaced_or_deleted_during_a_get_is_never_mixed_or_served_stale() {
     );
     assert!(raw_get(&raw, "y", 0, 0).unwrap().1 == v2);
     let (_, mut rx) = open_get(&raw, "y", 0, 0).unwrap();
-    let (_, head) = rx.recv_typed::<GetMessage>().unwrap().unwrap();
+    let (_, head) = rx.recv().unwrap().unwrap();
     c.delete("y").unwrap();
     let mut got = head.to_vec();
     got.extend(concat(&read_rest(&mut rx).unwrap()));
@@ -1216,7 +1223,7 @@ fn ls_over_5000_blobs_leaves_no_descriptors_open() {
     let client = node.client();
 
     // Reading 300 different blobs keeps at most 128 files open.
-    let raw = Client::connect(node.addr).unwrap();
+    let raw = NodeClient::connect(node.addr).unwrap();
     for i in 0..300 {
         let id = format!("blob-{i:05}");
         if i % 2 == 0 {
@@ -1322,7 +1329,7 @@ fn ls_streams_a_million_blobs() {
     );
 }
 
-/// Each `blob.ls` message stays under `MAX_LIST_PAGE_BYTES` (1 MiB) and
+/// Each `List` stream message stays under `MAX_LIST_PAGE_BYTES` (1 MiB) and
 /// 10,000 entries however long the ids; `start_after` and `limit` select a
 /// range; the whole stream visits every blob once.
 #[test]
@@ -1338,7 +1345,7 @@ fn list_stream_pages_are_bounded_and_start_after_an_id() {
     }
     write_blob_file(&dir, "short", Some("short"), b"", 1);
     let n = node(&dir);
-    let raw = Client::connect(n.local_addr()).unwrap();
+    let raw = NodeClient::connect(n.local_addr()).unwrap();
     let ids = |pages: &[BlobList]| -> Vec<String> {
         pages
             .iter()
@@ -1410,7 +1417,7 @@ fn a_blob_file_renamed_to_another_id_is_not_served_as_that_blob() {
     assert_eq!(fs::read(&out).unwrap(), data);
 }
 
-/// `blob.get` from an offset (to resume on another replica) sends the info
+/// A get stream from an offset (to resume on another replica) sends the info
 /// and the chunks from there; an offset that is not a chunk boundary, or a
 /// version the node does not hold, is refused before any chunk.
 #[test]
@@ -1418,7 +1425,7 @@ fn a_get_stream_starts_at_a_chunk_boundary_of_the_version_asked_for() {
     let tmp = TempDir::new("resume");
     let dir = tmp.join("node");
     let n = node(&dir);
-    let raw = Client::connect(n.local_addr()).unwrap();
+    let raw = NodeClient::connect(n.local_addr()).unwrap();
     let cs = 64usize << 10;
     let data = common::value_bytes(5 * cs + 99, 9);
     write_blob_file(&dir, "r", Some("r"), &data, 5);
@@ -1465,15 +1472,15 @@ fn a_get_stream_that_ends_early_is_an_error_and_the_next_replica_takes_over() {
     // A fake node holding the same version, whose stream stops after its
     // first chunk with status OK.
     let fake = |id: &str| {
-        let raw = Client::connect(n.local_addr()).unwrap();
+        let raw = NodeClient::connect(n.local_addr()).unwrap();
         let info = stat(&raw, id).unwrap();
         let (i1, i2) = (info.clone(), info);
         let first = data[..cs as usize].to_vec();
         Server::builder()
-            .register(method::STAT, move |_c, _req: BlobRef, _p| {
+            .register(storage_methods::STAT, move |_c, _req: BlobRef, _p| {
                 Ok::<_, Status>((i1.clone(), Payload::Empty))
             })
-            .register_server_stream(method::GET, move |_c, _body, _p, tx| {
+            .register_server_stream(storage_methods::GET, move |_c, _body, _p, tx| {
                 tx.send(&GetMessage::info(i2.clone()), Payload::Empty)?;
                 tx.send(&GetMessage::chunk(0, crc(&first)), first.clone())?;
                 Ok(Vec::new())
@@ -1539,20 +1546,62 @@ fn max_streams_must_leave_room_for_reads() {
 }
 
 /// The protocol is defined in `examples/proto/storage.proto`, package
-/// `pagerpc.examples.storage`: an outside client compiling that file gets
-/// the messages this node speaks. Checks every message's fields (numbers
-/// and wire types) against the bytes of the node's own encoding (for a
-/// oneof, of each of its variants).
+/// `pagerpc.examples.storage`: an outside client compiling that file (with
+/// the `pagerpc/options.proto` it imports, which pagerpc-build provides)
+/// gets the service and the messages this node speaks. Checks the service's
+/// rpcs (wire names and shapes) against the generated `storage_methods`,
+/// and every message's fields (numbers and wire types) against the bytes of
+/// the node's own encoding (for a oneof, of each of its variants).
 #[test]
 fn the_protocol_is_defined_in_a_proto_file() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
-    let fds = protox::compile(["storage.proto"], [dir]).expect("storage.proto compiles");
+    let includes = TempDir::new("proto-includes");
+    fs::create_dir_all(includes.join("pagerpc")).unwrap();
+    fs::write(
+        includes.join("pagerpc/options.proto"),
+        pagerpc_build::OPTIONS_PROTO,
+    )
+    .unwrap();
+    let fds = protox::compile(
+        ["storage.proto"],
+        [std::path::Path::new(dir), includes.path()],
+    )
+    .expect("storage.proto compiles");
     let file = fds
         .file
         .iter()
         .find(|f| f.name() == "storage.proto")
         .unwrap();
     assert_eq!(file.package(), "pagerpc.examples.storage");
+    // The service: each rpc's wire name and shape (client streaming,
+    // server streaming).
+    assert_eq!(file.service.len(), 1, "one service");
+    let service = &file.service[0];
+    assert_eq!(service.name(), "Storage");
+    let rpcs: Vec<(String, bool, bool)> = service
+        .method
+        .iter()
+        .map(|m| {
+            (
+                format!("{}.{}/{}", file.package(), service.name(), m.name()),
+                m.client_streaming(),
+                m.server_streaming(),
+            )
+        })
+        .collect();
+    let want = [
+        (storage_methods::PUT, true, false),
+        (storage_methods::GET, false, true),
+        (storage_methods::LIST, false, true),
+        (storage_methods::STAT, false, false),
+        (storage_methods::DELETE, false, false),
+        (storage_methods::NODE_STATS, false, false),
+    ];
+    let want: Vec<(String, bool, bool)> = want
+        .iter()
+        .map(|&(name, c, s)| (name.to_owned(), c, s))
+        .collect();
+    assert_eq!(rpcs, want, "the rpcs of storage.proto vs storage_methods");
     // Encodings of every message with every field set, as the node and
     // client send them.
     let info = BlobInfo {

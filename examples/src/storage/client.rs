@@ -1,10 +1,12 @@
-//! The storage client. A PUT is one client-streaming call per replica (the
-//! file is read once and the same pages go to every replica), a GET is one
-//! server-streaming call, resumed from the same offset on another replica
-//! if its node fails, and a listing is one server stream per node, merged
-//! by id as the pages arrive. CRC32C is checked end to end; placement is
-//! rendezvous hashing with fallback over several nodes. Flow control is
-//! pagerpc's per-stream credit: the client keeps no window of its own.
+//! The storage client. It talks to each node through the generated typed
+//! client ([`messages::StorageClient`](super::messages::StorageClient)). A
+//! PUT is one client-streaming call per replica (the file is read once and
+//! the same pages go to every replica), a GET is one server-streaming call,
+//! resumed from the same offset on another replica if its node fails, and a
+//! listing is one server stream per node, merged by id as the pages arrive.
+//! CRC32C is checked end to end; placement is rendezvous hashing with
+//! fallback over several nodes. Flow control is pagerpc's per-stream
+//! credit: the client keeps no window of its own.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -15,16 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
-use pagerpc::prost::Message;
-use pagerpc::{
-    CallError, CallOptions, Client, ClientConfig, Code, PageBuf, Payload, StreamReceiver,
-    StreamResponse, StreamSender,
-};
+use pagerpc::typed::{NoPayload, PendingResponse, Receiver, Sender, WithPayload};
+use pagerpc::{CallError, CallOptions, ClientConfig, Code, PageBuf, Payload, Response};
 
+// The generated typed client of one node.
+use super::messages::StorageClient as NodeClient;
 use super::{
-    check_id, chunk_len, get_message, method, rank_nodes, BlobInfo, BlobList, BlobRef,
-    DeleteResponse, Empty, GetMessage, GetRequest, ListRequest, NodeStats, PutHeader, PutMessage,
-    DEFAULT_CHUNK_SIZE,
+    check_id, chunk_len, get_message, rank_nodes, BlobInfo, BlobList, BlobRef, Empty, GetMessage,
+    GetRequest, ListRequest, NodeStats, PutHeader, PutMessage, DEFAULT_CHUNK_SIZE,
 };
 use super::{open_split, write_split};
 use crate::util::{human_bytes, progress_bar};
@@ -232,10 +232,11 @@ type PassResult = (SocketAddr, Result<(), NodeFailure>);
 type Hook = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
 /// A client for one or more storage nodes. Safe to share between threads;
-/// it keeps one connection per node.
+/// it keeps one connection per node, used through the generated
+/// [`messages::StorageClient`](super::messages::StorageClient).
 pub struct StorageClient {
     opts: ClientOptions,
-    conns: Mutex<HashMap<SocketAddr, Client>>,
+    conns: Mutex<HashMap<SocketAddr, NodeClient>>,
     warn: Warn,
     hook: Option<Hook>,
 }
@@ -251,8 +252,8 @@ impl std::fmt::Debug for StorageClient {
 /// One replica being written: its put stream.
 struct Target {
     addr: SocketAddr,
-    tx: Option<StreamSender>,
-    resp: Option<StreamResponse>,
+    tx: Option<Sender<PutMessage, WithPayload>>,
+    resp: Option<PendingResponse<BlobInfo, NoPayload>>,
     failed: Option<NodeFailure>,
     before: NodeStats,
 }
@@ -260,7 +261,7 @@ struct Target {
 /// One node's listing stream in a merged listing.
 struct NodeListing {
     addr: SocketAddr,
-    rx: StreamReceiver,
+    rx: Receiver<BlobList, NoPayload>,
     /// Entries received and not merged yet, in id order.
     page: VecDeque<BlobInfo>,
     /// The last id received (the node's ids must increase).
@@ -319,12 +320,12 @@ impl StorageClient {
         }
     }
 
-    fn conn(&self, addr: SocketAddr) -> Result<Client, NodeFailure> {
+    fn conn(&self, addr: SocketAddr) -> Result<NodeClient, NodeFailure> {
         self.conn_cached(addr).map(|(c, _)| c)
     }
 
     /// The connection to `addr`, and whether it was already open.
-    fn conn_cached(&self, addr: SocketAddr) -> Result<(Client, bool), NodeFailure> {
+    fn conn_cached(&self, addr: SocketAddr) -> Result<(NodeClient, bool), NodeFailure> {
         if let Some(c) = self
             .conns
             .lock()
@@ -340,7 +341,7 @@ impl StorageClient {
         };
         cfg.connect_timeout = self.opts.connect_timeout;
         cfg.stream_window = self.opts.stream_window;
-        let c = Client::connect_with(addr, cfg).map_err(|e| NodeFailure {
+        let c = NodeClient::connect_with(addr, cfg).map_err(|e| NodeFailure {
             code: Code::Unavailable,
             message: format!("cannot connect: {e}"),
         })?;
@@ -353,9 +354,9 @@ impl StorageClient {
 
     /// A connection to `addr` known to be up: a kept one that still answers
     /// a ping (the node may have closed it as idle meanwhile), or a new one.
-    fn live_conn(&self, addr: SocketAddr) -> Result<Client, NodeFailure> {
+    fn live_conn(&self, addr: SocketAddr) -> Result<NodeClient, NodeFailure> {
         let (c, cached) = self.conn_cached(addr)?;
-        if !cached || c.ping(self.opts.call_timeout).is_ok() {
+        if !cached || c.inner().ping(self.opts.call_timeout).is_ok() {
             return Ok(c);
         }
         self.forget(addr);
@@ -370,7 +371,7 @@ impl StorageClient {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&addr);
         if let Some(c) = c {
-            c.close();
+            c.inner().close();
         }
     }
 
@@ -388,17 +389,17 @@ impl StorageClient {
         }
     }
 
-    /// A unary call; a kept connection the node closed meanwhile (its idle
+    /// A unary call, `rpc` on the node's typed client with the call
+    /// options; a kept connection the node closed meanwhile (its idle
     /// timeout) is replaced once. Every unary method can be repeated.
-    fn call<Req: Message, Resp: Message + Default>(
+    fn call<Resp>(
         &self,
         addr: SocketAddr,
-        method: &str,
-        req: &Req,
+        rpc: impl Fn(&NodeClient, &CallOptions) -> Result<Response<Resp>, CallError>,
     ) -> Result<Resp, NodeFailure> {
         loop {
             let (c, cached) = self.conn_cached(addr)?;
-            match c.call_with(method, req, Payload::Empty, &self.call_opts()) {
+            match rpc(&c, &self.call_opts()) {
                 Ok(r) => return Ok(r.message),
                 Err(e) => {
                     if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded) {
@@ -418,7 +419,7 @@ impl StorageClient {
     /// # Errors
     /// When the node cannot be reached.
     pub fn node_stats(&self, addr: SocketAddr) -> Result<NodeStats, StorageError> {
-        self.call(addr, method::STATS, &Empty {})
+        self.call(addr, |c, o| c.node_stats_with(&Empty {}, o))
             .map_err(|f| StorageError::new(f.code, format!("node {addr}: {f}")))
     }
 
@@ -532,9 +533,9 @@ impl StorageClient {
     fn open_put(&self, addr: SocketAddr, header: &PutHeader) -> Result<Target, NodeFailure> {
         // For the report's mapped share; it also makes sure the kept
         // connection is still up before a stream is opened on it.
-        let before = self.call::<_, NodeStats>(addr, method::STATS, &Empty {})?;
+        let before = self.call(addr, |c, o| c.node_stats_with(&Empty {}, o))?;
         let c = self.conn(addr)?;
-        let (mut tx, resp) = c.client_stream(method::PUT, &self.stream_opts())?;
+        let (mut tx, resp) = c.put_with(&self.stream_opts())?;
         tx.send(&PutMessage::header(header.clone()), Payload::Empty)?;
         Ok(Target {
             addr,
@@ -628,10 +629,10 @@ impl StorageClient {
             };
             let crc = crc32c::crc32c(&pages);
             whole = crc32c::crc32c_combine(whole, crc, pages.len());
-            let body = PutMessage::chunk(Some(crc)).encode_to_vec();
+            let msg = PutMessage::chunk(Some(crc));
             for t in targets.iter_mut().filter(|t| t.failed.is_none()) {
                 let tx = t.tx.as_mut().expect("a live target has its stream");
-                if let Err(e) = tx.send_raw(body.clone(), Payload::Pages(pages.clone())) {
+                if let Err(e) = tx.send(&msg, Payload::Pages(pages.clone())) {
                     self.fail(t, e.into(), id, off, size, &bar);
                 }
             }
@@ -655,7 +656,7 @@ impl StorageClient {
             {
                 let _ = tx.finish();
             }
-            match resp.wait::<BlobInfo>() {
+            match resp.wait() {
                 Ok(r) if r.message.size == size && r.message.crc32c == whole => {}
                 Ok(r) => {
                     let f = NodeFailure {
@@ -675,7 +676,7 @@ impl StorageClient {
         for t in targets {
             match t.failed {
                 None => {
-                    if let Ok(a) = self.call::<_, NodeStats>(t.addr, method::STATS, &Empty {}) {
+                    if let Ok(a) = self.call(t.addr, |c, o| c.node_stats_with(&Empty {}, o)) {
                         let b = &t.before;
                         report.node_bytes_mapped += a.bytes_mapped.saturating_sub(b.bytes_mapped);
                         report.node_bytes_copied += a.bytes_copied.saturating_sub(b.bytes_copied);
@@ -690,7 +691,7 @@ impl StorageClient {
 
     /// Reads blob `id` into the file `out`, from the node holding its
     /// newest version that ranks highest (every node is asked with
-    /// `blob.stat`), as one `blob.get` stream; if that node fails (down,
+    /// `Stat`), as one `Get` stream; if that node fails (down,
     /// dies mid-transfer, its copy fails its checksum, or its stream ends
     /// early), continues from the same offset on the next replica, and says
     /// so through the warning callback. The data goes to `out.partial` first and is renamed to
@@ -706,7 +707,7 @@ impl StorageClient {
         let mut failures: Vec<(SocketAddr, String)> = Vec::new();
         let mut holders: Vec<(SocketAddr, BlobInfo)> = Vec::new();
         for addr in self.ranked(id) {
-            match self.call::<_, BlobInfo>(addr, method::STAT, &BlobRef { id: id.into() }) {
+            match self.call(addr, |c, o| c.stat_with(&BlobRef { id: id.into() }, o)) {
                 Ok(info) => holders.push((addr, info)),
                 Err(f) if f.code == Code::NotFound => {}
                 Err(f) => {
@@ -794,9 +795,9 @@ impl StorageClient {
             let start = off;
             let r = match self.conn(*addr) {
                 Ok(c) => {
-                    let before = c.counters();
+                    let before = c.inner().counters();
                     let r = self.read_from(&c, id, cinfo, &file, &mut off, &mut whole, &bar);
-                    let d = c.counters().since(&before);
+                    let d = c.inner().counters().since(&before);
                     mapped += d.bytes_mapped;
                     copied += d.bytes_copied();
                     r
@@ -871,14 +872,14 @@ impl StorageClient {
     }
 
     /// Reads blob `info` from `*off` to the end from one node, as one
-    /// `blob.get` stream, checking each chunk and writing it in place; each
+    /// `Get` stream, checking each chunk and writing it in place; each
     /// chunk's pages are dropped once written, which gives their credit
     /// back to the node. A stream that ends before the last byte is an
     /// error.
     #[allow(clippy::too_many_arguments)]
     fn read_from(
         &self,
-        client: &Client,
+        client: &NodeClient,
         id: &str,
         info: &BlobInfo,
         file: &(File, File, bool),
@@ -893,12 +894,10 @@ impl StorageClient {
             version: info.version,
         };
         let node = |e: CallError| ReadFail::Node(e.into());
-        let mut rx = client
-            .server_stream(method::GET, &req, Payload::Empty, &self.stream_opts())
-            .map_err(node)?;
+        let mut rx = client.get_with(&req, &self.stream_opts()).map_err(node)?;
         // The stream starts with the blob's description: it must be the
         // version chosen.
-        match rx.recv_typed::<GetMessage>().map_err(node)? {
+        match rx.recv().map_err(node)? {
             Some((
                 GetMessage {
                     kind: Some(get_message::Kind::Info(i)),
@@ -912,7 +911,7 @@ impl StorageClient {
                         Code::Internal,
                         format!(
                             "the node's stream describes {} bytes with CRC32C {:#010x} in chunks \
-                             of {}, version {}; its blob.stat said {} bytes, {:#010x}, {}, {}",
+                             of {}, version {}; its Stat said {} bytes, {:#010x}, {}, {}",
                             i.size,
                             i.crc32c,
                             i.chunk_size,
@@ -938,7 +937,7 @@ impl StorageClient {
                 ))
             }
         }
-        while let Some((msg, pages)) = rx.recv_typed::<GetMessage>().map_err(node)? {
+        while let Some((msg, pages)) = rx.recv().map_err(node)? {
             let Some(get_message::Kind::Chunk(c)) = msg.kind else {
                 return Err(node_err(
                     Code::Internal,
@@ -995,13 +994,13 @@ impl StorageClient {
     }
 
     /// Opens the listing stream of one node.
-    fn open_list(&self, addr: SocketAddr) -> Result<StreamReceiver, NodeFailure> {
+    fn open_list(&self, addr: SocketAddr) -> Result<Receiver<BlobList, NoPayload>, NodeFailure> {
         let c = self.live_conn(addr)?;
         let req = ListRequest {
             start_after: String::new(),
             limit: 0,
         };
-        Ok(c.server_stream(method::LIST, &req, Payload::Empty, &self.stream_opts())?)
+        Ok(c.list_with(&req, &self.stream_opts())?)
     }
 
     /// Lists the blobs of every node, merged by id, handing each to `f` in
@@ -1043,8 +1042,8 @@ impl StorageClient {
             // that finished or failed leave the merge.
             streams.retain_mut(|s| {
                 while s.page.is_empty() {
-                    let failure = match s.rx.recv_typed::<BlobList>() {
-                        Ok(Some((page, _))) => {
+                    let failure = match s.rx.recv() {
+                        Ok(Some(page)) => {
                             let bad = page.blobs.iter().find(|b| {
                                 let ok = s.last.as_ref().is_none_or(|l| b.id > *l);
                                 s.last = Some(b.id.clone());
@@ -1127,7 +1126,7 @@ impl StorageClient {
         let mut had = Vec::new();
         let mut down = Vec::new();
         for &addr in &self.opts.nodes {
-            match self.call::<_, DeleteResponse>(addr, method::DELETE, &BlobRef { id: id.into() }) {
+            match self.call(addr, |c, o| c.delete_with(&BlobRef { id: id.into() }, o)) {
                 Ok(r) if r.existed => had.push(addr),
                 Ok(_) => {}
                 Err(f) => {

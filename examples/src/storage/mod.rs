@@ -4,21 +4,26 @@
 //! over several nodes by rendezvous hashing.
 //!
 //! # Protocol
-//! The messages are defined in `examples/proto/storage.proto` (package
-//! `pagerpc.examples.storage`, see [`messages`]). A blob moves as one
-//! stream: a PUT is one client-streaming call, a GET one server-streaming
-//! call, each message carrying one chunk of `chunk_size` bytes (a page
-//! multiple chosen by the writer, 4 MiB by default; only the last chunk may
-//! be shorter) as its payload.
+//! The protocol is the `Storage` service of `examples/proto/storage.proto`
+//! (package `pagerpc.examples.storage`), compiled by pagerpc-build into
+//! [`messages`]: the messages, the typed client
+//! [`messages::StorageClient`] (which [`client::StorageClient`] uses on
+//! each node), the server trait [`messages::Storage`] (which the node
+//! implements, registered with [`messages::StorageServer`]) and the wire
+//! names in [`storage_methods`]. A blob moves as one stream: a PUT is one
+//! client-streaming call, a GET one server-streaming call, each message
+//! carrying one chunk of `chunk_size` bytes (a page multiple chosen by the
+//! writer, 4 MiB by default; only the last chunk may be shorter) as its
+//! payload.
 //!
-//! | method | shape | request | response |
+//! | rpc (`pagerpc.examples.storage.Storage/…`) | shape | request | response |
 //! |---|---|---|---|
-//! | `blob.put` | client stream | [`PutMessage`]s: a [`PutHeader`] (id, size, chunk size, optional CRC32C), a [`PutChunk`] per chunk (payload: the chunk), a [`PutEnd`] (CRC32C) | [`BlobInfo`] |
-//! | `blob.get` | server stream | [`GetRequest`] (id, offset, version) | [`GetMessage`]s: the [`BlobInfo`], then a [`GetChunk`] per chunk (payload: the chunk) |
-//! | `blob.ls` | server stream | [`ListRequest`] (start after, limit) | [`BlobList`]s: pages of blobs in id order |
-//! | `blob.stat` | unary | [`BlobRef`] | [`BlobInfo`] |
-//! | `blob.delete` | unary | [`BlobRef`] | [`DeleteResponse`] |
-//! | `node.stats` | unary | [`Empty`] | [`NodeStats`] |
+//! | `Put` | client stream | [`PutMessage`]s: a [`PutHeader`] (id, size, chunk size, optional CRC32C), a [`PutChunk`] per chunk (payload: the chunk), a [`PutEnd`] (CRC32C) | [`BlobInfo`] |
+//! | `Get` | server stream | [`GetRequest`] (id, offset, version) | [`GetMessage`]s: the [`BlobInfo`], then a [`GetChunk`] per chunk (payload: the chunk) |
+//! | `List` | server stream | [`ListRequest`] (start after, limit) | [`BlobList`]s: pages of blobs in id order |
+//! | `Stat` | unary | [`BlobRef`] | [`BlobInfo`] |
+//! | `Delete` | unary | [`BlobRef`] | [`DeleteResponse`] |
+//! | `NodeStats` | unary | [`Empty`] | [`NodeStats`] |
 //!
 //! **Flow control** is pagerpc's per-stream credit: a sender has at most
 //! the receiver's `stream_window` bytes of messages outstanding, and gets
@@ -41,7 +46,7 @@
 //! half-close (an error, the client's abort or cancel, a lost connection,
 //! the deadline) discards it and its temporary file.
 //!
-//! **Listing.** `blob.ls` streams the blobs in id order, in pages of at
+//! **Listing.** `List` streams the blobs in id order, in pages of at
 //! most [`MAX_LIST_PAGE_ENTRIES`] entries and [`MAX_LIST_PAGE_BYTES`]
 //! bytes. The node scans its directory once per [`LIST_SCAN_BATCH`] ids,
 //! so a listing of any length holds a bounded number of ids in memory.
@@ -79,22 +84,6 @@ pub mod upload;
 pub use client::{ClientOptions, GetReport, ListedBlob, PutReport, StorageClient, StorageError};
 pub use node::{NodeConfig, StorageNode};
 
-/// Method names.
-pub mod method {
-    /// Store a blob: a client stream of header, chunks and end.
-    pub const PUT: &str = "blob.put";
-    /// Read a blob: a server stream of its info and chunks.
-    pub const GET: &str = "blob.get";
-    /// List the node's blobs: a server stream of pages.
-    pub const LIST: &str = "blob.ls";
-    /// Describe one blob.
-    pub const STAT: &str = "blob.stat";
-    /// Delete a blob.
-    pub const DELETE: &str = "blob.delete";
-    /// The node's statistics.
-    pub const STATS: &str = "node.stats";
-}
-
 /// The default chunk size: 4 MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 /// The largest chunk size a node accepts: 64 MiB.
@@ -103,28 +92,33 @@ pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
 pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 /// The page size chunk sizes are multiples of.
 pub const PAGE: u64 = 4096;
-/// Most entries in one `blob.ls` message.
+/// Most entries in one `List` stream message.
 pub const MAX_LIST_PAGE_ENTRIES: usize = 10_000;
-/// Most encoded bytes of one `blob.ls` message: a page stops before it
+/// Most encoded bytes of one `List` stream message: a page stops before it
 /// would grow past this, a quarter of pagerpc's default 4 MiB limit on a
 /// message body (10,000 entries with short ids take about 300 KiB).
 pub const MAX_LIST_PAGE_BYTES: usize = 1 << 20;
-/// Ids a `blob.ls` stream takes from one scan of the node's directory (the
+/// Ids a `List` stream takes from one scan of the node's directory (the
 /// smallest ones after the last sent): a listing holds at most this many
 /// ids in memory (a few MiB), and scans the directory once per this many
 /// blobs.
 pub const LIST_SCAN_BATCH: usize = 100_000;
 
-/// The protocol's messages, generated from `examples/proto/storage.proto`
-/// (package `pagerpc.examples.storage`) by `examples/build.rs`; an outside
-/// client can compile the same file. Re-exported at the module root.
+/// The protocol, generated from `examples/proto/storage.proto` (package
+/// `pagerpc.examples.storage`) by `examples/build.rs` with pagerpc-build:
+/// the messages (re-exported at the module root), the typed client
+/// `StorageClient` (not re-exported: [`client::StorageClient`] is the
+/// multi-node client built on it), the server trait `Storage` and its
+/// registration `StorageServer`, and the wire names `storage_methods`
+/// (re-exported). An outside client can compile the same file.
 pub mod messages {
     include!(concat!(env!("OUT_DIR"), "/pagerpc.examples.storage.rs"));
 }
 
 pub use messages::{
-    get_message, put_message, BlobInfo, BlobList, BlobRef, DeleteResponse, Empty, GetChunk,
-    GetMessage, GetRequest, ListRequest, NodeStats, PutChunk, PutEnd, PutHeader, PutMessage,
+    get_message, put_message, storage_methods, BlobInfo, BlobList, BlobRef, DeleteResponse, Empty,
+    GetChunk, GetMessage, GetRequest, ListRequest, NodeStats, PutChunk, PutEnd, PutHeader,
+    PutMessage,
 };
 
 impl PutMessage {
@@ -151,7 +145,7 @@ impl PutMessage {
 }
 
 impl GetMessage {
-    /// The info message that starts a `blob.get` stream.
+    /// The info message that starts a `Get` stream.
     pub fn info(info: BlobInfo) -> GetMessage {
         GetMessage {
             kind: Some(get_message::Kind::Info(info)),

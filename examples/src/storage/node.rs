@@ -1,4 +1,5 @@
-//! The storage node server.
+//! The storage node server: an implementation of the generated
+//! [`Storage`] trait, registered with [`StorageServer`].
 //!
 //! Writes go straight from the received payload pages to the disk with
 //! `O_DIRECT` (whole pages), the tail of the last chunk (`len % 4096`)
@@ -31,20 +32,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use pagerpc::prost::Message;
-use pagerpc::{
-    Context, CountersSnapshot, InStream, OutStream, Pages, Payload, Reply, Server, ServerConfig,
-    Status,
-};
+use pagerpc::typed::{Inbound, NoPayload, Outbound, WithPayload};
+use pagerpc::{Context, CountersSnapshot, InStream, Payload, Server, ServerConfig, Status};
 
 use super::cache::OpenBlobs;
 use super::format::{chunk_count, header_len};
+use super::messages::{Storage, StorageServer};
 use super::reader::{read_header, BlobFile, BlobReader, FileIdent};
 use super::upload::{clean_temps, probe_direct, ChunkWritten, UploadSession};
 use super::{
-    check_id, io_status, method, put_message, sync_dir, BlobInfo, BlobList, BlobRef,
-    DeleteResponse, Empty, GetMessage, GetRequest, ListRequest, NodeStats, PutHeader, PutMessage,
-    LIST_SCAN_BATCH, MAX_CHUNK_SIZE, MAX_LIST_PAGE_BYTES, MAX_LIST_PAGE_ENTRIES, MIN_CHUNK_SIZE,
-    PAGE,
+    check_id, io_status, put_message, sync_dir, BlobInfo, BlobList, BlobRef, DeleteResponse, Empty,
+    GetMessage, GetRequest, ListRequest, NodeStats, PutHeader, PutMessage, LIST_SCAN_BATCH,
+    MAX_CHUNK_SIZE, MAX_LIST_PAGE_BYTES, MAX_LIST_PAGE_ENTRIES, MIN_CHUNK_SIZE, PAGE,
 };
 use crate::util::FastRng;
 
@@ -380,56 +379,17 @@ impl Node {
         })
     }
 
-    /// `blob.put`: the header, the chunks in order, an optional end
-    /// message, then the client's half-close, which commits.
-    fn put(&self, ctx: &Context, rx: &mut InStream) -> Result<BlobInfo, Status> {
-        let _running = self.running();
-        let first = rx
-            .recv()?
-            .ok_or_else(|| Status::invalid_argument("the put stream ended before its header"))?;
-        let header = match first.decode::<PutMessage>()?.kind {
-            Some(put_message::Kind::Header(h)) if first.payload.is_empty() => h,
-            Some(put_message::Kind::Header(_)) => {
-                return Err(Status::invalid_argument(format!(
-                    "the put header came with a payload of {} bytes; chunks go in the messages \
-                     after it",
-                    first.payload.len()
-                )))
-            }
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of a put stream must be its header (PutMessage.header)",
-                ))
-            }
-        };
-        drop(first);
-        let mut upload = self.begin_upload(ctx.peer(), &header)?;
-        match self.receive(&mut upload, rx) {
-            Ok(crc32c) => self.commit_upload(upload, crc32c),
-            Err(PutFail::Refused(status)) => {
-                if status.code() == pagerpc::Code::DataLoss {
-                    self.tallies
-                        .uploads_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(status) // dropping the upload removes its file
-            }
-            Err(PutFail::Cut(status)) => {
-                self.tallies
-                    .uploads_cut_short
-                    .fetch_add(1, Ordering::Relaxed);
-                if self.killed.load(Ordering::SeqCst) {
-                    upload.session.leave_behind();
-                }
-                Err(status)
-            }
-        }
-    }
-
     /// Appends the stream's chunks to `upload` until the client's
     /// half-close; returns the CRC32C of the end message, if any. Each
     /// chunk's pages are dropped once written, which gives their credit
     /// back to the client.
+    ///
+    /// Reads the untyped stream under the handler's typed one
+    /// ([`Inbound::inner`]) and decodes each message itself: the typed
+    /// stream reports an undecodable message and a stream cut short as the
+    /// same `Status`, and here the first is the node's refusal while only
+    /// the second counts as an upload cut short (and, after a kill, leaves
+    /// its temporary file behind).
     fn receive(&self, upload: &mut Upload, rx: &mut InStream) -> Result<Option<u32>, PutFail> {
         let id = upload.session.id().to_owned();
         let mut end: Option<Option<u32>> = None;
@@ -535,40 +495,6 @@ impl Node {
         Ok(b)
     }
 
-    fn stat(&self, req: BlobRef) -> Result<BlobInfo, Status> {
-        Ok(self.open_blob(&req.id)?.info())
-    }
-
-    /// `blob.get`: the blob's info, then its chunks from the offset asked
-    /// for, all read from one open file.
-    fn get(&self, body: &[u8], tx: &mut OutStream) -> Result<(), Status> {
-        let _running = self.running();
-        let req = GetRequest::decode(body)
-            .map_err(|e| Status::invalid_argument(format!("undecodable GetRequest: {e}")))?;
-        let blob = self.open_blob(&req.id)?;
-        let version = blob.header().version;
-        if req.version != 0 && version != req.version {
-            return Err(Status::aborted(format!(
-                "blob '{}' on this node is version {version}, not the version {} asked for (it \
-                 was replaced); read it again from the start",
-                req.id, req.version
-            )));
-        }
-        let mut reader = BlobReader::starting_at(blob, req.offset)?;
-        tx.send(&GetMessage::info(reader.blob().info()), Payload::Empty)?;
-        while let Some(r) = reader.next_chunk() {
-            let (chunk, buf) = r.inspect_err(|s| {
-                if s.code() == pagerpc::Code::DataLoss {
-                    self.tallies
-                        .corrupt_chunks_read
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            })?;
-            tx.send(&GetMessage::chunk(chunk.offset, chunk.crc32c), buf)?;
-        }
-        Ok(())
-    }
-
     /// Blob ids in the directory, as `(id, DirEntry)`, in no order.
     fn blob_entries(&self) -> Result<impl Iterator<Item = (String, fs::DirEntry)>, Status> {
         let rd = fs::read_dir(&self.dir)
@@ -640,67 +566,6 @@ impl Node {
         }
     }
 
-    /// `blob.ls`: the blobs after `start_after` in id order (at most
-    /// `limit`, 0 for all), in pages of at most [`MAX_LIST_PAGE_ENTRIES`]
-    /// entries and [`MAX_LIST_PAGE_BYTES`] bytes. The directory is scanned
-    /// once per [`LIST_SCAN_BATCH`] ids; only the headers of the blobs sent
-    /// are read.
-    fn list(&self, body: &[u8], tx: &mut OutStream) -> Result<(), Status> {
-        let _running = self.running();
-        let req = ListRequest::decode(body)
-            .map_err(|e| Status::invalid_argument(format!("undecodable ListRequest: {e}")))?;
-        let mut left = match req.limit {
-            0 => usize::MAX,
-            n => n as usize,
-        };
-        let mut after = req.start_after;
-        let mut page = Vec::new();
-        let mut bytes = 0;
-        while left > 0 {
-            let (ids, more) = self.ids_after(&after, LIST_SCAN_BATCH.min(left))?;
-            if let Some(last) = ids.last() {
-                after.clone_from(last);
-            }
-            for id in ids {
-                let Some(info) = self.describe(&id) else {
-                    continue; // deleted since the scan
-                };
-                let len = list_entry_len(&info);
-                if !page.is_empty()
-                    && (bytes + len > MAX_LIST_PAGE_BYTES || page.len() >= MAX_LIST_PAGE_ENTRIES)
-                {
-                    let blobs = std::mem::take(&mut page);
-                    tx.send(&BlobList { blobs }, Payload::Empty)?;
-                    bytes = 0;
-                }
-                bytes += len;
-                page.push(info);
-                left -= 1;
-            }
-            if !more {
-                break;
-            }
-        }
-        if !page.is_empty() {
-            tx.send(&BlobList { blobs: page }, Payload::Empty)?;
-        }
-        Ok(())
-    }
-
-    fn delete(&self, req: BlobRef) -> Result<DeleteResponse, Status> {
-        check_id(&req.id).map_err(Status::invalid_argument)?;
-        self.open.remove(&req.id);
-        let path = self.blob_path(&req.id);
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                sync_dir(&self.dir).map_err(|e| io_status("fsync of the directory", &e))?;
-                Ok(DeleteResponse { existed: true })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(DeleteResponse { existed: false }),
-            Err(e) => Err(io_status(format_args!("deleting {}", path.display()), &e)),
-        }
-    }
-
     fn counters(&self) -> CountersSnapshot {
         lock(&self.server)
             .as_ref()
@@ -736,6 +601,165 @@ impl Node {
             open_blobs: self.open.len() as u64,
             uploads_cut_short: t.uploads_cut_short.load(Ordering::Relaxed),
         })
+    }
+}
+
+/// The node's side of the protocol: the generated [`Storage`] trait,
+/// registered with [`StorageServer`].
+impl Storage for Node {
+    /// The header, the chunks in order, an optional end message, then the
+    /// client's half-close, which commits.
+    fn put(
+        &self,
+        ctx: &Context,
+        mut requests: Inbound<'_, PutMessage, WithPayload>,
+    ) -> Result<BlobInfo, Status> {
+        let _running = self.running();
+        let (first, payload) = requests
+            .recv()?
+            .ok_or_else(|| Status::invalid_argument("the put stream ended before its header"))?;
+        let header = match first.kind {
+            Some(put_message::Kind::Header(h)) if payload.is_empty() => h,
+            Some(put_message::Kind::Header(_)) => {
+                return Err(Status::invalid_argument(format!(
+                    "the put header came with a payload of {} bytes; chunks go in the messages \
+                     after it",
+                    payload.len()
+                )))
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a put stream must be its header (PutMessage.header)",
+                ))
+            }
+        };
+        drop(payload);
+        let mut upload = self.begin_upload(ctx.peer(), &header)?;
+        match self.receive(&mut upload, requests.inner()) {
+            Ok(crc32c) => self.commit_upload(upload, crc32c),
+            Err(PutFail::Refused(status)) => {
+                if status.code() == pagerpc::Code::DataLoss {
+                    self.tallies
+                        .uploads_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(status) // dropping the upload removes its file
+            }
+            Err(PutFail::Cut(status)) => {
+                self.tallies
+                    .uploads_cut_short
+                    .fetch_add(1, Ordering::Relaxed);
+                if self.killed.load(Ordering::SeqCst) {
+                    upload.session.leave_behind();
+                }
+                Err(status)
+            }
+        }
+    }
+
+    /// The blob's info, then its chunks from the offset asked for, all read
+    /// from one open file.
+    fn get(
+        &self,
+        _ctx: &Context,
+        req: GetRequest,
+        mut responses: Outbound<'_, GetMessage, WithPayload>,
+    ) -> Result<(), Status> {
+        let _running = self.running();
+        let blob = self.open_blob(&req.id)?;
+        let version = blob.header().version;
+        if req.version != 0 && version != req.version {
+            return Err(Status::aborted(format!(
+                "blob '{}' on this node is version {version}, not the version {} asked for (it \
+                 was replaced); read it again from the start",
+                req.id, req.version
+            )));
+        }
+        let mut reader = BlobReader::starting_at(blob, req.offset)?;
+        responses.send(&GetMessage::info(reader.blob().info()), Payload::Empty)?;
+        while let Some(r) = reader.next_chunk() {
+            let (chunk, buf) = r.inspect_err(|s| {
+                if s.code() == pagerpc::Code::DataLoss {
+                    self.tallies
+                        .corrupt_chunks_read
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            })?;
+            responses.send(&GetMessage::chunk(chunk.offset, chunk.crc32c), buf)?;
+        }
+        Ok(())
+    }
+
+    /// The blobs after `start_after` in id order (at most
+    /// `limit`, 0 for all), in pages of at most [`MAX_LIST_PAGE_ENTRIES`]
+    /// entries and [`MAX_LIST_PAGE_BYTES`] bytes. The directory is scanned
+    /// once per [`LIST_SCAN_BATCH`] ids; only the headers of the blobs sent
+    /// are read.
+    fn list(
+        &self,
+        _ctx: &Context,
+        req: ListRequest,
+        mut responses: Outbound<'_, BlobList, NoPayload>,
+    ) -> Result<(), Status> {
+        let _running = self.running();
+        let mut left = match req.limit {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let mut after = req.start_after;
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        while left > 0 {
+            let (ids, more) = self.ids_after(&after, LIST_SCAN_BATCH.min(left))?;
+            if let Some(last) = ids.last() {
+                after.clone_from(last);
+            }
+            for id in ids {
+                let Some(info) = self.describe(&id) else {
+                    continue; // deleted since the scan
+                };
+                let len = list_entry_len(&info);
+                if !page.is_empty()
+                    && (bytes + len > MAX_LIST_PAGE_BYTES || page.len() >= MAX_LIST_PAGE_ENTRIES)
+                {
+                    let blobs = std::mem::take(&mut page);
+                    responses.send(&BlobList { blobs })?;
+                    bytes = 0;
+                }
+                bytes += len;
+                page.push(info);
+                left -= 1;
+            }
+            if !more {
+                break;
+            }
+        }
+        if !page.is_empty() {
+            responses.send(&BlobList { blobs: page })?;
+        }
+        Ok(())
+    }
+
+    fn stat(&self, _ctx: &Context, req: BlobRef) -> Result<BlobInfo, Status> {
+        Ok(self.open_blob(&req.id)?.info())
+    }
+
+    fn delete(&self, _ctx: &Context, req: BlobRef) -> Result<DeleteResponse, Status> {
+        check_id(&req.id).map_err(Status::invalid_argument)?;
+        self.open.remove(&req.id);
+        let path = self.blob_path(&req.id);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                sync_dir(&self.dir).map_err(|e| io_status("fsync of the directory", &e))?;
+                Ok(DeleteResponse { existed: true })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(DeleteResponse { existed: false }),
+            Err(e) => Err(io_status(format_args!("deleting {}", path.display()), &e)),
+        }
+    }
+
+    fn node_stats(&self, _ctx: &Context, _req: Empty) -> Result<NodeStats, Status> {
+        self.stats()
     }
 }
 
@@ -801,35 +825,9 @@ impl StorageNode {
         scfg.threads = node.cfg.threads.max(2);
         scfg.max_streams = node.cfg.max_streams;
         scfg.stream_window = node.cfg.stream_window;
-        let n = || node.clone();
-        let (n1, n2, n3, n4, n5, n6) = (n(), n(), n(), n(), n(), n());
         let server = Server::builder()
             .config(scfg)
-            .register_client_stream(method::PUT, move |c, rx| {
-                let info = n1.put(c, rx)?;
-                Ok(Reply {
-                    body: info.encode_to_vec(),
-                    ..Reply::default()
-                })
-            })
-            .register_server_stream(method::GET, move |_c, body, _p, tx| {
-                n2.get(body, tx)?;
-                Ok(Vec::new())
-            })
-            .register_server_stream(method::LIST, move |_c, body, _p, tx| {
-                n3.list(body, tx)?;
-                Ok(Vec::new())
-            })
-            .register(
-                method::STAT,
-                move |_c: &Context, req: BlobRef, _p: Pages| Ok((n4.stat(req)?, Payload::Empty)),
-            )
-            .register(method::DELETE, move |_c, req: BlobRef, _p: Pages| {
-                Ok((n5.delete(req)?, Payload::Empty))
-            })
-            .register(method::STATS, move |_c, _req: Empty, _p: Pages| {
-                Ok((n6.stats()?, Payload::Empty))
-            })
+            .add_service(StorageServer::from_arc(node.clone()))
             .bind(listen)?;
         let addr = server.local_addr();
         *lock(&node.server) = Some(server);
@@ -870,7 +868,7 @@ impl StorageNode {
         self.node.counters()
     }
 
-    /// The node's statistics, as `node.stats` returns them.
+    /// The node's statistics, as the `NodeStats` rpc returns them.
     ///
     /// # Errors
     /// When the directory cannot be listed.

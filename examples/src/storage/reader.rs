@@ -1,6 +1,6 @@
 //! Reading blobs: a [`BlobFile`] is one blob file opened and its header
 //! checked (including that the header names the blob the file name says),
-//! and a [`BlobReader`] walks its chunks. The node's `blob.get` handler
+//! and a [`BlobReader`] walks its chunks. The node's `Get` handler
 //! opens a reader once and sends [`BlobReader::next_chunk`] until it
 //! returns `None`.
 //!

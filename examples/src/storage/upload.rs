@@ -4,7 +4,7 @@
 //! The session owns its temporary file `DIR/.tmp-<id>-<tag>` and removes it
 //! when it is dropped without a successful commit, so every way an upload
 //! can end (abort, a failed commit, a broken stream, shutdown) leaves
-//! nothing behind. The node's `blob.put` handler drives it:
+//! nothing behind. The node's `Put` handler drives it:
 //! [`UploadSession::begin`] on the stream's header,
 //! [`UploadSession::append`] for each chunk message,
 //! [`UploadSession::commit`] when the client half-closes, dropping it if
