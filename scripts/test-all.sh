@@ -12,8 +12,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
-echo "== cargo test (workspace, release) =="
-cargo test --workspace --release
+echo "== cargo test (workspace, release, every feature: tokio, tracing) =="
+cargo test --workspace --release --all-features
 
 echo "== the README's main command (smaller transfer) =="
 cargo run --release -q -p pagerpc-bench -- bulk --size-kib 1024 --total-mib 256
