@@ -154,6 +154,11 @@ impl CallTrace {
         }
     }
 
+    /// This handle is done: the span is recorded and closed now if no
+    /// clone of it is left (a stream's halves may still hold one).
+    #[inline]
+    pub(crate) fn end(self) {}
+
     /// Runs `f` inside the call's span (so what it logs nests under it).
     #[inline]
     pub(crate) fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {

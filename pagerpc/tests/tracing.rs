@@ -37,7 +37,7 @@ impl Rec {
     fn get(&self, k: &str) -> &str {
         self.fields
             .get(k)
-            .map_or_else(|| panic!("{} has no field {k}: {self:?}", self.name), |v| v)
+            .unwrap_or_else(|| panic!("{} has no field {k}: {self:?}", self.name))
     }
     fn num(&self, k: &str) -> u64 {
         self.get(k)

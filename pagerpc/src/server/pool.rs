@@ -559,7 +559,7 @@ impl Shared {
             if !conn.closed.load(Ordering::SeqCst) {
                 let frame = response_frame(h.call_id, result, &conn.peer_limits.lock());
                 trace.answered(&frame);
-                drop(trace);
+                trace.end();
                 self.send(&conn, frame);
             }
         }

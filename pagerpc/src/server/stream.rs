@@ -262,7 +262,7 @@ impl Shared {
                 (_, Err(status)) => error_frame(id, &status),
             };
             trace.answered(&frame);
-            drop(trace);
+            trace.end();
             self.send(&conn, frame);
         } else if let Some(Err(status)) = cut {
             trace.status(status.code());
