@@ -160,6 +160,10 @@ where
 /// arrived and before its handler runs (unary and streaming handlers
 /// alike), on the thread that would run the handler.
 ///
+/// It guards handlers: a call the server answers without one (an unknown
+/// method, a deadline already passed, a request refused by the server's
+/// limits) is answered as before, without running the interceptors.
+///
 /// Implemented for every `Fn(&Context) -> Result<(), Status>` closure that
 /// is `Send + Sync + 'static`.
 pub trait ServerInterceptor: Send + Sync + 'static {
