@@ -58,14 +58,16 @@ use parking_lot::{Condvar, Mutex};
 use prost::Message;
 
 use pagerpc_core::conn::{ClientConn, Incoming, PeerSettings};
-use pagerpc_core::{Counters, CountersSnapshot, Header, Kind, Limits, MetadataEntry, Status};
+use pagerpc_core::{Code, Counters, CountersSnapshot, Header, Kind, Limits, MetadataEntry, Status};
 use pagerpc_pages::{Pages, Payload};
 use pagerpc_receiver::{Frame, Receiver, RecvConfig, RecvError};
 use pagerpc_sender::{OutFrame, SendConfig, Sender};
 
 use crate::error::CallError;
+use crate::intercept::{ClientInterceptor, ClientInterceptors, OutgoingCall};
 use crate::segments::SegmentAlign;
 use crate::sys;
+use crate::trace::{CallTrace, ConnTrace, Side};
 
 /// Client settings.
 #[derive(Clone, Debug)]
@@ -213,6 +215,8 @@ struct Shared {
     /// The sender holds bytes (CANCEL frames) that no sending thread is
     /// waiting to write; the reader writes them when it can.
     backlog: AtomicBool,
+    /// Connection open/close events (feature `tracing`).
+    trace: ConnTrace,
 }
 
 /// A connection to a pagerpc server. Cheap to clone; clones share the
@@ -220,6 +224,9 @@ struct Shared {
 #[derive(Clone)]
 pub struct Client {
     shared: Arc<Shared>,
+    /// Run on every call made through this handle
+    /// ([`Client::with_interceptor`]).
+    interceptors: ClientInterceptors,
 }
 
 impl std::fmt::Debug for Client {
@@ -297,10 +304,26 @@ impl Client {
             wake: sys::Signal::new()?,
             control_waiting: AtomicBool::new(false),
             backlog: AtomicBool::new(false),
+            trace: ConnTrace::open(Side::Client, peer),
         };
         Ok(Client {
             shared: Arc::new(shared),
+            interceptors: ClientInterceptors::default(),
         })
+    }
+
+    /// This client with `interceptor` added after the ones it has: it sees
+    /// every call made through the returned handle and the handles cloned
+    /// from it (unary calls and all three kinds of stream), and may add
+    /// metadata or refuse the call (see [`crate::intercept`]). The handle
+    /// shares the connection with `self`; calls made through handles
+    /// without the interceptor do not run it. Generated clients built on
+    /// the returned handle run it too.
+    pub fn with_interceptor(self, interceptor: impl ClientInterceptor) -> Client {
+        Client {
+            interceptors: self.interceptors.with(Arc::new(interceptor)),
+            shared: self.shared,
+        }
     }
 
     /// The server's address.
@@ -396,19 +419,21 @@ impl Client {
         payload: impl Into<Payload>,
         opts: &CallOptions,
     ) -> Result<PendingCall, CallError> {
-        let (id, deadline) = self.open_call(method, body, payload.into(), opts, None)?;
+        let (id, deadline, trace) = self.open_call(method, body, payload.into(), opts, None)?;
         Ok(PendingCall {
             shared: self.shared.clone(),
             id,
             deadline,
             done: false,
+            trace,
         })
     }
 
     /// Starts a call and sends its REQUEST. `stream` is `None` for a
     /// unary call, `Some(client_stream)` for a streaming one (its slot gets
     /// the stream's state; `client_stream` says whether the client sends
-    /// messages after the REQUEST). Returns the call id and its deadline.
+    /// messages after the REQUEST). Runs the interceptors first. Returns
+    /// the call id, its deadline and its trace.
     fn open_call(
         &self,
         method: &str,
@@ -416,9 +441,17 @@ impl Client {
         payload: Payload,
         opts: &CallOptions,
         stream: Option<bool>,
-    ) -> Result<(u64, Option<Instant>), CallError> {
+    ) -> Result<(u64, Option<Instant>, CallTrace), CallError> {
+        let now = Instant::now();
         let timeout = opts.timeout.or(self.shared.cfg.default_timeout);
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.map(|t| now + t);
+        let trace = CallTrace::start(Side::Client, method, 0, now);
+        let mut metadata = opts.metadata.clone();
+        let call = &mut OutgoingCall::new(method, &mut metadata, deadline, stream.is_some());
+        if let Err(status) = self.interceptors.run(call) {
+            trace.status(status.code());
+            return Err(CallError::with_payload(status, payload));
+        }
         let started = {
             let mut st = self.shared.state.lock();
             let mut slot = Slot::new();
@@ -433,14 +466,19 @@ impl Client {
         };
         let id = match started {
             Ok(id) => id,
-            Err(dead) => return Err(CallError::with_payload(dead, payload)),
+            Err(dead) => {
+                trace.status(dead.code());
+                return Err(CallError::with_payload(dead, payload));
+            }
         };
+        trace.set_call_id(id);
+        let bytes = body.len() as u64 + payload.len() as u64;
         let header = Header {
             call_id: id,
             kind: Kind::Request as i32,
             method: method.to_owned(),
             deadline_us: timeout.map_or(0, |t| (t.as_micros() as u64).max(1)),
-            metadata: opts.metadata.clone(),
+            metadata,
             body,
             client_stream: stream.unwrap_or(false),
             ..Default::default()
@@ -450,9 +488,11 @@ impl Client {
             .send_request(OutFrame { header, payload }, deadline)
         {
             self.shared.state.lock().calls.end(id);
+            trace.status(e.code());
             return Err(e);
         }
-        Ok((id, deadline))
+        trace.sent(bytes);
+        Ok((id, deadline, trace))
     }
 
     /// Sends a PING and waits for the PONG; returns the round-trip time.
@@ -483,6 +523,7 @@ impl Client {
             id,
             deadline: Some(deadline),
             done: false,
+            trace: CallTrace::default(),
         };
         call.wait()?;
         Ok(t0.elapsed())
@@ -509,6 +550,8 @@ pub struct PendingCall {
     id: u64,
     deadline: Option<Instant>,
     done: bool,
+    /// The call's span (feature `tracing`).
+    trace: CallTrace,
 }
 
 impl std::fmt::Debug for Shared {
@@ -527,18 +570,22 @@ impl PendingCall {
     ///
     /// # Errors
     /// As [`Client::call`].
-    pub fn wait_typed<Resp: Message + Default>(self) -> Result<Response<Resp>, CallError> {
-        let frame = self.wait()?;
-        let message = Resp::decode(frame.head.header.body.as_slice()).map_err(|e| {
-            CallError::new(Status::internal(format!(
-                "undecodable response message: {e}"
-            )))
-        })?;
-        Ok(Response {
-            message,
-            payload: frame.payload,
-            metadata: frame.head.header.metadata,
-        })
+    pub fn wait_typed<Resp: Message + Default>(mut self) -> Result<Response<Resp>, CallError> {
+        let r = self.wait_frame().and_then(|frame| {
+            let message = Resp::decode(frame.head.header.body.as_slice()).map_err(|e| {
+                CallError::new(Status::internal(format!(
+                    "undecodable response message: {e}"
+                )))
+            })?;
+            Ok(Response {
+                message,
+                payload: frame.payload,
+                metadata: frame.head.header.metadata,
+            })
+        });
+        self.trace
+            .status(r.as_ref().map_or_else(CallError::code, |_| Code::Ok));
+        r
     }
 
     /// Waits for the response frame.
@@ -546,15 +593,25 @@ impl PendingCall {
     /// # Errors
     /// As [`Client::call`].
     pub fn wait(mut self) -> Result<Frame, CallError> {
+        let r = self.wait_frame();
+        self.trace
+            .status(r.as_ref().map_or_else(CallError::code, |_| Code::Ok));
+        r
+    }
+
+    fn wait_frame(&mut self) -> Result<Frame, CallError> {
         self.done = true;
-        self.shared
-            .wait(self.id, self.deadline)
-            .map_err(CallError::new)
+        let r = self.shared.wait(self.id, self.deadline);
+        if let Ok(frame) = &r {
+            self.trace.received(frame);
+        }
+        r.map_err(CallError::new)
     }
 
     /// Gives up on the call and tells the server so.
     pub fn cancel(mut self) {
         self.done = true;
+        self.trace.status(Code::Cancelled);
         self.shared.cancel(self.id);
     }
 }
@@ -632,6 +689,7 @@ impl Shared {
     }
 
     fn fail_all(&self, status: Status) {
+        self.trace.closed(&status);
         let mut st = self.state.lock();
         st.calls.fail(status);
         for slot in st.calls.tokens() {

@@ -22,16 +22,24 @@
 //! assert_eq!(resp.payload.len(), 1 << 20);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! Interceptors (see [`intercept`]) add metadata to outgoing calls and can
+//! refuse calls before they are sent or handled. With the `tracing` cargo
+//! feature, every call gets a `tracing` span on each side and every
+//! connection open and close events (target `pagerpc`; the fields are
+//! listed in the README's "Interceptors and tracing").
 #![forbid(unsafe_code)]
 
 mod auth;
 mod client;
 mod error;
+pub mod intercept;
 pub mod netns;
 mod segments;
 mod server;
 mod stream_message;
 mod sys;
+mod trace;
 pub mod typed;
 
 pub use client::{
@@ -39,6 +47,7 @@ pub use client::{
     StreamResponse, StreamSender,
 };
 pub use error::CallError;
+pub use intercept::{ClientInterceptor, OutgoingCall, ServerInterceptor};
 pub use segments::SegmentAlign;
 pub use server::{
     Context, InStream, OutStream, Reply, Server, ServerBuilder, ServerConfig, StreamSendError,

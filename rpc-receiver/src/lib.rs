@@ -134,6 +134,16 @@ pub struct Frame {
     pub head: FrameHead,
     /// The whole payload (empty if the frame has none).
     pub payload: Pages,
+    /// How many of the payload's bytes the receiver took out of the socket
+    /// by mapping them (`TCP_ZEROCOPY_RECEIVE` or the patched kernel's
+    /// consuming `mmap()`), exactly as added to
+    /// [`Counters`]' `bytes_mapped` for this frame. The other
+    /// `payload.len() - mapped` bytes were copied (counted as copied, by
+    /// reason). 0 with the copy backend and for empty payloads. (In the
+    /// rare case where a mapping region ran out of memory mid-payload the
+    /// bytes mapped so far were then copied into ordinary memory; they are
+    /// still counted here, as in the counters.)
+    pub mapped: u64,
 }
 
 /// Why a receive failed.
@@ -266,6 +276,8 @@ struct Partial {
     /// Bytes up to here are copied (pages the kernel could not map) before
     /// mapping resumes.
     copy_until: usize,
+    /// Bytes of this payload mapped from the socket so far.
+    mapped: u64,
     /// Consuming `mmap()`: try one page at a time (after a refused chunk).
     single_page: bool,
     /// Consuming `mmap()`: pages refused in a row.
@@ -675,6 +687,7 @@ impl Receiver {
             return Ok(Step::Frame(Frame {
                 head,
                 payload: Pages::empty(),
+                mapped: 0,
             }));
         }
         if self.start_payload(head)? {
@@ -723,6 +736,7 @@ impl Receiver {
                 CopyReason::BackendOff
             },
             copy_until: 0,
+            mapped: 0,
             single_page: false,
             refusals: 0,
         });
@@ -892,6 +906,7 @@ impl Receiver {
         Ok(Step::Frame(Frame {
             head: p.head,
             payload,
+            mapped: p.mapped,
         }))
     }
 
@@ -919,6 +934,7 @@ impl Receiver {
                 p.refusals = 0;
                 p.single_page = false;
                 self.counters.mapped(chunk as u64);
+                p.mapped += chunk as u64;
                 self.payload_progress(chunk)
             }
             // The failed mapping left a hole that could not be re-reserved
@@ -990,6 +1006,7 @@ impl Receiver {
         match region.zerocopy(fd.as_fd(), p.filled, want, zc.flags, struct_len) {
             Ok(out) if out.mapped > 0 => {
                 self.counters.mapped(out.mapped as u64);
+                p.mapped += out.mapped as u64;
                 let step = self.payload_progress(out.mapped)?;
                 let Some(errno) = out.err else {
                     return Ok(step);

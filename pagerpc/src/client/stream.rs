@@ -88,11 +88,11 @@ impl Client {
         method: &str,
         opts: &CallOptions,
     ) -> Result<(StreamSender, StreamReceiver), CallError> {
-        let (id, deadline) =
+        let (id, deadline, trace) =
             self.open_call(method, Vec::new(), Payload::Empty, opts, Some(true))?;
         Ok((
-            StreamSender::new(self.shared.clone(), id, deadline),
-            StreamReceiver::new(self.shared.clone(), id, deadline),
+            StreamSender::new(self.shared.clone(), id, deadline, trace.clone()),
+            StreamReceiver::new(self.shared.clone(), id, deadline, trace),
         ))
     }
 
@@ -107,12 +107,12 @@ impl Client {
         method: &str,
         opts: &CallOptions,
     ) -> Result<(StreamSender, StreamResponse), CallError> {
-        let (id, deadline) =
+        let (id, deadline, trace) =
             self.open_call(method, Vec::new(), Payload::Empty, opts, Some(true))?;
         Ok((
-            StreamSender::new(self.shared.clone(), id, deadline),
+            StreamSender::new(self.shared.clone(), id, deadline, trace.clone()),
             StreamResponse {
-                rx: StreamReceiver::new(self.shared.clone(), id, deadline),
+                rx: StreamReceiver::new(self.shared.clone(), id, deadline, trace),
             },
         ))
     }
@@ -129,14 +129,19 @@ impl Client {
         payload: impl Into<Payload>,
         opts: &CallOptions,
     ) -> Result<StreamReceiver, CallError> {
-        let (id, deadline) = self.open_call(
+        let (id, deadline, trace) = self.open_call(
             method,
             req.encode_to_vec(),
             payload.into(),
             opts,
             Some(false),
         )?;
-        Ok(StreamReceiver::new(self.shared.clone(), id, deadline))
+        Ok(StreamReceiver::new(
+            self.shared.clone(),
+            id,
+            deadline,
+            trace,
+        ))
     }
 }
 
@@ -339,6 +344,7 @@ impl Shared {
         self: &Arc<Self>,
         id: u64,
         deadline: Option<Instant>,
+        trace: &CallTrace,
     ) -> Result<Result<StreamMessage, Vec<MetadataEntry>>, CallError> {
         let mut st = self
             .wait_slot(id, deadline, |s| s.ready())
@@ -356,6 +362,7 @@ impl Shared {
             if let Some(credit) = grant {
                 self.send_control(credit_frame(id, credit));
             }
+            trace.received(&frame);
             return Ok(Ok(self.hand_out(id, frame)));
         }
         let end = match stream.end.as_ref() {
@@ -459,15 +466,22 @@ pub struct StreamSender {
     id: u64,
     deadline: Option<Instant>,
     open: bool,
+    trace: CallTrace,
 }
 
 impl StreamSender {
-    fn new(shared: Arc<Shared>, id: u64, deadline: Option<Instant>) -> StreamSender {
+    fn new(
+        shared: Arc<Shared>,
+        id: u64,
+        deadline: Option<Instant>,
+        trace: CallTrace,
+    ) -> StreamSender {
         StreamSender {
             shared,
             id,
             deadline,
             open: true,
+            trace,
         }
     }
 
@@ -503,8 +517,14 @@ impl StreamSender {
                 payload,
             ));
         }
-        self.shared
-            .stream_send(self.id, body, Vec::new(), payload, self.deadline)
+        let bytes = body.len() as u64 + payload.len() as u64;
+        let r = self
+            .shared
+            .stream_send(self.id, body, Vec::new(), payload, self.deadline);
+        if r.is_ok() {
+            self.trace.sent(bytes);
+        }
+        r
     }
 
     /// Ends the client's messages (half-close). The server's messages, or
@@ -528,6 +548,7 @@ impl StreamSender {
     /// carrying `status`); the receiving half fails with it too.
     pub fn abort(mut self, status: Status) {
         self.open = false;
+        self.trace.status(status.code());
         self.shared.stream_close(self.id, Half::Tx, Some(status));
     }
 }
@@ -535,6 +556,7 @@ impl StreamSender {
 impl Drop for StreamSender {
     fn drop(&mut self) {
         if self.open {
+            self.trace.status(crate::Code::Cancelled);
             self.shared.stream_close(
                 self.id,
                 Half::Tx,
@@ -557,16 +579,23 @@ pub struct StreamReceiver {
     done: bool,
     /// The metadata the server ended the stream with (status OK).
     trailers: Vec<MetadataEntry>,
+    trace: CallTrace,
 }
 
 impl StreamReceiver {
-    fn new(shared: Arc<Shared>, id: u64, deadline: Option<Instant>) -> StreamReceiver {
+    fn new(
+        shared: Arc<Shared>,
+        id: u64,
+        deadline: Option<Instant>,
+        trace: CallTrace,
+    ) -> StreamReceiver {
         StreamReceiver {
             shared,
             id,
             deadline,
             done: false,
             trailers: Vec::new(),
+            trace,
         }
     }
 
@@ -585,16 +614,18 @@ impl StreamReceiver {
         if self.done {
             return Ok(None);
         }
-        match self.shared.stream_recv(self.id, self.deadline) {
+        match self.shared.stream_recv(self.id, self.deadline, &self.trace) {
             Ok(Ok(m)) => Ok(Some(m)),
             Ok(Err(trailers)) => {
                 self.done = true;
+                self.trace.status(crate::Code::Ok);
                 self.trailers = trailers;
                 self.shared.stream_close(self.id, Half::Rx, None);
                 Ok(None)
             }
             Err(e) => {
                 self.done = true;
+                self.trace.status(e.code());
                 self.shared
                     .stream_close(self.id, Half::Rx, Some(e.status().clone()));
                 Err(e)
@@ -623,6 +654,7 @@ impl StreamReceiver {
 impl Drop for StreamReceiver {
     fn drop(&mut self) {
         if !self.done {
+            self.trace.status(crate::Code::Cancelled);
             self.shared.stream_close(
                 self.id,
                 Half::Rx,
@@ -648,17 +680,22 @@ impl StreamResponse {
     /// # Errors
     /// The server's status; as [`StreamReceiver::recv`].
     pub fn wait<Resp: Message + Default>(mut self) -> Result<Response<Resp>, CallError> {
-        let frame = self.wait_frame()?;
-        let message = Resp::decode(frame.head.header.body.as_slice()).map_err(|e| {
-            CallError::new(Status::internal(format!(
-                "undecodable response message: {e}"
-            )))
-        })?;
-        Ok(Response {
-            message,
-            payload: frame.payload,
-            metadata: frame.head.header.metadata,
-        })
+        let r = self.wait_frame().and_then(|frame| {
+            self.rx.trace.received(&frame);
+            let message = Resp::decode(frame.head.header.body.as_slice()).map_err(|e| {
+                CallError::new(Status::internal(format!(
+                    "undecodable response message: {e}"
+                )))
+            })?;
+            Ok(Response {
+                message,
+                payload: frame.payload,
+                metadata: frame.head.header.metadata,
+            })
+        });
+        let code = r.as_ref().map_or_else(CallError::code, |_| crate::Code::Ok);
+        self.rx.trace.status(code);
+        r
     }
 
     fn wait_frame(&mut self) -> Result<Frame, CallError> {

@@ -54,6 +54,7 @@ use pagerpc_pages::{Pages, Payload};
 
 use crate::sys::{self, Poller, Signal, EVENT_FLAGS, LISTEN_FLAGS};
 
+use crate::intercept::{ServerInterceptor, ServerInterceptors};
 pub use config::ServerConfig;
 use conn::{Conn, Events, Job};
 use context::RawHandler;
@@ -75,6 +76,7 @@ pub struct ServerBuilder {
     cfg: ServerConfig,
     handlers: HashMap<String, Arc<RawHandler>>,
     stream_handlers: HashMap<String, (Shape, Arc<StreamHandler>)>,
+    interceptors: ServerInterceptors,
 }
 
 impl Default for ServerBuilder {
@@ -90,7 +92,17 @@ impl ServerBuilder {
             cfg: ServerConfig::default(),
             handlers: HashMap::new(),
             stream_handlers: HashMap::new(),
+            interceptors: ServerInterceptors::default(),
         }
+    }
+
+    /// Adds an interceptor: it sees every call (unary or streaming) before
+    /// its handler runs, and may refuse it with a status, which is then the
+    /// caller's answer (the handler never runs). Several run in the order
+    /// added; the first refusal wins. See [`crate::intercept`].
+    pub fn interceptor(mut self, i: impl ServerInterceptor) -> ServerBuilder {
+        self.interceptors.push(Arc::new(i));
+        self
     }
 
     /// Replaces the settings.
@@ -236,6 +248,7 @@ impl ServerBuilder {
             next_conn: AtomicU64::new(FIRST_CONN_TOKEN),
             handlers: self.handlers,
             stream_handlers: self.stream_handlers,
+            interceptors: self.interceptors,
             streams_open: std::sync::atomic::AtomicUsize::new(0),
             stream_threads: Mutex::new(Vec::new()),
             cfg: self.cfg,
@@ -386,7 +399,7 @@ impl Server {
         // returns, and its caller sees the connection close.
         let conns: Vec<_> = s.conns.lock().drain().map(|(_, c)| c).collect();
         for c in &conns {
-            s.close(c, None, false);
+            s.close_because(c, None, false, &"the server is shutting down");
         }
         s.stop_signal.raise();
         for t in self.threads.drain(..) {
@@ -435,6 +448,8 @@ struct Shared {
     next_conn: AtomicU64,
     handlers: HashMap<String, Arc<RawHandler>>,
     stream_handlers: HashMap<String, (Shape, Arc<StreamHandler>)>,
+    /// Run before every handler (`ServerInterceptors::check`).
+    interceptors: ServerInterceptors,
     /// Streams open, server-wide (each has a handler thread).
     streams_open: std::sync::atomic::AtomicUsize,
     /// The stream handler threads not known to be finished; joined at

@@ -22,6 +22,7 @@ use super::reply::{control_frame, error_frame, response_frame};
 use super::{Shared, Work, DISPATCH_BATCH, TOKEN_JOBS, TOKEN_LISTENER, TOKEN_STOP};
 use crate::auth;
 use crate::sys;
+use crate::trace::{self, CallTrace, Side};
 
 impl Shared {
     pub(crate) fn run(self: Arc<Self>) {
@@ -112,16 +113,18 @@ impl Shared {
     /// One turn of the owner: completions, writes, timeouts, reads.
     fn turn(self: &Arc<Self>, conn: &Arc<Conn>, ev: Events, mine: &mut Option<Job>) {
         let now = Instant::now();
-        if ev.error && conn.reap().is_some() {
-            self.close(conn, None, true);
-            return;
+        if ev.error {
+            if let Some(e) = conn.reap() {
+                self.close_because(conn, None, true, &format_args!("socket error: {e}"));
+                return;
+            }
         }
         // Frames that reached the outbox while the sender was held above
         // (reaping) are written here, or nobody would write them.
         if ev.write || conn.queued_out.load(Ordering::SeqCst) > 0 || conn.outbox_pending() {
             let out = conn.flush();
             if out.failed {
-                self.close(conn, None, true);
+                self.close_because(conn, None, true, &"sending to the peer failed");
                 return;
             }
             if out.drained {
@@ -155,7 +158,7 @@ impl Shared {
             }
         }
         if ev.hangup && !ev.read {
-            self.close(conn, None, true);
+            self.close_because(conn, None, true, &"the peer hung up");
             return;
         }
         if ev.read || ev.hangup {
@@ -306,7 +309,7 @@ impl Shared {
                 ),
                 _ => None,
             };
-            self.close(conn, notice, false);
+            self.close_because(conn, notice, false, &e);
         }
     }
 
@@ -504,6 +507,13 @@ impl Shared {
             received,
             cancelled,
         } = job;
+        let trace = CallTrace::start(
+            Side::Server,
+            &frame.head.header.method,
+            frame.head.call_id(),
+            received,
+        );
+        trace.received(&frame);
         let h = frame.head.header;
         let deadline = (h.deadline_us > 0).then(|| received + Duration::from_micros(h.deadline_us));
         let result = if cancelled.load(Ordering::Relaxed) || conn.closed.load(Ordering::SeqCst) {
@@ -522,8 +532,14 @@ impl Shared {
                 peer: conn.peer,
                 path: conn.path,
             };
-            let out = catch_unwind(AssertUnwindSafe(|| handler(&ctx, &h.body, frame.payload)))
-                .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
+            let out = catch_unwind(AssertUnwindSafe(|| {
+                trace.in_scope(|| {
+                    self.interceptors
+                        .check(&ctx)
+                        .and_then(|()| handler(&ctx, &h.body, frame.payload))
+                })
+            }))
+            .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
             if cancelled.load(Ordering::Relaxed) {
                 None
             } else if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -541,10 +557,10 @@ impl Shared {
         };
         if let Some(result) = result {
             if !conn.closed.load(Ordering::SeqCst) {
-                self.send(
-                    &conn,
-                    response_frame(h.call_id, result, &conn.peer_limits.lock()),
-                );
+                let frame = response_frame(h.call_id, result, &conn.peer_limits.lock());
+                trace.answered(&frame);
+                trace.end();
+                self.send(&conn, frame);
             }
         }
         self.finish_call(&conn, h.call_id);
@@ -592,6 +608,23 @@ impl Shared {
     /// peer is not taking what is queued, the connection is reset, so the
     /// kernel lets go of queued data (and zero-copy pages) at once.
     pub(crate) fn close(&self, conn: &Arc<Conn>, notice: Option<Status>, abort: bool) {
+        let why = if abort {
+            "the connection failed (socket error, hang-up or failed send); reset"
+        } else {
+            "closed by the server"
+        };
+        self.close_because(conn, notice, abort, &why);
+    }
+
+    /// [`close`](Self::close), saying why (for the `connection_close`
+    /// event; the notice, if any, says it instead).
+    pub(crate) fn close_because(
+        &self,
+        conn: &Arc<Conn>,
+        notice: Option<Status>,
+        abort: bool,
+        why: &dyn std::fmt::Display,
+    ) {
         if conn.closed.load(Ordering::SeqCst) {
             return;
         }
@@ -602,6 +635,10 @@ impl Shared {
         }
         if conn.closed.swap(true, Ordering::SeqCst) {
             return;
+        }
+        match &notice {
+            Some(status) => trace::conn_close(Side::Server, conn.peer, status),
+            None => trace::conn_close(Side::Server, conn.peer, why),
         }
         self.poller.delete(conn.fd.as_fd());
         self.conns.lock().remove(&conn.token);
@@ -664,6 +701,7 @@ impl Shared {
         if sys::prepare_stream(&stream, true).is_err() {
             return;
         }
+        trace::conn_open(Side::Server, peer);
         let fd = Arc::new(OwnedFd::from(stream));
         let counters = Arc::new(Counters::with_parent(self.counters.clone()));
         let mut recv_cfg = self.cfg.recv.clone();
@@ -707,6 +745,7 @@ impl Shared {
                 )),
             ));
             conn.closed.store(true, Ordering::SeqCst);
+            trace::conn_close(Side::Server, peer, &"refused: max_connections reached");
             conn.shut(false);
             return;
         }

@@ -33,6 +33,7 @@ use super::reply::{error_frame, response_frame};
 use super::Shared;
 pub(crate) use crate::stream_message::credit_frame;
 use crate::stream_message::StreamMessage;
+use crate::trace::{CallTrace, Side};
 
 /// The three streaming shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,6 +196,13 @@ impl Shared {
         cancelled: Arc<std::sync::atomic::AtomicBool>,
         received: Instant,
     ) {
+        let trace = CallTrace::start(
+            Side::Server,
+            &frame.head.header.method,
+            frame.head.call_id(),
+            received,
+        );
+        trace.received(&frame);
         let h = frame.head.header;
         let id = h.call_id;
         let deadline = (h.deadline_us > 0).then(|| received + Duration::from_micros(h.deadline_us));
@@ -215,14 +223,21 @@ impl Shared {
             deadline,
             idle: self.cfg.stream_idle_timeout,
             cancelled: cancelled.clone(),
+            trace: trace.clone(),
         };
         let streams = Streams {
             request: (shape == Shape::Server).then_some((h.body, frame.payload)),
             rx: InStream { half: half() },
             tx: OutStream { half: half() },
         };
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&ctx, streams)))
-            .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            trace.in_scope(|| {
+                self.interceptors
+                    .check(&ctx)
+                    .and_then(|()| handler(&ctx, streams))
+            })
+        }))
+        .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
         stream.inner.lock().over = true;
         let cut = stream.inner.lock().client_end.clone();
         let closed = conn.closed.load(Ordering::SeqCst);
@@ -246,7 +261,11 @@ impl Shared {
                 },
                 (_, Err(status)) => error_frame(id, &status),
             };
+            trace.answered(&frame);
+            trace.end();
             self.send(&conn, frame);
+        } else if let Some(Err(status)) = cut {
+            trace.status(status.code());
         }
         conn.streams.lock().remove(&id);
         self.streams_open.fetch_sub(1, Ordering::SeqCst);
@@ -322,6 +341,8 @@ struct Half {
     /// How long one wait for the client (a message, or credit) may last.
     idle: Option<Duration>,
     cancelled: Arc<std::sync::atomic::AtomicBool>,
+    /// The call's span (feature `tracing`).
+    trace: CallTrace,
 }
 
 impl Half {
@@ -443,6 +464,7 @@ impl InStream {
         let grant = inner.inc.take_grant();
         drop(inner);
         let h = &self.half;
+        h.trace.received(&frame);
         if let (Some(credit), Some(shared)) = (grant, h.shared.upgrade()) {
             shared.send(&h.conn, credit_frame(h.id, credit));
         }
@@ -571,6 +593,7 @@ impl OutStream {
             });
         };
         shared.send(&h.conn, OutFrame { header, payload });
+        h.trace.sent(bytes);
         Ok(())
     }
 
