@@ -40,6 +40,8 @@ pub use client::{
 };
 pub use error::CallError;
 pub use segments::SegmentAlign;
+#[cfg(feature = "tokio")]
+pub use server::{AsyncInStream, AsyncOutStream, AsyncServer, AsyncServerBuilder};
 pub use server::{
     Context, InStream, OutStream, Reply, Server, ServerBuilder, ServerConfig, StreamSendError,
 };
