@@ -707,3 +707,123 @@ fn a_stream_cut_short_is_seen_by_its_async_handler() {
         rt.block_on(server.shutdown());
     });
 }
+
+#[test]
+fn the_held_bytes_cap_pauses_a_connection_and_releasing_resumes_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    with_watchdog(Duration::from_secs(60), "held cap", || {
+        const CAP: usize = 4 << 20;
+        let rt = runtime(2);
+        let kept: Arc<Mutex<Vec<Pages>>> = Arc::default();
+        let k = kept.clone();
+        let server = rt
+            .block_on(
+                async_echo()
+                    .config(ServerConfig {
+                        max_held_bytes_per_conn: Some(CAP),
+                        ..ServerConfig::default()
+                    })
+                    .register("hold", move |_ctx, req: MetadataEntry, p: Pages| {
+                        let k = k.clone();
+                        async move {
+                            k.lock().unwrap().push(p);
+                            Ok::<_, Status>((req, Payload::Empty))
+                        }
+                    })
+                    .bind("127.0.0.1:0"),
+            )
+            .unwrap();
+        let greedy = Client::connect(server.local_addr()).unwrap();
+        let done = Arc::new(AtomicUsize::new(0));
+        let (g, d) = (greedy.clone(), done.clone());
+        let sender = std::thread::spawn(move || {
+            let calls: Vec<_> = (0..12)
+                .map(|i| {
+                    g.start_call(
+                        "hold",
+                        msg(i.to_string()).encode_to_vec(),
+                        vec![3u8; 1 << 20],
+                        &CallOptions::default(),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            for c in calls {
+                c.wait().unwrap();
+                d.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let stalled_at = done.load(Ordering::SeqCst);
+        assert!(stalled_at < 12, "nothing stalled");
+        let held = server.held_payload_bytes();
+        assert!(
+            held <= CAP + (1 << 20) + 4096,
+            "held {held} bytes, cap {CAP}"
+        );
+        // Other connections are served meanwhile.
+        let other = Client::connect(server.local_addr()).unwrap();
+        let data = pattern(2 << 20, 9);
+        let r = other
+            .call::<_, MetadataEntry>("echo", &msg("o"), data.clone())
+            .unwrap();
+        assert_bytes_eq(&r.payload, &data, "other connection");
+        assert_eq!(done.load(Ordering::SeqCst), stalled_at, "still stalled");
+        // Releasing the pages resumes it (a posted read wakes its task).
+        let t0 = Instant::now();
+        while done.load(Ordering::SeqCst) < 12 && t0.elapsed() < Duration::from_secs(20) {
+            kept.lock().unwrap().clear();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sender.join().unwrap();
+        assert_eq!(done.load(Ordering::SeqCst), 12);
+        rt.block_on(server.shutdown());
+    });
+}
+
+#[test]
+fn pre_shared_key_authentication_applies() {
+    with_watchdog(Duration::from_secs(30), "auth", || {
+        const KEY: &[u8] = b"a key shared by server and clients";
+        let rt = runtime(2);
+        let server = rt
+            .block_on(
+                async_echo()
+                    .config(ServerConfig {
+                        auth_key: Some(KEY.into()),
+                        ..ServerConfig::default()
+                    })
+                    .bind("127.0.0.1:0"),
+            )
+            .unwrap();
+        let good = Client::connect_with(
+            server.local_addr(),
+            ClientConfig {
+                auth_key: Some(KEY.into()),
+                ..ClientConfig::default()
+            },
+        )
+        .unwrap();
+        let data = pattern(300_000, 4);
+        let r = good
+            .call::<_, MetadataEntry>("echo", &msg("k"), data.clone())
+            .unwrap();
+        assert_bytes_eq(&r.payload, &data, "authenticated echo");
+        let e = Client::connect_with(
+            server.local_addr(),
+            ClientConfig {
+                auth_key: Some(b"the wrong key".as_slice().into()),
+                ..ClientConfig::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        // No key at all: refused, nothing dispatched.
+        let none = Client::connect(server.local_addr()).unwrap();
+        let e = none
+            .call::<_, MetadataEntry>("echo", &msg("k"), Vec::new())
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+        rt.block_on(server.shutdown());
+    });
+}

@@ -294,20 +294,35 @@ async fn accept_loop(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
 /// Collects async handlers and settings, then binds an [`AsyncServer`]
 /// (feature `tokio`).
 ///
+/// (The README's example.)
+///
 /// ```no_run
 /// # async fn demo() -> std::io::Result<()> {
 /// use pagerpc::{AsyncServer, Payload, Status};
 /// use pagerpc::proto::MetadataEntry;
 ///
 /// let server = AsyncServer::builder()
-///     .register("echo", |_ctx, req: MetadataEntry, pages| async move {
+///     // An async handler: owns its Context, may .await anything.
+///     .register("blob.echo", |ctx, req: MetadataEntry, pages| async move {
 ///         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-///         Ok::<_, Status>((req, Payload::Pages(pages)))
+///         if ctx.is_cancelled() {
+///             return Err(Status::cancelled("caller gave up"));
+///         }
+///         Ok((req, Payload::Pages(pages)))
 ///     })
-///     .bind("127.0.0.1:0")
+///     // Stream halves are async: recv().await (or a futures Stream),
+///     // send().await waits for credit without holding a thread.
+///     .register_server_stream("blob.get", |_ctx, _req, _pages, mut tx| async move {
+///         for i in 0..4u8 {
+///             let msg = MetadataEntry { key: i.to_string(), value: vec![] };
+///             tx.send(&msg, vec![i; 1 << 20]).await?;
+///         }
+///         Ok(vec![])
+///     })
+///     .bind("127.0.0.1:7002")
 ///     .await?;
-/// println!("listening on {}", server.local_addr());
-/// server.shutdown().await;
+/// // Any client (the blocking Client too) talks to it.
+/// server.shutdown().await; // stops accepting, finishes in-flight calls, closes
 /// # Ok(())
 /// # }
 /// ```

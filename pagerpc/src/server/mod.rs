@@ -22,6 +22,13 @@
 //! A handler that blocks holds its pool thread; size the pool for the
 //! number of handlers that may block at once, plus one.
 //!
+//! # The async server
+//! With the `tokio` feature, [`AsyncServer`] runs the same per-connection
+//! turn (`pool.rs`: reap, flush, timeouts, read, classify) from one task per
+//! connection that awaits the socket's readiness through tokio's `AsyncFd`,
+//! and runs each call's async handler as a task of its own; see
+//! `async_server.rs`.
+//!
 //! # Shutdown
 //! [`Server::shutdown`] stops accepting, answers new requests with
 //! [`Code::Unavailable`](crate::Code::Unavailable), waits for in-flight calls to finish, then closes
