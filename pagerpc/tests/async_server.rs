@@ -777,6 +777,7 @@ fn the_held_bytes_cap_pauses_a_connection_and_releasing_resumes_it() {
         }
         sender.join().unwrap();
         assert_eq!(done.load(Ordering::SeqCst), 12);
+        assert_eq!(server.receive_budget().0, 0, "nothing left reserved");
         rt.block_on(server.shutdown());
     });
 }

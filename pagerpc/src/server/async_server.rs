@@ -598,6 +598,13 @@ impl AsyncServer {
             .sum()
     }
 
+    /// The server-wide receive budget: payload bytes reserved now, the
+    /// limit (`max_receive_bytes`), and connections waiting for room.
+    pub fn receive_budget(&self) -> (usize, usize, usize) {
+        let b = &self.shared.budget;
+        (b.used(), b.limit(), b.waiting())
+    }
+
     /// Stops accepting, answers new requests with
     /// [`Code::Unavailable`](crate::Code::Unavailable), waits for in-flight
     /// calls to finish, then closes every connection.
