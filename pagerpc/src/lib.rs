@@ -49,6 +49,8 @@ pub use client::{
 pub use error::CallError;
 pub use intercept::{ClientInterceptor, OutgoingCall, ServerInterceptor};
 pub use segments::SegmentAlign;
+#[cfg(feature = "tokio")]
+pub use server::{AsyncInStream, AsyncOutStream, AsyncServer, AsyncServerBuilder};
 pub use server::{
     Context, InStream, OutStream, Reply, Server, ServerBuilder, ServerConfig, StreamSendError,
 };

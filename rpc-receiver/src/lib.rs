@@ -522,6 +522,18 @@ impl Receiver {
         self.decoder.at_boundary() && self.start == self.end
     }
 
+    /// The socket reported new readable readiness: the next
+    /// [`poll_frame`](Self::poll_frame) reads from it even if the last read
+    /// came up short. A short read normally lets the next `poll_frame`
+    /// report "nothing more" without a system call, which relies on
+    /// level-triggered readiness to report bytes that arrived since; a
+    /// driver with edge-triggered readiness (tokio's `AsyncFd`) calls this
+    /// for every readable event, or bytes that arrived after a short read
+    /// would wait for the next edge.
+    pub fn readable(&mut self) {
+        self.drained = false;
+    }
+
     /// Makes as much progress as the socket allows without blocking, and
     /// returns the next complete frame, or `None` if the socket has no more
     /// bytes for now.

@@ -108,7 +108,8 @@ pub struct ServerConfig {
     /// none.
     pub auth_key: Option<Arc<[u8]>>,
     /// Most streams open at once, server-wide. Each streaming call's
-    /// handler runs on a thread of its own while the stream is open; a
+    /// handler runs on a thread of its own while the stream is open (a
+    /// task, on the async server); a
     /// stream beyond this is refused with
     /// [`Code::ResourceExhausted`](crate::Code) naming the limit. Default
     /// 256.

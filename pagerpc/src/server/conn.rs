@@ -10,6 +10,11 @@
 //! responses are queued. Threads that finish a handler queue their
 //! response and flush what the socket takes without waiting; what is
 //! left goes out on `EPOLLOUT`.
+//!
+//! Under the async server the same ownership rules hold, with one task per
+//! connection as the only claimant: where the pool re-arms epoll, the
+//! connection's task is woken instead (`task`), and events posted while
+//! nobody owns the connection wait in `posted` for that task.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -42,7 +47,7 @@ pub(crate) struct Events {
 }
 
 impl Events {
-    fn merge(&mut self, o: Events) {
+    pub(crate) fn merge(&mut self, o: Events) {
         self.read |= o.read;
         self.write |= o.write;
         self.error |= o.error;
@@ -126,6 +131,13 @@ pub(crate) struct Conn {
     pub(crate) peer_limits: Mutex<pagerpc_core::Limits>,
     /// The client's stream window (from its SETTINGS).
     pub(crate) peer_stream_window: std::sync::atomic::AtomicU64,
+    /// Under the async server: wakes the connection's task, which is
+    /// where the pool would re-arm epoll.
+    #[cfg(feature = "tokio")]
+    pub(crate) task: Option<Arc<tokio::sync::Notify>>,
+    /// Under the async server: a turn stopped reading at the batch cap
+    /// with frames left, so its task keeps the read readiness.
+    pub(crate) read_more: AtomicBool,
 }
 
 impl Conn {
@@ -171,7 +183,48 @@ impl Conn {
             peer_stream_window: std::sync::atomic::AtomicU64::new(
                 pagerpc_core::conn::DEFAULT_STREAM_WINDOW,
             ),
+            #[cfg(feature = "tokio")]
+            task: None,
+            read_more: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a task drives this connection (the async server).
+    pub(crate) fn has_task(&self) -> bool {
+        #[cfg(feature = "tokio")]
+        {
+            self.task.is_some()
+        }
+        #[cfg(not(feature = "tokio"))]
+        {
+            false
+        }
+    }
+
+    /// Wakes the connection's task, if it has one.
+    pub(crate) fn wake_task(&self) {
+        #[cfg(feature = "tokio")]
+        if let Some(n) = &self.task {
+            n.notify_one();
+        }
+    }
+
+    /// What the connection waits for now: `(read, write)`. Zero-copy
+    /// completions and socket errors are always waited for.
+    pub(crate) fn interest(&self) -> (bool, bool) {
+        // Waiting for completions: EPOLLERR (always reported) wakes us;
+        // EPOLLOUT would report at once, again and again.
+        let write = self.queued_out.load(Ordering::SeqCst) > 0
+            && !self.awaiting_zc.load(Ordering::SeqCst)
+            && !self.awaiting_credit.load(Ordering::SeqCst);
+        (self.wants_read(), write)
+    }
+
+    /// Takes the events posted while nobody owned the connection (the
+    /// async server's task, before it claims it).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn take_posted(&self) -> Events {
+        std::mem::take(&mut self.owner.lock().posted)
     }
 
     /// Whether the peer is not taking the responses queued for it.
@@ -196,7 +249,7 @@ impl Conn {
     }
 
     /// Whether the owner should read requests now.
-    fn wants_read(&self) -> bool {
+    pub(crate) fn wants_read(&self) -> bool {
         !self.closed.load(Ordering::SeqCst)
             && !self.held_paused.load(Ordering::SeqCst)
             && !self.budget_wait.load(Ordering::SeqCst)
@@ -225,7 +278,10 @@ impl Conn {
             return Some(std::mem::take(&mut o.posted));
         }
         o.busy = false;
-        self.arm(poller);
+        if !self.has_task() {
+            // A task recomputes what it waits for after its turn.
+            self.arm(poller);
+        }
         None
     }
 
@@ -236,6 +292,10 @@ impl Conn {
         if o.busy {
             o.posted.merge(ev);
         } else {
+            if self.has_task() {
+                // The task claims the connection and takes these.
+                o.posted.merge(ev);
+            }
             self.arm(poller);
         }
     }
@@ -244,12 +304,13 @@ impl Conn {
         if self.closed.load(Ordering::SeqCst) {
             return;
         }
-        // Waiting for completions: EPOLLERR (always reported) wakes us;
-        // EPOLLOUT would report at once, again and again.
-        let write = self.queued_out.load(Ordering::SeqCst) > 0
-            && !self.awaiting_zc.load(Ordering::SeqCst)
-            && !self.awaiting_credit.load(Ordering::SeqCst);
-        let flags = sys::conn_interest(self.wants_read(), write);
+        if self.has_task() {
+            // The task recomputes its interest when woken.
+            self.wake_task();
+            return;
+        }
+        let (read, write) = self.interest();
+        let flags = sys::conn_interest(read, write);
         if poller.rearm(self.fd.as_fd(), self.token, flags).is_err() {
             // Gone from the poller (closing): nothing to wait for.
         }

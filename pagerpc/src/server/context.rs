@@ -21,7 +21,11 @@ pub struct Reply {
 }
 
 /// What a handler learns about its call.
-#[derive(Debug)]
+///
+/// A blocking handler borrows it; an async handler (feature `tokio`) owns
+/// it, so it can hold it across `.await`. Clones share the call's
+/// cancellation flag.
+#[derive(Clone, Debug)]
 pub struct Context {
     pub(crate) call_id: u64,
     pub(crate) method: String,
@@ -68,3 +72,23 @@ impl Context {
 
 /// A registered handler, on raw bytes.
 pub(crate) type RawHandler = dyn Fn(&Context, &[u8], Pages) -> Result<Reply, Status> + Send + Sync;
+
+/// The future an async handler returns.
+#[cfg(feature = "tokio")]
+pub(crate) type HandlerFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, Status>> + Send>>;
+
+/// A registered async handler, on raw bytes (feature `tokio`).
+#[cfg(feature = "tokio")]
+pub(crate) type AsyncRawHandler = dyn Fn(Context, Vec<u8>, Pages) -> HandlerFuture + Send + Sync;
+
+/// A unary method's handler: run on a pool thread (blocking server) or as
+/// a task on the runtime (async server).
+#[derive(Clone)]
+pub(crate) enum Handler {
+    /// A blocking handler.
+    Sync(std::sync::Arc<RawHandler>),
+    /// An async handler.
+    #[cfg(feature = "tokio")]
+    Async(std::sync::Arc<AsyncRawHandler>),
+}

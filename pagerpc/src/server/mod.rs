@@ -22,11 +22,22 @@
 //! A handler that blocks holds its pool thread; size the pool for the
 //! number of handlers that may block at once, plus one.
 //!
+//! # The async server
+//! With the `tokio` feature, [`AsyncServer`] runs the same per-connection
+//! turn (`pool.rs`: reap, flush, timeouts, read, classify) from one task per
+//! connection that awaits the socket's readiness through tokio's `AsyncFd`,
+//! and runs each call's async handler as a task of its own; see
+//! `async_server.rs`.
+//!
 //! # Shutdown
 //! [`Server::shutdown`] stops accepting, answers new requests with
 //! [`Code::Unavailable`](crate::Code::Unavailable), waits for in-flight calls to finish, then closes
 //! every connection.
 
+#[cfg(feature = "tokio")]
+mod async_server;
+#[cfg(feature = "tokio")]
+mod async_stream;
 mod budget;
 mod config;
 mod conn;
@@ -55,12 +66,16 @@ use pagerpc_pages::{Pages, Payload};
 use crate::sys::{self, Poller, Signal, EVENT_FLAGS, LISTEN_FLAGS};
 
 use crate::intercept::{ServerInterceptor, ServerInterceptors};
+#[cfg(feature = "tokio")]
+pub use async_server::{AsyncServer, AsyncServerBuilder};
+#[cfg(feature = "tokio")]
+pub use async_stream::{AsyncInStream, AsyncOutStream};
 pub use config::ServerConfig;
 use conn::{Conn, Events, Job};
-use context::RawHandler;
+use context::Handler;
 pub use context::{Context, Reply};
 pub use stream::{InStream, OutStream, StreamSendError};
-use stream::{Shape, StreamHandler, Streams};
+use stream::{Shape, StreamFn, Streams};
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_JOBS: u64 = 1;
@@ -74,8 +89,8 @@ const DISPATCH_BATCH: usize = 64;
 /// Collects handlers and settings, then binds a [`Server`].
 pub struct ServerBuilder {
     cfg: ServerConfig,
-    handlers: HashMap<String, Arc<RawHandler>>,
-    stream_handlers: HashMap<String, (Shape, Arc<StreamHandler>)>,
+    handlers: HashMap<String, Handler>,
+    stream_handlers: HashMap<String, (Shape, StreamFn)>,
     interceptors: ServerInterceptors,
 }
 
@@ -141,7 +156,8 @@ impl ServerBuilder {
         F: Fn(&Context, &[u8], Pages) -> Result<Reply, Status> + Send + Sync + 'static,
     {
         self.stream_handlers.remove(method);
-        self.handlers.insert(method.to_owned(), Arc::new(f));
+        self.handlers
+            .insert(method.to_owned(), Handler::Sync(Arc::new(f)));
         self
     }
 
@@ -151,9 +167,15 @@ impl ServerBuilder {
         service.register(self)
     }
 
-    fn register_stream(mut self, method: &str, shape: Shape, f: Arc<StreamHandler>) -> Self {
+    fn register_stream(
+        mut self,
+        method: &str,
+        shape: Shape,
+        f: Arc<stream::StreamHandler>,
+    ) -> Self {
         self.handlers.remove(method);
-        self.stream_handlers.insert(method.to_owned(), (shape, f));
+        self.stream_handlers
+            .insert(method.to_owned(), (shape, StreamFn::Sync(f)));
         self
     }
 
@@ -235,32 +257,15 @@ impl ServerBuilder {
     pub fn serve(self, listener: TcpListener) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
-        let receive_limit = self.cfg.max_receive_bytes.unwrap_or(usize::MAX);
-        let shared = Arc::new(Shared {
-            poller: Poller::new()?,
-            listener: Mutex::new(Some(listener)),
-            jobs_signal: Signal::new()?,
-            stop_signal: Signal::new()?,
-            jobs_tx,
-            jobs_rx,
-            conns: Mutex::new(HashMap::new()),
-            next_conn: AtomicU64::new(FIRST_CONN_TOKEN),
-            handlers: self.handlers,
-            stream_handlers: self.stream_handlers,
-            interceptors: self.interceptors,
-            streams_open: std::sync::atomic::AtomicUsize::new(0),
-            stream_threads: Mutex::new(Vec::new()),
-            cfg: self.cfg,
-            shutting_down: AtomicBool::new(false),
-            inflight: Mutex::new(0),
-            drained: Condvar::new(),
-            counters: Arc::new(Counters::new()),
-            accept_paused: AtomicBool::new(false),
-            budget: Arc::new(budget::ReceiveBudget::new(receive_limit)),
-            unauthenticated: Mutex::new(std::collections::VecDeque::new()),
-        });
-        shared.budget.attach(Arc::downgrade(&shared));
+        let shared = Shared::new(
+            self.cfg,
+            self.handlers,
+            self.stream_handlers,
+            self.interceptors,
+            Some(listener),
+            #[cfg(feature = "tokio")]
+            None,
+        )?;
         if let Some(l) = shared.listener.lock().as_ref() {
             shared.poller.add(l.as_fd(), TOKEN_LISTENER, LISTEN_FLAGS)?;
         }
@@ -279,16 +284,12 @@ impl ServerBuilder {
                     .spawn(move || s.run())?,
             );
         }
-        let (sweep_stop, sweep_rx) = crossbeam_channel::bounded(1);
-        let s = shared.clone();
-        let sweeper = std::thread::Builder::new()
-            .name("pagerpc-sweep".into())
-            .spawn(move || s.sweep(sweep_rx))?;
+        let sweeper = shared.start_sweeper()?;
         Ok(Server {
             shared,
             threads,
             local_addr,
-            sweeper: Some((sweeper, sweep_stop)),
+            sweeper: Some(sweeper),
         })
     }
 }
@@ -437,7 +438,14 @@ impl Drop for Server {
     }
 }
 
+/// What the blocking and the async server share: connections, handlers,
+/// budgets and the per-connection logic (`pool.rs`: `turn`, `read`,
+/// `classify`, `send`, `close`). The two differ only in where readiness
+/// comes from and where calls run: the pool waits on `poller` and runs
+/// calls on its threads; the async server (`async_io` set) has one task
+/// per connection awaiting `AsyncFd` readiness and spawns a task per call.
 struct Shared {
+    /// The pool's epoll instance (unused by the async server).
     poller: Poller,
     listener: Mutex<Option<TcpListener>>,
     jobs_signal: Signal,
@@ -446,8 +454,8 @@ struct Shared {
     jobs_rx: ChanRx<Work>,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_conn: AtomicU64,
-    handlers: HashMap<String, Arc<RawHandler>>,
-    stream_handlers: HashMap<String, (Shape, Arc<StreamHandler>)>,
+    handlers: HashMap<String, Handler>,
+    stream_handlers: HashMap<String, (Shape, StreamFn)>,
     /// Run before every handler (`ServerInterceptors::check`).
     interceptors: ServerInterceptors,
     /// Streams open, server-wide (each has a handler thread).
@@ -466,6 +474,73 @@ struct Shared {
     budget: Arc<budget::ReceiveBudget>,
     /// Connections that have not authenticated yet, oldest first.
     unauthenticated: Mutex<std::collections::VecDeque<std::sync::Weak<Conn>>>,
+    /// Set for the async server: the runtime its tasks run on.
+    #[cfg(feature = "tokio")]
+    async_io: Option<async_server::AsyncIo>,
+}
+
+impl Shared {
+    fn new(
+        cfg: ServerConfig,
+        handlers: HashMap<String, Handler>,
+        stream_handlers: HashMap<String, (Shape, StreamFn)>,
+        interceptors: ServerInterceptors,
+        listener: Option<TcpListener>,
+        #[cfg(feature = "tokio")] async_io: Option<async_server::AsyncIo>,
+    ) -> io::Result<Arc<Shared>> {
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let receive_limit = cfg.max_receive_bytes.unwrap_or(usize::MAX);
+        let shared = Arc::new(Shared {
+            poller: Poller::new()?,
+            listener: Mutex::new(listener),
+            jobs_signal: Signal::new()?,
+            stop_signal: Signal::new()?,
+            jobs_tx,
+            jobs_rx,
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(FIRST_CONN_TOKEN),
+            handlers,
+            stream_handlers,
+            interceptors,
+            streams_open: std::sync::atomic::AtomicUsize::new(0),
+            stream_threads: Mutex::new(Vec::new()),
+            cfg,
+            shutting_down: AtomicBool::new(false),
+            inflight: Mutex::new(0),
+            drained: Condvar::new(),
+            counters: Arc::new(Counters::new()),
+            accept_paused: AtomicBool::new(false),
+            budget: Arc::new(budget::ReceiveBudget::new(receive_limit)),
+            unauthenticated: Mutex::new(std::collections::VecDeque::new()),
+            #[cfg(feature = "tokio")]
+            async_io,
+        });
+        shared.budget.attach(Arc::downgrade(&shared));
+        Ok(shared)
+    }
+
+    /// Starts the sweeper thread (both servers: it only marks
+    /// connections, see `sweep.rs`).
+    fn start_sweeper(self: &Arc<Self>) -> io::Result<(JoinHandle<()>, ChanTx<()>)> {
+        let (sweep_stop, sweep_rx) = crossbeam_channel::bounded(1);
+        let s = self.clone();
+        let sweeper = std::thread::Builder::new()
+            .name("pagerpc-sweep".into())
+            .spawn(move || s.sweep(sweep_rx))?;
+        Ok((sweeper, sweep_stop))
+    }
+
+    /// Whether this is the async server (connections driven by tasks).
+    fn is_async(&self) -> bool {
+        #[cfg(feature = "tokio")]
+        {
+            self.async_io.is_some()
+        }
+        #[cfg(not(feature = "tokio"))]
+        {
+            false
+        }
+    }
 }
 
 /// Work for a pool thread besides socket readiness.

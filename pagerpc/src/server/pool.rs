@@ -17,7 +17,7 @@ use pagerpc_receiver::{Frame, Receiver, RecvError};
 use pagerpc_sender::Sender;
 
 use super::conn::{Conn, Events, Job};
-use super::context::Context;
+use super::context::{Context, Handler, RawHandler, Reply};
 use super::reply::{control_frame, error_frame, response_frame};
 use super::{Shared, Work, DISPATCH_BATCH, TOKEN_JOBS, TOKEN_LISTENER, TOKEN_STOP};
 use crate::auth;
@@ -78,6 +78,11 @@ impl Shared {
 
     /// Hands work for a connection to a pool thread.
     pub(crate) fn post_work(&self, conn: &Arc<Conn>, ev: Events) {
+        if conn.has_task() {
+            // The async server: the connection's task takes them.
+            conn.post(&self.poller, ev);
+            return;
+        }
         if !conn.closed.load(Ordering::SeqCst) {
             let _ = self.jobs_tx.send(Work::Conn(conn.clone(), ev));
             self.jobs_signal.raise();
@@ -87,6 +92,7 @@ impl Shared {
     /// Owns the connection for `ev` (and whatever is posted meanwhile),
     /// then runs the first call read, if any.
     pub(crate) fn drive(self: &Arc<Self>, conn: &Arc<Conn>, ev: Events) {
+        // (The async server's connection task calls this too.)
         if conn.claim(ev) {
             self.drive_owned(conn, ev);
         }
@@ -173,6 +179,10 @@ impl Shared {
         let mut dispatched = 0;
         let mut more = false;
         let mut rx = conn.receiver.lock();
+        if conn.has_task() {
+            // Edge-triggered readiness: this turn must read what arrived.
+            rx.readable();
+        }
         conn.budget_wait.store(false, Ordering::SeqCst);
         // Separate payload bytes taken out of the socket this turn: given
         // back to the client as connection credit when the turn ends.
@@ -187,6 +197,12 @@ impl Shared {
                 // socket makes epoll report it again; what the receiver
                 // already buffered needs a turn of its own.
                 more = rx.buffered_bytes() > 0;
+                if conn.has_task() {
+                    // The task's readiness is edge-triggered: it keeps
+                    // the read readiness and comes back after a yield.
+                    conn.read_more.store(true, Ordering::SeqCst);
+                    more = false;
+                }
                 break;
             }
             match rx.poll_frame() {
@@ -209,10 +225,10 @@ impl Shared {
                                 conn.held_paused.store(false, Ordering::SeqCst);
                             }
                         }
-                        if mine.is_none() {
+                        if mine.is_none() && !self.is_async() {
                             *mine = Some(job);
                         } else {
-                            let _ = self.jobs_tx.send(Work::Call(Box::new(job)));
+                            self.queue_call(job);
                             dispatched += 1;
                         }
                     }
@@ -247,7 +263,7 @@ impl Shared {
                 }
             }
         }
-        if dispatched > 0 {
+        if dispatched > 0 && !self.is_async() {
             self.jobs_signal.raise();
         }
         if failure.is_none() {
@@ -490,7 +506,56 @@ impl Shared {
         }
     }
 
+    /// Runs a call: on a pool thread (blocking server) or, for the async
+    /// server, as a task (`run_job_async`).
     pub(crate) fn run_job(&self, job: Job) {
+        let Some((call, start)) = self.start_call(job) else {
+            return;
+        };
+        let result = match start {
+            CallStart::Answer(result) => result,
+            CallStart::Run(Handler::Sync(handler), ctx, body, pages) => {
+                let out = call
+                    .trace
+                    .in_scope(|| self.call_sync_handler(&*handler, &ctx, &body, pages));
+                self.after_handler(&call, out)
+            }
+            #[cfg(feature = "tokio")]
+            CallStart::Run(Handler::Async(_), ..) => Some(Err(Status::internal(
+                "an async handler cannot run on the blocking server",
+            ))),
+        };
+        self.end_call(call, result);
+    }
+
+    /// Runs a blocking handler: the one place a sync unary handler is
+    /// invoked.
+    fn call_sync_handler(
+        &self,
+        handler: &RawHandler,
+        ctx: &Context,
+        body: &[u8],
+        pages: Pages,
+    ) -> Result<Reply, Status> {
+        catch_unwind(AssertUnwindSafe(|| handler(ctx, body, pages)))
+            .unwrap_or_else(|_| Err(Status::internal("the handler panicked")))
+    }
+
+    /// Queues a call to run: on the pool's queue (the caller raises
+    /// `jobs_signal`), or as a task of the async server.
+    pub(crate) fn queue_call(&self, job: Job) {
+        #[cfg(feature = "tokio")]
+        if let Some(io) = &self.async_io {
+            io.spawn_call(job);
+            return;
+        }
+        let _ = self.jobs_tx.send(Work::Call(Box::new(job)));
+    }
+
+    /// What happens to a call before any handler runs: deferred (`None`:
+    /// the connection's outbound queue is full), answered at once
+    /// (cancelled, deadline passed, unknown method), or to be run.
+    pub(crate) fn start_call(&self, job: Job) -> Option<(CallInfo, CallStart)> {
         if job.conn.outbound_full() && !job.conn.closed.load(Ordering::SeqCst) {
             // The peer is not reading its responses: run none of its calls
             // until it does (the queue draining puts this one back).
@@ -499,7 +564,7 @@ impl Shared {
             if !conn.outbound_full() {
                 self.undefer(&conn);
             }
-            return;
+            return None;
         }
         let Job {
             conn,
@@ -516,54 +581,77 @@ impl Shared {
         trace.received(&frame);
         let h = frame.head.header;
         let deadline = (h.deadline_us > 0).then(|| received + Duration::from_micros(h.deadline_us));
-        let result = if cancelled.load(Ordering::Relaxed) || conn.closed.load(Ordering::SeqCst) {
-            None
+        let info = CallInfo {
+            conn: conn.clone(),
+            call_id: h.call_id,
+            deadline,
+            cancelled: cancelled.clone(),
+            trace,
+        };
+        let start = if cancelled.load(Ordering::Relaxed) || conn.closed.load(Ordering::SeqCst) {
+            CallStart::Answer(None)
         } else if deadline.is_some_and(|d| Instant::now() >= d) {
-            Some(Err(Status::deadline_exceeded(
+            CallStart::Answer(Some(Err(Status::deadline_exceeded(
                 "deadline passed before the handler ran",
-            )))
+            ))))
         } else if let Some(handler) = self.handlers.get(&h.method) {
             let ctx = Context {
                 call_id: h.call_id,
                 method: h.method,
                 deadline,
                 metadata: h.metadata,
-                cancelled: cancelled.clone(),
+                cancelled,
                 peer: conn.peer,
                 path: conn.path,
             };
-            let out = catch_unwind(AssertUnwindSafe(|| {
-                trace.in_scope(|| {
-                    self.interceptors
-                        .check(&ctx)
-                        .and_then(|()| handler(&ctx, &h.body, frame.payload))
-                })
-            }))
-            .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
-            if cancelled.load(Ordering::Relaxed) {
-                None
-            } else if deadline.is_some_and(|d| Instant::now() >= d) {
-                Some(Err(Status::deadline_exceeded(
-                    "deadline passed while the handler ran",
-                )))
-            } else {
-                Some(out)
+            // Interceptors decide before any handler runs (both servers,
+            // every kind of call start here); a panicking one fails the
+            // call, not the server.
+            let verdict = catch_unwind(AssertUnwindSafe(|| self.interceptors.check(&ctx)))
+                .unwrap_or_else(|_| Err(Status::internal("an interceptor panicked")));
+            match verdict {
+                Ok(()) => CallStart::Run(handler.clone(), ctx, h.body, frame.payload),
+                Err(status) => CallStart::Answer(Some(Err(status))),
             }
         } else {
-            Some(Err(Status::unimplemented(format!(
+            CallStart::Answer(Some(Err(Status::unimplemented(format!(
                 "unknown method '{}'",
                 h.method
-            ))))
+            )))))
         };
+        Some((info, start))
+    }
+
+    /// What a handler's result becomes: nothing if the call was cancelled
+    /// meanwhile, an error if its deadline passed.
+    pub(crate) fn after_handler(
+        &self,
+        call: &CallInfo,
+        out: Result<Reply, Status>,
+    ) -> Option<Result<Reply, Status>> {
+        if call.cancelled.load(Ordering::Relaxed) {
+            None
+        } else if call.deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(Err(Status::deadline_exceeded(
+                "deadline passed while the handler ran",
+            )))
+        } else {
+            Some(out)
+        }
+    }
+
+    /// Sends a call's answer (if any) without waiting and retires the call.
+    pub(crate) fn end_call(&self, call: CallInfo, result: Option<Result<Reply, Status>>) {
+        let conn = call.conn;
         if let Some(result) = result {
             if !conn.closed.load(Ordering::SeqCst) {
-                let frame = response_frame(h.call_id, result, &conn.peer_limits.lock());
-                trace.answered(&frame);
-                trace.end();
+                let frame = response_frame(call.call_id, result, &conn.peer_limits.lock());
+                call.trace.answered(&frame);
+                call.trace.end();
                 self.send(&conn, frame);
             }
         }
-        self.finish_call(&conn, h.call_id);
+        self.finish_call(&conn, call.call_id);
     }
 
     /// The SETTINGS frame announcing this server's limits.
@@ -583,6 +671,10 @@ impl Shared {
         *n -= 1;
         if *n == 0 {
             self.drained.notify_all();
+            #[cfg(feature = "tokio")]
+            if let Some(io) = &self.async_io {
+                io.drained.notify_waiters();
+            }
         }
     }
 
@@ -598,9 +690,11 @@ impl Shared {
             return;
         }
         for job in jobs {
-            let _ = self.jobs_tx.send(Work::Call(Box::new(job)));
+            self.queue_call(job);
         }
-        self.jobs_signal.raise();
+        if !self.is_async() {
+            self.jobs_signal.raise();
+        }
     }
 
     /// Closes a connection, first telling the peer why (an ERROR frame with
@@ -640,7 +734,12 @@ impl Shared {
             Some(status) => trace::conn_close(Side::Server, conn.peer, status),
             None => trace::conn_close(Side::Server, conn.peer, why),
         }
-        self.poller.delete(conn.fd.as_fd());
+        if conn.has_task() {
+            // Its task sees `closed` and ends (deregistering the socket).
+            conn.wake_task();
+        } else {
+            self.poller.delete(conn.fd.as_fd());
+        }
         self.conns.lock().remove(&conn.token);
         let deferred = {
             let mut core = conn.core.lock();
@@ -697,7 +796,7 @@ impl Shared {
         }
     }
 
-    fn add_conn(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    pub(crate) fn add_conn(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         if sys::prepare_stream(&stream, true).is_err() {
             return;
         }
@@ -725,7 +824,8 @@ impl Shared {
         cc.handshake_timeout = self.cfg.handshake_timeout;
         cc.auth_required = self.cfg.auth_key.is_some();
         let sm = ServerConn::new(cc, Instant::now());
-        let conn = Arc::new(Conn::new(
+        #[allow(unused_mut)]
+        let mut conn = Conn::new(
             token,
             fd,
             peer,
@@ -733,7 +833,12 @@ impl Shared {
             sender,
             sm,
             self.cfg.max_outbound_bytes_per_conn,
-        ));
+        );
+        #[cfg(feature = "tokio")]
+        if self.async_io.is_some() {
+            conn.task = Some(Arc::new(tokio::sync::Notify::new()));
+        }
+        let conn = Arc::new(conn);
         let mut conns = self.conns.lock();
         if conns.len() >= self.cfg.max_connections {
             drop(conns);
@@ -765,6 +870,12 @@ impl Shared {
             let _ = conn.send(control_frame(0, Kind::Auth, nonce.to_vec()));
         } else {
             let _ = conn.send(self.settings_frame());
+        }
+        #[cfg(feature = "tokio")]
+        if let Some(io) = &self.async_io {
+            // Its task registers the socket and drives it.
+            io.spawn_conn(self, conn);
+            return;
         }
         // Registered while owned, so the first readiness event waits for
         // the release below.
@@ -864,4 +975,22 @@ fn pre_auth_limits(full: &pagerpc_core::Limits) -> pagerpc_core::Limits {
     l.max_inline_payload_bytes = 0;
     l.max_metadata_entries = 0;
     l
+}
+
+/// A call being run: what is needed to answer it and retire it.
+pub(crate) struct CallInfo {
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) call_id: u64,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) cancelled: Arc<AtomicBool>,
+    /// The call's span (feature `tracing`), ended when it is answered.
+    pub(crate) trace: CallTrace,
+}
+
+/// How a call starts.
+pub(crate) enum CallStart {
+    /// Answered without a handler (`None`: not at all, it was cancelled).
+    Answer(Option<Result<Reply, Status>>),
+    /// Run this handler with this context, request body and payload.
+    Run(Handler, Context, Vec<u8>, Pages),
 }

@@ -59,22 +59,36 @@ pub(crate) struct Streams {
 /// the stream (STREAM_END).
 pub(crate) type StreamHandler = dyn Fn(&Context, Streams) -> Result<Reply, Status> + Send + Sync;
 
+/// A streaming method's handler: on a thread of its own (blocking server)
+/// or a task (async server).
+#[derive(Clone)]
+pub(crate) enum StreamFn {
+    /// A blocking handler.
+    Sync(Arc<StreamHandler>),
+    /// An async handler.
+    #[cfg(feature = "tokio")]
+    Async(Arc<super::async_stream::AsyncStreamHandler>),
+}
+
 /// One stream's state, shared by the pool thread that reads its frames and
 /// the handler thread.
 pub(crate) struct StreamShared {
-    inner: Mutex<Inner>,
+    pub(crate) inner: Mutex<Inner>,
     cv: Condvar,
 }
 
-struct Inner {
-    queue: VecDeque<Frame>,
+pub(crate) struct Inner {
+    pub(crate) queue: VecDeque<Frame>,
     /// How the client's side ended: STREAM_END (`Ok`), CANCEL (`Err`), or
     /// the connection closing.
-    client_end: Option<Result<(), Status>>,
-    out: OutCredit,
-    inc: InCredit,
+    pub(crate) client_end: Option<Result<(), Status>>,
+    pub(crate) out: OutCredit,
+    pub(crate) inc: InCredit,
     /// The handler returned: credit released later is not given back.
     over: bool,
+    /// Async halves waiting for a change (woken with the condvar's
+    /// waiters).
+    pub(crate) wakers: Vec<std::task::Waker>,
 }
 
 impl StreamShared {
@@ -86,6 +100,7 @@ impl StreamShared {
                 out: OutCredit::new(window_out),
                 inc: InCredit::new(window_in),
                 over: false,
+                wakers: Vec::new(),
             }),
             cv: Condvar::new(),
         }
@@ -94,10 +109,18 @@ impl StreamShared {
     /// Wakes the stream's handler to look again (its connection's
     /// outbound queue drained, say).
     pub(crate) fn poke(&self) {
-        // Under the lock: a waiter between its check and its wait would
-        // miss a bare notify.
-        let _inner = self.inner.lock();
+        self.notify(self.inner.lock());
+    }
+
+    /// Wakes every waiter, blocking or async. Takes the lock's guard: a
+    /// waiter between its check and its wait would miss a bare notify.
+    pub(crate) fn notify(&self, mut inner: parking_lot::MutexGuard<'_, Inner>) {
+        let wakers = std::mem::take(&mut inner.wakers);
         self.cv.notify_all();
+        drop(inner);
+        for w in wakers {
+            w.wake();
+        }
     }
 
     /// The stream is cut short (CANCEL, or the connection closed).
@@ -106,7 +129,7 @@ impl StreamShared {
         if !matches!(inner.client_end, Some(Err(_))) {
             inner.client_end = Some(Err(status));
         }
-        self.cv.notify_all();
+        self.notify(inner);
     }
 }
 
@@ -123,7 +146,7 @@ impl Shared {
         conn: &Arc<Conn>,
         frame: Frame,
         shape: Shape,
-        handler: Arc<StreamHandler>,
+        handler: StreamFn,
         cancelled: Arc<std::sync::atomic::AtomicBool>,
         received: Instant,
     ) -> Result<(), Status> {
@@ -163,6 +186,27 @@ impl Shared {
             client_streams,
         ));
         conn.streams.lock().insert(id, stream.clone());
+        // (Without the `tokio` feature there is only the one kind.)
+        #[allow(clippy::infallible_destructuring_match)]
+        let handler = match handler {
+            StreamFn::Sync(h) => h,
+            #[cfg(feature = "tokio")]
+            StreamFn::Async(h) => {
+                let io = self.async_io.as_ref().ok_or_else(|| {
+                    Status::internal("an async stream handler on the blocking server")
+                })?;
+                io.spawn_stream(self.clone().run_stream_async(
+                    conn.clone(),
+                    frame,
+                    shape,
+                    h,
+                    stream,
+                    cancelled,
+                    received,
+                ));
+                return Ok(());
+            }
+        };
         let this = self.clone();
         let c = conn.clone();
         let spawned = std::thread::Builder::new()
@@ -196,6 +240,60 @@ impl Shared {
         cancelled: Arc<std::sync::atomic::AtomicBool>,
         received: Instant,
     ) {
+        let (id, deadline, out, trace) = {
+            let (ctx, request, half, trace) =
+                self.start_stream(&conn, frame, shape, &stream, &cancelled, received);
+            let streams = Streams {
+                request,
+                rx: InStream { half: half() },
+                tx: OutStream { half: half() },
+            };
+            let out = trace.in_scope(|| self.call_sync_stream_handler(&*handler, &ctx, streams));
+            (ctx.call_id, ctx.deadline, out, trace)
+        };
+        self.end_stream(conn, id, shape, stream, cancelled, deadline, out, trace);
+    }
+
+    /// Runs a blocking stream handler: the one place one is invoked.
+    fn call_sync_stream_handler(
+        &self,
+        handler: &StreamHandler,
+        ctx: &Context,
+        streams: Streams,
+    ) -> Result<Reply, Status> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.intercept_stream(ctx)?;
+            handler(ctx, streams)
+        }))
+        .unwrap_or_else(|_| Err(Status::internal("the handler panicked")))
+    }
+
+    /// The interceptors' verdict on a stream call, both servers (before
+    /// its handler runs; the handler's task or thread exists already).
+    pub(crate) fn intercept_stream(&self, ctx: &Context) -> Result<(), Status> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.interceptors.check(ctx)
+        }))
+        .unwrap_or_else(|_| Err(Status::internal("an interceptor panicked")))
+    }
+
+    /// What a stream's handler gets, both servers: its context, the request
+    /// (server-streaming only), and a maker of stream halves.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn start_stream<'a>(
+        self: &'a Arc<Self>,
+        conn: &'a Arc<Conn>,
+        frame: Frame,
+        shape: Shape,
+        stream: &'a Arc<StreamShared>,
+        cancelled: &'a Arc<std::sync::atomic::AtomicBool>,
+        received: Instant,
+    ) -> (
+        Context,
+        Option<(Vec<u8>, Pages)>,
+        impl Fn() -> Half + 'a,
+        CallTrace,
+    ) {
         let trace = CallTrace::start(
             Side::Server,
             &frame.head.header.method,
@@ -215,29 +313,36 @@ impl Shared {
             peer: conn.peer,
             path: conn.path,
         };
-        let half = || Half {
-            shared: Arc::downgrade(&self),
+        let half_trace = trace.clone();
+        let half = move || Half {
+            shared: Arc::downgrade(self),
             conn: conn.clone(),
             stream: stream.clone(),
             id,
             deadline,
             idle: self.cfg.stream_idle_timeout,
             cancelled: cancelled.clone(),
-            trace: trace.clone(),
+            trace: half_trace.clone(),
         };
-        let streams = Streams {
-            request: (shape == Shape::Server).then_some((h.body, frame.payload)),
-            rx: InStream { half: half() },
-            tx: OutStream { half: half() },
-        };
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            trace.in_scope(|| {
-                self.interceptors
-                    .check(&ctx)
-                    .and_then(|()| handler(&ctx, streams))
-            })
-        }))
-        .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
+        let request = (shape == Shape::Server).then_some((h.body, frame.payload));
+        (ctx, request, half, trace)
+    }
+
+    /// Ends a stream whose handler returned `out`, both servers: sends the
+    /// response (client-streaming) or the end of the server's messages,
+    /// unless the call was cut short, and retires the call.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn end_stream(
+        &self,
+        conn: Arc<Conn>,
+        id: u64,
+        shape: Shape,
+        stream: Arc<StreamShared>,
+        cancelled: Arc<std::sync::atomic::AtomicBool>,
+        deadline: Option<Instant>,
+        out: Result<Reply, Status>,
+        trace: CallTrace,
+    ) {
         stream.inner.lock().over = true;
         let cut = stream.inner.lock().client_end.clone();
         let closed = conn.closed.load(Ordering::SeqCst);
@@ -309,8 +414,7 @@ impl Shared {
                 let status =
                     Status::invalid_argument("stream message after the client ended its messages");
                 inner.client_end = Some(Err(status.clone()));
-                drop(inner);
-                stream.cv.notify_all();
+                stream.notify(inner);
                 self.send(conn, error_frame(id, &status));
                 return;
             }
@@ -319,33 +423,95 @@ impl Shared {
                 Err(e) => {
                     let status = Status::resource_exhausted(format!("stream ended: {e}"));
                     inner.client_end = Some(Err(status.clone()));
-                    drop(inner);
-                    stream.cv.notify_all();
+                    stream.notify(inner);
                     self.send(conn, error_frame(id, &status));
                     return;
                 }
             },
         }
-        drop(inner);
-        stream.cv.notify_all();
+        stream.notify(inner);
     }
 }
 
-/// What both halves hold.
-struct Half {
-    shared: Weak<Shared>,
-    conn: Arc<Conn>,
-    stream: Arc<StreamShared>,
-    id: u64,
-    deadline: Option<Instant>,
+/// What both halves hold (blocking and async).
+pub(crate) struct Half {
+    pub(crate) shared: Weak<Shared>,
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) stream: Arc<StreamShared>,
+    pub(crate) id: u64,
+    pub(crate) deadline: Option<Instant>,
     /// How long one wait for the client (a message, or credit) may last.
-    idle: Option<Duration>,
-    cancelled: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) idle: Option<Duration>,
+    pub(crate) cancelled: Arc<std::sync::atomic::AtomicBool>,
     /// The call's span (feature `tracing`).
-    trace: CallTrace,
+    pub(crate) trace: CallTrace,
 }
 
 impl Half {
+    /// One look at the stream for a waiter: `Some(Ok)` when `ready`,
+    /// `Some(Err)` with the status that ended the call (cut short, the
+    /// connection closed, shutdown, the deadline or `idle_end` passed), or
+    /// `None` to keep waiting.
+    ///
+    /// Every change a waiter looks for notifies under the stream's lock
+    /// (`StreamShared::notify`): a message, credit, the client's end or
+    /// CANCEL, the connection closing (`cancel`), its outbound queue
+    /// draining and the server shutting down (`poke`). So a waiter sleeps
+    /// until one of them or its deadline; it never polls.
+    pub(crate) fn verdict(
+        &self,
+        inner: &mut Inner,
+        ready: &mut impl FnMut(&mut Inner) -> bool,
+        idle_end: Option<Instant>,
+    ) -> Option<Result<(), Status>> {
+        if ready(inner) {
+            return Some(Ok(()));
+        }
+        if let Some(Err(s)) = &inner.client_end {
+            return Some(Err(s.clone()));
+        }
+        if self.conn.closed.load(Ordering::SeqCst) {
+            return Some(Err(Status::unavailable("the connection closed")));
+        }
+        if self
+            .shared
+            .upgrade()
+            .is_none_or(|s| s.shutting_down.load(Ordering::SeqCst))
+        {
+            return Some(Err(Status::unavailable("the server is shutting down")));
+        }
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Some(Err(Status::cancelled("the client cancelled the call")));
+        }
+        let now = Instant::now();
+        if self.deadline.is_some_and(|d| now >= d) {
+            return Some(Err(Status::deadline_exceeded(
+                "the stream's deadline passed",
+            )));
+        }
+        if idle_end.is_some_and(|d| now >= d) {
+            return Some(Err(Status::deadline_exceeded(format!(
+                "the client made no progress on the stream for the stream_idle_timeout of {:?}",
+                self.idle.unwrap_or_default()
+            ))));
+        }
+        None
+    }
+
+    /// When a wait that starts now gives up for lack of progress: each
+    /// wait for the client may last `stream_idle_timeout`.
+    pub(crate) fn idle_end(&self) -> Option<Instant> {
+        self.idle.map(|t| Instant::now() + t)
+    }
+
+    /// The earlier of the deadline and `idle_end`.
+    pub(crate) fn wake_at(&self, idle_end: Option<Instant>) -> Option<Instant> {
+        match (self.deadline, idle_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Waits on the stream until `ready`, the end of the call (its status),
     /// or the deadline.
     fn wait<'a>(
@@ -353,54 +519,117 @@ impl Half {
         mut ready: impl FnMut(&mut Inner) -> bool,
     ) -> Result<parking_lot::MutexGuard<'a, Inner>, Status> {
         let mut inner = self.stream.inner.lock();
-        // Lack of progress, not total time: each wait for the client may
-        // last `stream_idle_timeout`.
-        let idle_end = self.idle.map(|t| Instant::now() + t);
+        let idle_end = self.idle_end();
         loop {
-            if ready(&mut inner) {
-                return Ok(inner);
+            if let Some(v) = self.verdict(&mut inner, &mut ready, idle_end) {
+                return v.map(|()| inner);
             }
-            if let Some(Err(s)) = &inner.client_end {
-                return Err(s.clone());
-            }
-            if self.conn.closed.load(Ordering::SeqCst) {
-                return Err(Status::unavailable("the connection closed"));
-            }
-            if self
-                .shared
-                .upgrade()
-                .is_none_or(|s| s.shutting_down.load(Ordering::SeqCst))
-            {
-                return Err(Status::unavailable("the server is shutting down"));
-            }
-            if self.cancelled.load(Ordering::Relaxed) {
-                return Err(Status::cancelled("the client cancelled the call"));
-            }
-            // Every change a waiter looks for notifies under the stream's
-            // lock: a message, credit, the client's end or CANCEL, the
-            // connection closing (`cancel`), its outbound queue draining and
-            // the server shutting down (`poke`). So a waiter sleeps until
-            // one of them or its deadline; it never polls.
-            let now = Instant::now();
-            if self.deadline.is_some_and(|d| now >= d) {
-                return Err(Status::deadline_exceeded("the stream's deadline passed"));
-            }
-            if idle_end.is_some_and(|d| now >= d) {
-                return Err(Status::deadline_exceeded(format!(
-                    "the client made no progress on the stream for the stream_idle_timeout of {:?}",
-                    self.idle.unwrap_or_default()
-                )));
-            }
-            match (self.deadline, idle_end) {
-                (Some(a), Some(b)) => {
-                    self.stream.cv.wait_until(&mut inner, a.min(b));
-                }
-                (Some(d), None) | (None, Some(d)) => {
+            match self.wake_at(idle_end) {
+                Some(d) => {
                     self.stream.cv.wait_until(&mut inner, d);
                 }
-                (None, None) => self.stream.cv.wait(&mut inner),
+                None => self.stream.cv.wait(&mut inner),
             }
         }
+    }
+
+    /// Whether a client message, or the client's end, is there to take.
+    pub(crate) fn message_ready(i: &mut Inner) -> bool {
+        !i.queue.is_empty() || matches!(i.client_end, Some(Ok(())))
+    }
+
+    /// Takes the next client message once
+    /// [`message_ready`](Self::message_ready) (`None`: the client ended its
+    /// messages), giving back credit for its body now and for its payload
+    /// when the handler drops it.
+    pub(crate) fn take_message(
+        &self,
+        mut inner: parking_lot::MutexGuard<'_, Inner>,
+    ) -> Option<StreamMessage> {
+        let frame = inner.queue.pop_front()?;
+        inner.inc.release(frame.head.header.body.len() as u64);
+        let grant = inner.inc.take_grant();
+        drop(inner);
+        self.trace.received(&frame);
+        if let (Some(credit), Some(shared)) = (grant, self.shared.upgrade()) {
+            shared.send(&self.conn, credit_frame(self.id, credit));
+        }
+        let mut payload = frame.payload;
+        let n = payload.len() as u64;
+        if n > 0 {
+            let (shared, conn, stream, id) = (
+                self.shared.clone(),
+                Arc::downgrade(&self.conn),
+                Arc::downgrade(&self.stream),
+                self.id,
+            );
+            let hook: pagerpc_pages::ReleaseHook =
+                Box::new(move |_| Half::release(&shared, &conn, &stream, id, n));
+            if let Err(hook) = payload.on_release(hook) {
+                hook(0);
+            }
+        }
+        Some(StreamMessage {
+            body: frame.head.header.body,
+            payload,
+            metadata: frame.head.header.metadata,
+        })
+    }
+
+    /// A stream message to send, checked against the client's limits, and
+    /// what it costs in credit.
+    pub(crate) fn outgoing(
+        &self,
+        body: Vec<u8>,
+        payload: Payload,
+    ) -> Result<(OutFrame, u64), StreamSendError> {
+        let bytes = body.len() as u64 + payload.len() as u64;
+        let limits = *self.conn.peer_limits.lock();
+        let header = Header {
+            call_id: self.id,
+            kind: Kind::StreamChunk as i32,
+            body,
+            ..Default::default()
+        };
+        if let Err(e) = pagerpc_core::check_head(&header, payload.len() as u64, &limits) {
+            return Err(StreamSendError {
+                status: Status::resource_exhausted(format!(
+                    "stream message refused by the client's limits: {e}"
+                )),
+                payload,
+            });
+        }
+        Ok((OutFrame { header, payload }, bytes))
+    }
+
+    /// Whether `bytes` may go out now: within the stream's credit, and
+    /// within the connection's outbound budget
+    /// (`max_outbound_bytes_per_conn`): a client that stops reading its
+    /// socket stops the stream, it does not grow our queue.
+    pub(crate) fn room_for(&self, bytes: u64) -> impl FnMut(&mut Inner) -> bool + '_ {
+        move |i| i.out.can_send(bytes) && !self.conn.outbound_full()
+    }
+
+    /// Sends a message that [`room_for`](Self::room_for) let through (its
+    /// credit already spent).
+    pub(crate) fn send_now(&self, frame: OutFrame) -> Result<(), StreamSendError> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Err(StreamSendError {
+                status: Status::unavailable("the server is shutting down"),
+                payload: frame.payload,
+            });
+        };
+        let bytes = frame.header.body.len() as u64 + frame.payload.len() as u64;
+        shared.send(&self.conn, frame);
+        self.trace.sent(bytes);
+        Ok(())
+    }
+
+    /// Whether the call is still going (not cancelled, connection open).
+    pub(crate) fn is_open(&self) -> bool {
+        !self.conn.closed.load(Ordering::SeqCst)
+            && !self.cancelled.load(Ordering::Relaxed)
+            && !matches!(self.stream.inner.lock().client_end, Some(Err(_)))
     }
 
     /// The handler released `bytes` of what it was handed.
@@ -418,7 +647,10 @@ impl Half {
         };
         let grant = {
             let mut inner = stream.inner.lock();
-            if inner.over {
+            // Over, or failed on the client's side (its ERROR is sent or
+            // on the way): the client may send no more, so credit would
+            // only be noise ahead of that ERROR.
+            if inner.over || matches!(inner.client_end, Some(Err(_))) {
                 return;
             }
             inner.inc.release(bytes);
@@ -454,40 +686,8 @@ impl InStream {
     /// # Errors
     /// The status that cut the stream short.
     pub fn recv(&mut self) -> Result<Option<StreamMessage>, Status> {
-        let mut inner = self
-            .half
-            .wait(|i| !i.queue.is_empty() || matches!(i.client_end, Some(Ok(()))))?;
-        let Some(frame) = inner.queue.pop_front() else {
-            return Ok(None);
-        };
-        inner.inc.release(frame.head.header.body.len() as u64);
-        let grant = inner.inc.take_grant();
-        drop(inner);
-        let h = &self.half;
-        h.trace.received(&frame);
-        if let (Some(credit), Some(shared)) = (grant, h.shared.upgrade()) {
-            shared.send(&h.conn, credit_frame(h.id, credit));
-        }
-        let mut payload = frame.payload;
-        let n = payload.len() as u64;
-        if n > 0 {
-            let (shared, conn, stream, id) = (
-                h.shared.clone(),
-                Arc::downgrade(&h.conn),
-                Arc::downgrade(&h.stream),
-                h.id,
-            );
-            let hook: pagerpc_pages::ReleaseHook =
-                Box::new(move |_| Half::release(&shared, &conn, &stream, id, n));
-            if let Err(hook) = payload.on_release(hook) {
-                hook(0);
-            }
-        }
-        Ok(Some(StreamMessage {
-            body: frame.head.header.body,
-            payload,
-            metadata: frame.head.header.metadata,
-        }))
+        let inner = self.half.wait(Half::message_ready)?;
+        Ok(self.half.take_message(inner))
     }
 
     /// The next message decoded as `T`, with its payload.
@@ -561,47 +761,22 @@ impl OutStream {
     /// # Errors
     /// As [`send`](Self::send).
     pub fn send_raw(&mut self, body: Vec<u8>, payload: Payload) -> Result<(), StreamSendError> {
-        let bytes = body.len() as u64 + payload.len() as u64;
         let h = &self.half;
-        let limits = *h.conn.peer_limits.lock();
-        let header = Header {
-            call_id: h.id,
-            kind: Kind::StreamChunk as i32,
-            body,
-            ..Default::default()
-        };
-        if let Err(e) = pagerpc_core::check_head(&header, payload.len() as u64, &limits) {
-            return Err(StreamSendError {
-                status: Status::resource_exhausted(format!(
-                    "stream message refused by the client's limits: {e}"
-                )),
-                payload,
-            });
-        }
-        // Within the stream's credit, and within the connection's outbound
-        // budget (`max_outbound_bytes_per_conn`): a client that stops
-        // reading its socket stops the stream, it does not grow our queue.
-        let conn = h.conn.clone();
-        match h.wait(|i| i.out.can_send(bytes) && !conn.outbound_full()) {
+        let (frame, bytes) = h.outgoing(body, payload)?;
+        match h.wait(h.room_for(bytes)) {
             Ok(mut inner) => inner.out.spend(bytes),
-            Err(status) => return Err(StreamSendError { status, payload }),
+            Err(status) => {
+                return Err(StreamSendError {
+                    status,
+                    payload: frame.payload,
+                })
+            }
         }
-        let Some(shared) = h.shared.upgrade() else {
-            return Err(StreamSendError {
-                status: Status::unavailable("the server is shutting down"),
-                payload,
-            });
-        };
-        shared.send(&h.conn, OutFrame { header, payload });
-        h.trace.sent(bytes);
-        Ok(())
+        h.send_now(frame)
     }
 
     /// Whether the call is still going (not cancelled, connection open).
     pub fn is_open(&self) -> bool {
-        let h = &self.half;
-        !h.conn.closed.load(Ordering::SeqCst)
-            && !h.cancelled.load(Ordering::Relaxed)
-            && !matches!(h.stream.inner.lock().client_end, Some(Err(_)))
+        self.half.is_open()
     }
 }
