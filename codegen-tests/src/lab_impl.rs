@@ -42,7 +42,7 @@ impl LabImpl {
 
 /// `bytes` in a page-aligned buffer: a response payload that can go out
 /// with `MSG_ZEROCOPY` and be mapped by the receiver.
-fn page_buf(bytes: impl ExactSizeIterator<Item = u8>) -> Result<PageBuf, Status> {
+pub(crate) fn page_buf(bytes: impl ExactSizeIterator<Item = u8>) -> Result<PageBuf, Status> {
     let mut pb = PageBuf::new(bytes.len())
         .map_err(|e| Status::resource_exhausted(format!("no memory for the payload: {e}")))?;
     for (d, s) in pb.iter_mut().zip(bytes) {
@@ -51,7 +51,7 @@ fn page_buf(bytes: impl ExactSizeIterator<Item = u8>) -> Result<PageBuf, Status>
     Ok(pb)
 }
 
-fn reversed(p: &Pages) -> Result<PageBuf, Status> {
+pub(crate) fn reversed(p: &Pages) -> Result<PageBuf, Status> {
     page_buf(p.iter().rev().copied())
 }
 

@@ -61,6 +61,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod lab_async;
 mod lab_impl;
 
 pub use lab_impl::{pattern_bytes, sha256_hex, LabImpl};

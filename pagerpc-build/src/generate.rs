@@ -19,6 +19,8 @@ const CLIENT_RESERVED: &[&str] = &["new", "connect", "connect_with", "inner", "i
 pub(crate) struct Generator {
     pub client: bool,
     pub server: bool,
+    /// Also the async (tokio) client and server trait.
+    pub async_api: bool,
     /// Payload directions by `package.Service/Method`.
     pub payloads: HashMap<String, Payloads>,
     /// Problems found; `compile` reports them after prost returns.
@@ -449,6 +451,159 @@ impl<S: {tr}> ::pagerpc::typed::Service for {server}<S> {{
         }
         buf.push_str("}\n}\n");
     }
+
+    /// The async server trait (`XAsync`) and its registration
+    /// (`XAsyncServer`), on `pagerpc::AsyncServer`.
+    fn async_server(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
+        let full = full_name(service);
+        let tr = format!("{}Async", service.name);
+        let m = methods_module(service);
+        docs(
+            buf,
+            &service.comments,
+            &format!("The `{full}` service."),
+            &[format!(
+                "The async server side of `{full}` (pagerpc's `tokio` feature): implement it \
+                 (with `async fn`s) and register it with \
+                 `AsyncServer::builder().add_service({tr}Server::new(my_impl))`. Each call runs \
+                 as a task on the runtime."
+            )],
+        );
+        let _ = writeln!(
+            buf,
+            "#[allow(dead_code)]\npub trait {tr}: ::std::marker::Send + ::std::marker::Sync + 'static {{"
+        );
+        for r in rpcs {
+            let (input, output) = (&r.m.input_type, &r.m.output_type);
+            let pin = mode(r.payloads.request);
+            let pout = mode(r.payloads.response);
+            let payload_param = if r.payloads.request {
+                "payload: ::pagerpc::Pages, "
+            } else {
+                ""
+            };
+            let (params, ret) = match (r.m.client_streaming, r.m.server_streaming) {
+                (false, false) => (
+                    format!("request: {input}, {payload_param}"),
+                    response_type(output, r.payloads.response),
+                ),
+                (true, false) => (
+                    format!("requests: ::pagerpc::typed::AsyncInbound<{input}, {pin}>, "),
+                    response_type(output, r.payloads.response),
+                ),
+                (false, true) => (
+                    format!(
+                        "request: {input}, {payload_param}responses: \
+                         ::pagerpc::typed::AsyncOutbound<{output}, {pout}>, "
+                    ),
+                    "()".to_owned(),
+                ),
+                (true, true) => (
+                    format!(
+                        "requests: ::pagerpc::typed::AsyncInbound<{input}, {pin}>, responses: \
+                         ::pagerpc::typed::AsyncOutbound<{output}, {pout}>, "
+                    ),
+                    "()".to_owned(),
+                ),
+            };
+            docs(
+                buf,
+                &r.m.comments,
+                &format!("Handles `{}`.", r.m.proto_name),
+                &[shape_doc(r)],
+            );
+            buf.push_str(
+                "///\n/// # Errors\n/// The status the caller gets instead of a response (or as \
+                 the end of its stream).\n",
+            );
+            let _ = writeln!(
+                buf,
+                "fn {}(&self, ctx: ::pagerpc::Context, {params}) -> impl ::std::future::Future<Output = ::std::result::Result<{ret}, ::pagerpc::Status>> + ::std::marker::Send;",
+                r.ident
+            );
+        }
+        buf.push_str("}\n\n");
+
+        let server = format!("{tr}Server");
+        let _ = writeln!(
+            buf,
+            "/// Registers a [`{tr}`] implementation on an async server:
+/// `pagerpc::AsyncServer::builder().add_service({server}::new(my_impl))`.
+#[allow(dead_code)]
+pub struct {server}<S: {tr}> {{
+    inner: ::std::sync::Arc<S>,
+}}
+
+#[allow(dead_code)]
+impl<S: {tr}> {server}<S> {{
+    /// Serves `service`.
+    pub fn new(service: S) -> Self {{
+        Self::from_arc(::std::sync::Arc::new(service))
+    }}
+
+    /// Serves a shared `service`.
+    pub fn from_arc(service: ::std::sync::Arc<S>) -> Self {{
+        Self {{ inner: service }}
+    }}
+}}
+
+impl<S: {tr}> ::std::fmt::Debug for {server}<S> {{
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {{
+        f.write_str(\"{server}\")
+    }}
+}}
+
+impl<S: {tr}> ::pagerpc::typed::AsyncService for {server}<S> {{
+    const NAME: &'static str = \"{full}\";
+
+    fn register(self, builder: ::pagerpc::AsyncServerBuilder) -> ::pagerpc::AsyncServerBuilder {{"
+        );
+        for (i, r) in rpcs.iter().enumerate() {
+            let (input, output) = (&r.m.input_type, &r.m.output_type);
+            let pin = mode(r.payloads.request);
+            let pout = mode(r.payloads.response);
+            let wire = format!("{m}::{}", r.konst);
+            let id = &r.ident;
+            let (pl_pat, pl_arg) = if r.payloads.request {
+                ("payload", "payload, ")
+            } else {
+                ("()", "")
+            };
+            let wrap = if r.payloads.response {
+                ""
+            } else {
+                ".map(|response| (response, ()))"
+            };
+            let call = match (r.m.client_streaming, r.m.server_streaming) {
+                (false, false) => format!(
+                    "::pagerpc::typed::register_async_unary::<{input}, {output}, {pin}, {pout}, _, _>(builder, {wire}, \
+                     move |ctx, request, {pl_pat}| {{ let svc = svc.clone(); async move {{ svc.{id}(ctx, request, {pl_arg}).await{wrap} }} }})"
+                ),
+                (true, false) => format!(
+                    "::pagerpc::typed::register_async_client_stream::<{input}, {output}, {pin}, {pout}, _, _>(builder, {wire}, \
+                     move |ctx, requests| {{ let svc = svc.clone(); async move {{ svc.{id}(ctx, requests).await{wrap} }} }})"
+                ),
+                (false, true) => format!(
+                    "::pagerpc::typed::register_async_server_stream::<{input}, {output}, {pin}, {pout}, _, _>(builder, {wire}, \
+                     move |ctx, request, {pl_pat}, responses| {{ let svc = svc.clone(); async move {{ svc.{id}(ctx, request, {pl_arg}responses).await }} }})"
+                ),
+                (true, true) => format!(
+                    "::pagerpc::typed::register_async_bidi_stream::<{input}, {output}, {pin}, {pout}, _, _>(builder, {wire}, \
+                     move |ctx, requests, responses| {{ let svc = svc.clone(); async move {{ svc.{id}(ctx, requests, responses).await }} }})"
+                ),
+            };
+            let block = format!("{{ let svc = self.inner.clone(); {call} }}");
+            if i + 1 == rpcs.len() {
+                let _ = writeln!(buf, "{block}");
+            } else {
+                let _ = writeln!(buf, "let builder = {block};");
+            }
+        }
+        if rpcs.is_empty() {
+            buf.push_str("builder\n");
+        }
+        buf.push_str("}\n}\n");
+    }
 }
 
 fn response_type(output: &str, payload: bool) -> String {
@@ -485,6 +640,9 @@ impl ServiceGenerator for Generator {
         }
         if self.server {
             self.server(&service, &rpcs, buf);
+        }
+        if self.async_api && self.server {
+            self.async_server(&service, &rpcs, buf);
         }
     }
 }

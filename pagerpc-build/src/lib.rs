@@ -123,6 +123,7 @@ pub fn compile_protos(
 pub struct Builder {
     client: bool,
     server: bool,
+    async_api: bool,
     out_dir: Option<PathBuf>,
     rerun: bool,
     prost: prost_build::Config,
@@ -133,6 +134,7 @@ impl fmt::Debug for Builder {
         f.debug_struct("Builder")
             .field("client", &self.client)
             .field("server", &self.server)
+            .field("async_api", &self.async_api)
             .field("out_dir", &self.out_dir)
             .field("rerun", &self.rerun)
             .finish_non_exhaustive()
@@ -157,6 +159,7 @@ impl Builder {
         Builder {
             client: true,
             server: true,
+            async_api: false,
             out_dir: None,
             rerun: true,
             prost: prost_build::Config::new(),
@@ -172,6 +175,15 @@ impl Builder {
     /// Whether to generate server traits (default: yes).
     pub fn build_server(mut self, yes: bool) -> Self {
         self.server = yes;
+        self
+    }
+
+    /// Whether to also generate the async (tokio) forms: `XAsyncClient`
+    /// over `pagerpc::AsyncClient`, and `trait XAsync` with
+    /// `XAsyncServer` for `pagerpc::AsyncServer` (default: no). The crate
+    /// using the code needs pagerpc's `tokio` feature.
+    pub fn build_async(mut self, yes: bool) -> Self {
+        self.async_api = yes;
         self
     }
 
@@ -224,6 +236,7 @@ impl Builder {
         let generator = generate::Generator {
             client: self.client,
             server: self.server,
+            async_api: self.async_api,
             payloads,
             errors: errors.clone(),
         };

@@ -366,6 +366,13 @@ impl AsyncServerBuilder {
         self
     }
 
+    /// Registers every method of a service: what `pagerpc-build`
+    /// generates from a `.proto` service's async trait
+    /// (`KvAsyncServer::new(my_impl)`).
+    pub fn add_service<S: crate::typed::AsyncService>(self, service: S) -> AsyncServerBuilder {
+        service.register(self)
+    }
+
     /// Replaces the settings. Every budget and timeout applies as on the
     /// blocking server; `threads` is unused (tasks run on the runtime's
     /// workers).

@@ -19,9 +19,16 @@
 //! [`ServerBuilder::register`](crate::ServerBuilder::register) and the
 //! stream openers) is the layer under this one and stays available.
 
+#[cfg(feature = "tokio")]
+mod async_server;
 mod client;
 mod server;
 
+#[cfg(feature = "tokio")]
+pub use async_server::{
+    register_async_bidi_stream, register_async_client_stream, register_async_server_stream,
+    register_async_unary, AsyncInbound, AsyncOutbound, AsyncService,
+};
 pub use client::{call_unary, PendingResponse, Receiver, Sender};
 pub use server::{
     register_bidi_stream, register_client_stream, register_server_stream, register_unary, Inbound,
