@@ -24,6 +24,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "tokio")]
+mod async_client;
 mod auth;
 mod client;
 mod error;
@@ -38,6 +40,8 @@ pub use client::{
     CallOptions, Client, ClientConfig, PendingCall, Response, StreamMessage, StreamReceiver,
     StreamResponse, StreamSender,
 };
+#[cfg(feature = "tokio")]
+pub use async_client::{AsyncClient, AsyncStreamReceiver, AsyncStreamResponse, AsyncStreamSender};
 pub use error::CallError;
 pub use segments::SegmentAlign;
 pub use server::{
