@@ -510,6 +510,18 @@ impl Receiver {
         self.decoder.at_boundary() && self.start == self.end
     }
 
+    /// For an edge-triggered event loop (tokio's `AsyncFd`), on every new
+    /// readiness event: forgets that the last read came back short, so the
+    /// next [`poll_frame`](Self::poll_frame) that needs bytes reads the
+    /// socket instead of reporting "nothing more" from that older read.
+    /// Without this, a loop that clears its readiness when `poll_frame`
+    /// returns `None` could clear an event for bytes that arrived after
+    /// the short read, and never be woken for them. A level-triggered loop
+    /// need not call it.
+    pub fn readiness_changed(&mut self) {
+        self.drained = false;
+    }
+
     /// Makes as much progress as the socket allows without blocking, and
     /// returns the next complete frame, or `None` if the socket has no more
     /// bytes for now.

@@ -14,8 +14,11 @@
 //! - **writable**: what callers left queued is written.
 //!
 //! tokio's readiness is edge-triggered: it is cleared only after an
-//! operation found the socket drained (or full), never after a turn cut
-//! short by the batch cap. One more trap: mio reports `EPOLLOUT|EPOLLERR`
+//! operation found the socket drained (or full) *after* the event was
+//! observed, never after a turn cut short by the batch cap. The receiver
+//! skips a read that would find nothing when its last read came back short
+//! (`Receiver::readiness_changed` makes it forget that at each event), or
+//! bytes that arrived since would never be reported again. One more trap: mio reports `EPOLLOUT|EPOLLERR`
 //! (a zero-copy completion on a writable socket) as *write closed*, which
 //! tokio never clears; waiting for writable readiness would then return at
 //! once forever. When the socket is full and that flag is set, the driver
@@ -96,6 +99,10 @@ pub(super) async fn run(shared: Arc<Shared>, mut rx: Receiver, afd: AsyncFd<Sock
         }
         let mut more = false;
         if ready.is_readable() || ready.is_read_closed() {
+            // `poll_frame` returning `None` must mean the socket was found
+            // empty after this event, not before it (see the module
+            // documentation).
+            rx.readiness_changed();
             match read_turn(&shared, &mut rx) {
                 Turn::Drained => {
                     rx.wait_lowat();
