@@ -36,12 +36,12 @@ mod stream_message;
 mod sys;
 pub mod typed;
 
+#[cfg(feature = "tokio")]
+pub use async_client::{AsyncClient, AsyncStreamReceiver, AsyncStreamResponse, AsyncStreamSender};
 pub use client::{
     CallOptions, Client, ClientConfig, PendingCall, Response, StreamMessage, StreamReceiver,
     StreamResponse, StreamSender,
 };
-#[cfg(feature = "tokio")]
-pub use async_client::{AsyncClient, AsyncStreamReceiver, AsyncStreamResponse, AsyncStreamSender};
 pub use error::CallError;
 pub use segments::SegmentAlign;
 pub use server::{

@@ -70,7 +70,10 @@ fn size_of_call(t: usize, i: usize) -> usize {
 #[test]
 fn many_tasks_share_one_connection_byte_exact() {
     let _s = serial();
-    let server = echo_builder().config(config(2)).bind("127.0.0.1:0").unwrap();
+    let server = echo_builder()
+        .config(config(2))
+        .bind("127.0.0.1:0")
+        .unwrap();
     let addr = server.local_addr();
     run(Duration::from_secs(240), async move {
         let client = AsyncClient::connect(addr).await.unwrap();
@@ -168,7 +171,11 @@ fn dropped_call_futures_cancel_on_the_server_and_leak_nothing() {
             }
             drop(fut);
         }
-        assert_eq!(client.pending_calls(), 0, "every dropped call's slot is free");
+        assert_eq!(
+            client.pending_calls(),
+            0,
+            "every dropped call's slot is free"
+        );
         // The connection is intact afterwards.
         for i in 0..20 {
             let d = pattern(4 * KIB * i, i as u64);
@@ -235,7 +242,10 @@ fn deadlines_use_the_runtime_clock_and_reach_the_server() {
             .unwrap_err();
         let took = t0.elapsed();
         assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
-        assert!(took >= Duration::from_millis(300), "gave up early: {took:?}");
+        assert!(
+            took >= Duration::from_millis(300),
+            "gave up early: {took:?}"
+        );
         assert!(took < Duration::from_secs(3), "gave up late: {took:?}");
         let (budget, cancelled) = rx.recv().await.unwrap();
         let budget = budget.expect("the server was told the deadline");
@@ -369,7 +379,11 @@ fn zero_copy_both_ways_through_the_async_client() {
         let client = AsyncClient::connect_with(addr, ClientConfig::zerocopy())
             .await
             .unwrap();
-        assert_eq!(client.mss().unwrap(), 4096, "loopback segments carry one page");
+        assert_eq!(
+            client.mss().unwrap(),
+            4096,
+            "loopback segments carry one page"
+        );
         let data = pattern_pages(MIB);
         // Warm-up: let autotuning settle, as in any bulk transfer.
         for _ in 0..8 {
@@ -399,7 +413,10 @@ fn zero_copy_both_ways_through_the_async_client() {
             c.mapped_percent()
         );
         let cs = client.counters().since(&sent_before);
-        assert!(cs.zc_sends >= 32, "the client sent with MSG_ZEROCOPY: {cs:?}");
+        assert!(
+            cs.zc_sends >= 32,
+            "the client sent with MSG_ZEROCOPY: {cs:?}"
+        );
         // Server to client, several calls in flight at once.
         let before = client.counters();
         let mut tasks = Vec::new();
@@ -459,7 +476,10 @@ fn idle_is_idle_after_zero_copy_calls() {
         }
         assert!(client.counters().zc_sends > 0, "zero-copy sends were made");
         let stats = client.zerocopy_send_stats();
-        assert_eq!(stats.pending_payloads, 0, "completions were reaped: {stats:?}");
+        assert_eq!(
+            stats.pending_payloads, 0,
+            "completions were reaped: {stats:?}"
+        );
     });
     drop(server);
 }
@@ -551,7 +571,12 @@ fn streams_of_every_shape_are_byte_exact() {
         let client = AsyncClient::connect(addr).await.unwrap();
         // Server streaming, as a futures Stream.
         let mut rx = client
-            .server_stream("count", &msg("40,60000"), Payload::Empty, &CallOptions::default())
+            .server_stream(
+                "count",
+                &msg("40,60000"),
+                Payload::Empty,
+                &CallOptions::default(),
+            )
             .unwrap();
         let mut n = 0;
         while let Some(m) = rx.next().await {
@@ -566,7 +591,9 @@ fn streams_of_every_shape_are_byte_exact() {
         assert!(rx.next().await.is_none(), "ended");
 
         // Client streaming: `send` and the Sink, then the response.
-        let (mut tx, resp) = client.client_stream("sum", &CallOptions::default()).unwrap();
+        let (mut tx, resp) = client
+            .client_stream("sum", &CallOptions::default())
+            .unwrap();
         let mut want = Sha256::new();
         for i in 0..30u64 {
             let data = pattern((i as usize) * 37 * KIB, i);
@@ -586,11 +613,15 @@ fn streams_of_every_shape_are_byte_exact() {
         assert_eq!(r.message.value, want.finalize().to_vec());
 
         // Bidirectional: a sending task and a receiving task at once.
-        let (mut tx, mut rx) = client.bidi_stream("echo-stream", &CallOptions::default()).unwrap();
+        let (mut tx, mut rx) = client
+            .bidi_stream("echo-stream", &CallOptions::default())
+            .unwrap();
         let sender = tokio::spawn(async move {
             for i in 0..200u64 {
                 let len = [0, 100, 4096, 100_000, MIB][i as usize % 5];
-                tx.send(&msg(format!("b{i}")), payload(i, len)).await.unwrap();
+                tx.send(&msg(format!("b{i}")), payload(i, len))
+                    .await
+                    .unwrap();
             }
             tx.finish().await.unwrap();
         });
@@ -622,14 +653,21 @@ fn credit_stops_a_stalled_consumers_sender() {
         // The server's SETTINGS (its window) arrive ahead of any answer: a
         // stream opened after one uses the announced window.
         let settled = client
-            .server_stream("count", &msg("1,10"), Payload::Empty, &CallOptions::default())
+            .server_stream(
+                "count",
+                &msg("1,10"),
+                Payload::Empty,
+                &CallOptions::default(),
+            )
             .unwrap()
             .collect::<Vec<_>>()
             .await;
         assert_eq!(settled.len(), 1);
         // The client's sender: the handler reads nothing, so after one
         // window (four 256 KiB messages) the fifth send waits for credit.
-        let (mut tx, resp) = client.client_stream("gated", &CallOptions::default()).unwrap();
+        let (mut tx, resp) = client
+            .client_stream("gated", &CallOptions::default())
+            .unwrap();
         for i in 0..4 {
             tx.send(&msg(""), payload(i, 256 * KIB - 16)).await.unwrap();
         }
@@ -642,7 +680,12 @@ fn credit_stops_a_stalled_consumers_sender() {
             // Other calls on the connection go on meanwhile.
             let (_, r) = tokio::join!(async {}, async {
                 client
-                    .server_stream("count", &msg("3,10"), Payload::Empty, &CallOptions::default())
+                    .server_stream(
+                        "count",
+                        &msg("3,10"),
+                        Payload::Empty,
+                        &CallOptions::default(),
+                    )
                     .unwrap()
                     .collect::<Vec<_>>()
                     .await
@@ -655,7 +698,10 @@ fn credit_stops_a_stalled_consumers_sender() {
             tx.send(&msg(""), payload(i, 256 * KIB - 16)).await.unwrap();
         }
         tx.finish().await.unwrap();
-        assert_eq!(resp.wait::<MetadataEntry>().await.unwrap().message.key, "20");
+        assert_eq!(
+            resp.wait::<MetadataEntry>().await.unwrap().message.key,
+            "20"
+        );
 
         // The client as the stalled consumer: it keeps what it received,
         // so the server stops after the client's window (1 MiB here: three
@@ -675,13 +721,20 @@ fn credit_stops_a_stalled_consumers_sender() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let stalled_at = sent.load(SeqCst);
-        assert!(stalled_at <= 4, "the server sent past the window: {stalled_at}");
+        assert!(
+            stalled_at <= 4,
+            "the server sent past the window: {stalled_at}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(sent.load(SeqCst), stalled_at, "the sender stays stopped");
         drop(kept);
         let mut n = 3;
         while let Some(m) = rx.next().await {
-            assert_bytes_eq(&m.unwrap().payload, &pattern(256 * KIB, n), "after the stall");
+            assert_bytes_eq(
+                &m.unwrap().payload,
+                &pattern(256 * KIB, n),
+                "after the stall",
+            );
             n += 1;
         }
         assert_eq!(n, 64);
@@ -732,14 +785,18 @@ fn dropping_stream_handles_cancels() {
 
         // Dropping the sender before finishing cancels: the response is
         // Cancelled, never a success.
-        let (mut tx, resp) = client.client_stream("upload", &CallOptions::default()).unwrap();
+        let (mut tx, resp) = client
+            .client_stream("upload", &CallOptions::default())
+            .unwrap();
         tx.send(&msg("u"), payload(0, 8192)).await.unwrap();
         drop(tx);
         let err = resp.wait::<MetadataEntry>().await.unwrap_err();
         assert_eq!(err.code(), Code::Cancelled, "{err}");
 
         // Aborting with a status.
-        let (mut tx, resp) = client.client_stream("upload", &CallOptions::default()).unwrap();
+        let (mut tx, resp) = client
+            .client_stream("upload", &CallOptions::default())
+            .unwrap();
         tx.send(&msg("u"), payload(0, 8192)).await.unwrap();
         tx.abort(Status::data_loss("the source went away"));
         let err = resp.wait::<MetadataEntry>().await.unwrap_err();
@@ -747,7 +804,9 @@ fn dropping_stream_handles_cancels() {
 
         // Dropping the response handle of a client stream, and a stream's
         // deadline.
-        let (tx, resp) = client.client_stream("upload", &CallOptions::default()).unwrap();
+        let (tx, resp) = client
+            .client_stream("upload", &CallOptions::default())
+            .unwrap();
         drop(resp);
         drop(tx);
         let (mut tx, resp) = client

@@ -87,7 +87,9 @@ pub(super) async fn run(shared: Arc<Shared>, mut rx: Receiver, afd: AsyncFd<Sock
         let mut guard = match event {
             None => continue,
             Some(Ok(g)) => g,
-            Some(Err(e)) => break Status::unavailable(format!("waiting for the socket failed: {e}")),
+            Some(Err(e)) => {
+                break Status::unavailable(format!("waiting for the socket failed: {e}"))
+            }
         };
         let ready = guard.ready();
         if ready.is_error() {

@@ -308,7 +308,7 @@ impl AsyncClient {
     /// [`Code::Internal`](crate::Code::Internal) (undecodable response).
     /// If nothing of the request was written, the error hands the payload
     /// back ([`CallError::take_payload`]).
-    pub fn call<'a, Req: Message, Resp: Message + Default>(
+    pub fn call<'a, Req: Message, Resp: Message + Default + 'a>(
         &'a self,
         method: &'a str,
         req: &Req,
@@ -323,7 +323,7 @@ impl AsyncClient {
     ///
     /// # Errors
     /// As [`call`](Self::call).
-    pub fn call_with<'a, Req: Message, Resp: Message + Default>(
+    pub fn call_with<'a, Req: Message, Resp: Message + Default + 'a>(
         &'a self,
         method: &'a str,
         req: &Req,
@@ -333,20 +333,18 @@ impl AsyncClient {
         self.typed(method, req.encode_to_vec(), payload.into(), Some(opts))
     }
 
-    fn typed<'a, Resp: Message + Default>(
-        &'a self,
-        method: &'a str,
+    async fn typed<Resp: Message + Default>(
+        &self,
+        method: &str,
         body: Vec<u8>,
         payload: Payload,
-        opts: Option<&'a CallOptions>,
-    ) -> impl Future<Output = Result<Response<Resp>, CallError>> + Send + 'a {
-        async move {
-            let default = CallOptions::default();
-            let frame = self
-                .call_raw(method, body, payload, opts.unwrap_or(&default))
-                .await?;
-            decode_response(frame)
-        }
+        opts: Option<&CallOptions>,
+    ) -> Result<Response<Resp>, CallError> {
+        let default = CallOptions::default();
+        let frame = self
+            .call_raw(method, body, payload, opts.unwrap_or(&default))
+            .await?;
+        decode_response(frame)
     }
 
     /// Calls `method` with an already encoded request body and returns the

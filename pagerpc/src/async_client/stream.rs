@@ -688,7 +688,10 @@ impl AsyncStreamReceiver {
         self.settle(got, cx)
     }
 
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<StreamMessage, CallError>>> {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<StreamMessage, CallError>>> {
         if self.done {
             return Poll::Ready(None);
         }
