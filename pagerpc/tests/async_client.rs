@@ -417,6 +417,32 @@ fn zero_copy_both_ways_through_the_async_client() {
             cs.zc_sends >= 32,
             "the client sent with MSG_ZEROCOPY: {cs:?}"
         );
+        // Eight calls in flight at once: the socket fills, the driver waits
+        // for writable readiness while completions (EPOLLERR) keep coming.
+        let before = srv.counters();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let client = client.clone();
+            let data = data.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..4 {
+                    client
+                        .call::<_, MetadataEntry>("keep", &msg(format!("{t}")), page_buf(&data))
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let c = srv.counters().since(&before);
+        assert_eq!(c.payload_bytes_received, 32 * MIB as u64);
+        assert!(
+            c.mapped_percent() >= 99.0,
+            "server mapped only {:.2}% with calls in flight: {c:?}",
+            c.mapped_percent()
+        );
         // Server to client, several calls in flight at once.
         let before = client.counters();
         let mut tasks = Vec::new();
