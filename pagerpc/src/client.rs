@@ -251,14 +251,8 @@ impl Client {
     /// # Errors
     /// When the address does not resolve or the connection fails.
     pub fn connect_with(addr: impl ToSocketAddrs, cfg: ClientConfig) -> std::io::Result<Client> {
-        let mut last = None;
-        for a in addr.to_socket_addrs()? {
-            match sys::connect_with_mss(&a, cfg.segments.mss_for(&a), cfg.connect_timeout) {
-                Ok(s) => return Client::from_stream(s, cfg),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| std::io::Error::other("address resolved to nothing")))
+        let stream = connect_socket(addr, &cfg)?;
+        Client::from_stream(stream, cfg)
     }
 
     /// Wraps an already connected stream.
@@ -269,30 +263,13 @@ impl Client {
     /// the key, offered no challenge, or could not prove it holds the key
     /// ([`std::io::ErrorKind::PermissionDenied`], with the reason).
     pub fn from_stream(stream: TcpStream, cfg: ClientConfig) -> std::io::Result<Client> {
-        sys::prepare_stream(&stream, false)?;
-        let peer = stream.peer_addr()?;
-        let fd = Arc::new(OwnedFd::from(stream));
-        let counters = Arc::new(Counters::new());
-        let mut recv_cfg = cfg.recv.clone();
-        recv_cfg.limits = cfg.limits;
-        let mut sender = Sender::new(fd.clone(), cfg.send.clone(), counters.clone());
-        let mut receiver = Receiver::new(fd.clone(), recv_cfg, counters.clone());
-        if let Some(key) = &cfg.auth_key {
-            authenticate(key, &mut sender, &mut receiver, cfg.connect_timeout)?;
-        }
-        // Our limits, for the server to check its responses against. Its
-        // own arrive with the first frames we read; until then, calls are
-        // checked against the documented defaults.
-        let ours = PeerSettings::new(cfg.limits, None, cfg.stream_window)
-            .with_conn_window(cfg.conn_window);
-        let settings = Header {
-            kind: Kind::Settings as i32,
-            body: ours.encode(),
-            ..Default::default()
-        };
-        sender
-            .send(settings, Payload::Empty)
-            .map_err(|e| std::io::Error::other(format!("sending SETTINGS failed: {e}")))?;
+        let Opened {
+            fd,
+            peer,
+            counters,
+            sender,
+            receiver,
+        } = open_stream(stream, &cfg, false)?;
         let shared = Shared {
             sender: Mutex::new(sender),
             receiver: Mutex::new(receiver),
@@ -705,6 +682,74 @@ impl Shared {
             self.send_cancel(id);
         }
     }
+}
+
+/// Connects a TCP socket to the first address of `addr` that accepts,
+/// with `cfg`'s segment sizing and connect timeout (shared by [`Client`]
+/// and the async client).
+pub(crate) fn connect_socket(
+    addr: impl ToSocketAddrs,
+    cfg: &ClientConfig,
+) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match sys::connect_with_mss(&a, cfg.segments.mss_for(&a), cfg.connect_timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("address resolved to nothing")))
+}
+
+/// A connected client socket after the handshake: authenticated (with a
+/// key) and our SETTINGS sent.
+pub(crate) struct Opened {
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) sender: Sender,
+    pub(crate) receiver: Receiver,
+}
+
+/// Configures a connected stream (non-blocking or not), runs the
+/// authentication handshake when `cfg` has a key, and sends our SETTINGS
+/// (shared by [`Client`] and the async client).
+pub(crate) fn open_stream(
+    stream: TcpStream,
+    cfg: &ClientConfig,
+    nonblocking: bool,
+) -> std::io::Result<Opened> {
+    sys::prepare_stream(&stream, nonblocking)?;
+    let peer = stream.peer_addr()?;
+    let fd = Arc::new(OwnedFd::from(stream));
+    let counters = Arc::new(Counters::new());
+    let mut recv_cfg = cfg.recv.clone();
+    recv_cfg.limits = cfg.limits;
+    let mut sender = Sender::new(fd.clone(), cfg.send.clone(), counters.clone());
+    let mut receiver = Receiver::new(fd.clone(), recv_cfg, counters.clone());
+    if let Some(key) = &cfg.auth_key {
+        authenticate(key, &mut sender, &mut receiver, cfg.connect_timeout)?;
+    }
+    // Our limits, for the server to check its responses against. Its
+    // own arrive with the first frames we read; until then, calls are
+    // checked against the documented defaults.
+    let ours =
+        PeerSettings::new(cfg.limits, None, cfg.stream_window).with_conn_window(cfg.conn_window);
+    let settings = Header {
+        kind: Kind::Settings as i32,
+        body: ours.encode(),
+        ..Default::default()
+    };
+    sender
+        .send(settings, Payload::Empty)
+        .map_err(|e| std::io::Error::other(format!("sending SETTINGS failed: {e}")))?;
+    Ok(Opened {
+        fd,
+        peer,
+        counters,
+        sender,
+        receiver,
+    })
 }
 
 /// Runs the client side of the pre-shared-key handshake (see `auth`).

@@ -30,6 +30,8 @@
 //! listed in the README's "Interceptors and tracing").
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "tokio")]
+mod async_client;
 mod auth;
 mod client;
 mod error;
@@ -42,6 +44,8 @@ mod sys;
 mod trace;
 pub mod typed;
 
+#[cfg(feature = "tokio")]
+pub use async_client::{AsyncClient, AsyncStreamReceiver, AsyncStreamResponse, AsyncStreamSender};
 pub use client::{
     CallOptions, Client, ClientConfig, PendingCall, Response, StreamMessage, StreamReceiver,
     StreamResponse, StreamSender,
