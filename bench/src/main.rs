@@ -8,6 +8,7 @@
 //! - `concurrent`: many calls in flight on one connection.
 #![forbid(unsafe_code)]
 
+mod async_calls;
 mod meter;
 mod pin;
 mod soak;
@@ -225,6 +226,9 @@ enum Cmd {
         /// Unmeasured warm-up calls.
         #[arg(long, default_value_t = 1000)]
         warmup: usize,
+        /// Through `AsyncClient` and `AsyncServer` (tokio, one worker each).
+        #[arg(long = "async")]
+        use_async: bool,
     },
     /// C calls outstanding on one connection.
     Concurrent {
@@ -237,6 +241,9 @@ enum Cmd {
         /// Payload bytes per request and per response.
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Through `AsyncClient` and `AsyncServer` (tokio, one worker each).
+        #[arg(long = "async")]
+        use_async: bool,
     },
     /// A bounded mixed load with injected faults; reports calls, errors by
     /// kind, RSS over time, and leaked fds and mappings (exit 1 on a leak).
@@ -345,13 +352,27 @@ fn main() {
             calls,
             size,
             warmup,
+            use_async: false,
         } => pingpong(calls, size, warmup),
+        Cmd::Pingpong {
+            calls,
+            size,
+            warmup,
+            use_async: true,
+        } => async_calls::pingpong(calls, size, warmup),
         Cmd::Soak { seconds } => soak::soak(seconds),
         Cmd::Concurrent {
             inflight,
             calls,
             size,
+            use_async: false,
         } => concurrent(inflight, calls, size),
+        Cmd::Concurrent {
+            inflight,
+            calls,
+            size,
+            use_async: true,
+        } => async_calls::concurrent(inflight, calls, size),
     };
     if let Err(e) = r {
         eprintln!("pagerpc-bench: {e}");

@@ -452,6 +452,163 @@ impl<S: {tr}> ::pagerpc::typed::Service for {server}<S> {{
         buf.push_str("}\n}\n");
     }
 
+    /// The async client (`XAsyncClient`) over `pagerpc::AsyncClient`.
+    fn async_client(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
+        let full = full_name(service);
+        let name = format!("{}AsyncClient", service.name);
+        let m = methods_module(service);
+        docs(
+            buf,
+            &service.comments,
+            &format!("The `{full}` service."),
+            &[format!(
+                "The async client of `{full}` (pagerpc's `tokio` feature): one method per rpc, \
+                 over one `pagerpc::AsyncClient` connection. Clones share the connection; \
+                 dropping a call's future cancels the call."
+            )],
+        );
+        let _ = writeln!(
+            buf,
+            "#[derive(Clone, Debug)]\n#[allow(dead_code)]\npub struct {name} {{"
+        );
+        buf.push_str("    client: ::pagerpc::AsyncClient,\n}\n\n");
+        let _ = writeln!(
+            buf,
+            "#[allow(clippy::type_complexity, dead_code)]\nimpl {name} {{"
+        );
+        buf.push_str(
+            "/// Wraps a connected client.
+pub fn new(client: ::pagerpc::AsyncClient) -> Self {
+    Self { client }
+}
+
+/// Connects to `addr` with default settings.
+///
+/// # Errors
+/// When the connection cannot be made.
+pub async fn connect(addr: impl ::std::net::ToSocketAddrs + ::std::marker::Send + 'static) -> ::std::io::Result<Self> {
+    ::pagerpc::AsyncClient::connect(addr).await.map(Self::new)
+}
+
+/// Connects to `addr` with `config`.
+///
+/// # Errors
+/// When the connection cannot be made.
+pub async fn connect_with(addr: impl ::std::net::ToSocketAddrs + ::std::marker::Send + 'static, config: ::pagerpc::ClientConfig) -> ::std::io::Result<Self> {
+    ::pagerpc::AsyncClient::connect_with(addr, config).await.map(Self::new)
+}
+
+/// The client underneath.
+pub fn inner(&self) -> &::pagerpc::AsyncClient {
+    &self.client
+}
+
+/// The client underneath.
+pub fn into_inner(self) -> ::pagerpc::AsyncClient {
+    self.client
+}
+",
+        );
+        for r in rpcs {
+            let (input, output) = (&r.m.input_type, &r.m.output_type);
+            let (ident, with) = (&r.ident, format!("{}_with", r.base));
+            let wire = format!("{m}::{}", r.konst);
+            let pin = mode(r.payloads.request);
+            let pout = mode(r.payloads.response);
+            let errors =
+                "///\n/// # Errors\n/// The call's status: the server's, or a local failure \
+                          (deadline, connection, limits), as for `pagerpc::AsyncClient::call`.\n";
+            let link = if ident.starts_with("r#") {
+                format!("`{}`", r.base)
+            } else {
+                format!("[`{ident}`](Self::{ident})")
+            };
+            let (req_params, req_args, req_payload) =
+                match (r.m.client_streaming, r.payloads.request) {
+                    (true, _) => (String::new(), String::new(), String::new()),
+                    (false, true) => (
+                        format!(
+                            "request: &{input}, payload: impl ::std::convert::Into<::pagerpc::Payload>, "
+                        ),
+                        "request, payload, ".to_owned(),
+                        "payload.into()".to_owned(),
+                    ),
+                    (false, false) => (
+                        format!("request: &{input}, "),
+                        "request, ".to_owned(),
+                        "::pagerpc::Payload::Empty".to_owned(),
+                    ),
+                };
+            let (asyncness, awaiting, ret, body) = match (r.m.client_streaming, r.m.server_streaming) {
+                (false, false) => (
+                    "async ",
+                    ".await",
+                    format!("::pagerpc::Response<{output}>"),
+                    format!(
+                        "::pagerpc::typed::call_unary_async::<_, _, {pout}>(&self.client, {wire}, \
+                         request, {req_payload}, options).await"
+                    ),
+                ),
+                (true, false) => (
+                    "",
+                    "",
+                    format!(
+                        "(::pagerpc::typed::AsyncSender<{input}, {pin}>, \
+                         ::pagerpc::typed::AsyncPendingResponse<{output}, {pout}>)"
+                    ),
+                    format!(
+                        "let (tx, rx) = self.client.client_stream({wire}, options)?;
+                         Ok((::pagerpc::typed::AsyncSender::new(tx), \
+                         ::pagerpc::typed::AsyncPendingResponse::new(rx, {wire})))"
+                    ),
+                ),
+                (false, true) => (
+                    "",
+                    "",
+                    format!("::pagerpc::typed::AsyncReceiver<{output}, {pout}>"),
+                    format!(
+                        "let rx = self.client.server_stream({wire}, request, {req_payload}, options)?;
+                         Ok(::pagerpc::typed::AsyncReceiver::new(rx, {wire}))"
+                    ),
+                ),
+                (true, true) => (
+                    "",
+                    "",
+                    format!(
+                        "(::pagerpc::typed::AsyncSender<{input}, {pin}>, \
+                         ::pagerpc::typed::AsyncReceiver<{output}, {pout}>)"
+                    ),
+                    format!(
+                        "let (tx, rx) = self.client.bidi_stream({wire}, options)?;
+                         Ok((::pagerpc::typed::AsyncSender::new(tx), ::pagerpc::typed::AsyncReceiver::new(rx, {wire})))"
+                    ),
+                ),
+            };
+            docs(
+                buf,
+                &r.m.comments,
+                &format!("Calls `{}`.", r.m.proto_name),
+                &[shape_doc(r)],
+            );
+            buf.push_str(errors);
+            let _ = writeln!(
+                buf,
+                "pub {asyncness}fn {ident}(&self, {req_params}) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
+    self.{with}({req_args}&::pagerpc::CallOptions::default()){awaiting}
+}}
+"
+            );
+            let _ = writeln!(
+                buf,
+                "/// {link} with per-call options (timeout, metadata).\n{errors}pub {asyncness}fn {with}(&self, {req_params}options: &::pagerpc::CallOptions) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
+    {body}
+}}
+"
+            );
+        }
+        buf.push_str("}\n");
+    }
+
     /// The async server trait (`XAsync`) and its registration
     /// (`XAsyncServer`), on `pagerpc::AsyncServer`.
     fn async_server(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
@@ -640,6 +797,9 @@ impl ServiceGenerator for Generator {
         }
         if self.server {
             self.server(&service, &rpcs, buf);
+        }
+        if self.async_api && self.client {
+            self.async_client(&service, &rpcs, buf);
         }
         if self.async_api && self.server {
             self.async_server(&service, &rpcs, buf);

@@ -20,10 +20,14 @@
 //! stream openers) is the layer under this one and stays available.
 
 #[cfg(feature = "tokio")]
+mod async_client;
+#[cfg(feature = "tokio")]
 mod async_server;
 mod client;
 mod server;
 
+#[cfg(feature = "tokio")]
+pub use async_client::{call_unary_async, AsyncPendingResponse, AsyncReceiver, AsyncSender};
 #[cfg(feature = "tokio")]
 pub use async_server::{
     register_async_bidi_stream, register_async_client_stream, register_async_server_stream,
