@@ -1,0 +1,150 @@
+//! `AsyncClient` against `AsyncServer`: zero-copy both ways, and
+//! interceptors on both async halves.
+#![cfg(feature = "tokio")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use pagerpc::proto::MetadataEntry;
+use pagerpc::{
+    AsyncClient, AsyncServer, ClientConfig, Code, Context, OutgoingCall, PageBuf, Payload,
+    ServerConfig, Status,
+};
+
+const MIB: usize = 1 << 20;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn page_buf(data: &[u8]) -> PageBuf {
+    let mut pb = PageBuf::new(data.len()).unwrap();
+    pb.copy_from_slice(data);
+    pb
+}
+
+#[test]
+fn zero_copy_through_the_async_client_and_the_async_server() {
+    runtime().block_on(async {
+        let server = AsyncServer::builder()
+            .config(ServerConfig::zerocopy())
+            .register("echo", |_ctx, req: MetadataEntry, pages| async move {
+                Ok((req, Payload::Pages(pages)))
+            })
+            .bind("127.0.0.1:0")
+            .await
+            .unwrap();
+        let client = AsyncClient::connect_with(server.local_addr(), ClientConfig::zerocopy())
+            .await
+            .unwrap();
+        let data: Vec<u8> = (0..MIB).map(|i| (i * 31 % 251) as u8).collect();
+        for _ in 0..4 {
+            let r = client
+                .call::<_, MetadataEntry>("echo", &MetadataEntry::default(), page_buf(&data))
+                .await
+                .unwrap();
+            assert!(r.payload[..] == data[..]);
+        }
+        let (s0, c0) = (server.counters(), client.counters());
+        // 32 MiB each way, 4 calls in flight.
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (client, data) = (client.clone(), data.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..8 {
+                    let r = client
+                        .call::<_, MetadataEntry>(
+                            "echo",
+                            &MetadataEntry::default(),
+                            page_buf(&data),
+                        )
+                        .await
+                        .unwrap();
+                    assert!(r.payload[..] == data[..], "echo differs");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (s1, c1) = (server.counters(), client.counters());
+        for (side, a, b) in [("server", s0, s1), ("client", c0, c1)] {
+            let mapped = b.bytes_mapped - a.bytes_mapped;
+            let copied = b.bytes_copied() - a.bytes_copied();
+            assert_eq!(mapped + copied, 32 * MIB as u64, "{side}: {b:?}");
+            assert!(
+                mapped * 100 >= 99 * 32 * MIB as u64,
+                "{side}: {mapped} of {} bytes mapped: {b:?}",
+                32 * MIB
+            );
+        }
+        assert!(s1.zc_sends > s0.zc_sends && c1.zc_sends > c0.zc_sends);
+        server.shutdown().await;
+    });
+}
+
+#[test]
+fn async_interceptors_add_a_token_and_refuse_calls_without_one() {
+    runtime().block_on(async {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r2 = ran.clone();
+        let server = AsyncServer::builder()
+            .interceptor(|ctx: &Context| {
+                match ctx.metadata().iter().find(|m| m.key == "authorization") {
+                    Some(m) if m.value == b"secret" => Ok(()),
+                    _ => Err(Status::unauthenticated("no valid token")),
+                }
+            })
+            .register("work", move |_ctx, req: MetadataEntry, _pages| {
+                r2.fetch_add(1, Ordering::SeqCst);
+                async move { Ok((req, Payload::Empty)) }
+            })
+            .bind("127.0.0.1:0")
+            .await
+            .unwrap();
+        let plain = AsyncClient::connect(server.local_addr()).await.unwrap();
+        let e = plain
+            .call::<_, MetadataEntry>("work", &MetadataEntry::default(), Payload::Empty)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "the handler ran");
+        // A streaming call is refused the same way.
+        let mut rx = plain
+            .server_stream(
+                "work",
+                &MetadataEntry::default(),
+                Payload::Empty,
+                &Default::default(),
+            )
+            .unwrap();
+        let e = rx.recv().await.unwrap_err();
+        assert_ne!(e.code(), Code::Ok);
+        // The same connection, through a handle that adds the token.
+        let authed = plain.with_interceptor(|call: &mut OutgoingCall<'_>| {
+            call.insert_metadata("authorization", b"secret".to_vec());
+            Ok(())
+        });
+        authed
+            .call::<_, MetadataEntry>("work", &MetadataEntry::default(), Payload::Empty)
+            .await
+            .unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        // A client interceptor refusing locally hands the payload back.
+        let refusing = authed.with_interceptor(|_call: &mut OutgoingCall<'_>| {
+            Err(Status::permission_denied("not from this task"))
+        });
+        let mut e = refusing
+            .call::<_, MetadataEntry>("work", &MetadataEntry::default(), vec![5u8; 4096])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert_eq!(e.take_payload().map(|p| p.len()), Some(4096));
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        server.shutdown().await;
+    });
+}
