@@ -465,26 +465,38 @@ impl Drop for RssWatch {
 }
 
 /// While the consumer stalls, `sent()` (the sender's count of messages it
-/// got out) must reach exactly what the window allows and stay there, while
-/// unary calls on the same connection keep completing.
+/// got out) must come to rest within what the window allows and stay
+/// there, while unary calls on the same connection keep completing.
 fn sender_stops_at_the_window(client: &Client, sent: impl Fn() -> u64, what: &str) {
-    // The consumer released STALL_AFTER messages (credit for all of them
-    // is back: a quarter of the window at a time) and holds none: the
-    // sender may have one more window outstanding, no more.
+    // The consumer released STALL_AFTER messages and holds none. Credit
+    // goes back a quarter of the window at a time (or at once when the
+    // consumer holds nothing and nothing is queued), so up to a quarter of
+    // the window released just before the stall may stay unreported: the
+    // sender ends between three quarters of a window and one window past
+    // what was consumed. Which one depends on timing (whether the next
+    // message had arrived when the last release was made), so a test
+    // asking for exactly one window failed under load ("sent 17, never
+    // 18", 1 run in 20 while other builds ran).
     let limit = STALL_AFTER + WINDOW / CHUNK;
-    let reached = wait_until(Duration::from_secs(30), || {
+    let low = STALL_AFTER + (WINDOW - WINDOW / 4) / CHUNK;
+    let mut last = (sent(), Instant::now());
+    let rested = wait_until(Duration::from_secs(30), || {
         let n = sent();
         assert!(
             n <= limit,
             "{what}: {n} messages sent, past the window ({limit})"
         );
-        n == limit
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        n >= low && last.1.elapsed() >= Duration::from_secs(1)
     });
     assert!(
-        reached,
-        "{what}: the sender sent {} messages, never {limit}",
+        rested,
+        "{what}: the sender sent {} messages, never at rest in {low}..={limit}",
         sent()
     );
+    let limit = sent();
     // It stays blocked, and other calls on the connection go on: watch it
     // for a while (a negative result needs a time window).
     let t0 = Instant::now();
