@@ -154,82 +154,105 @@ impl Generator {
         buf.push_str("}\n");
     }
 
-    fn client(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
+    fn client(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String, f: Flavor) {
         let full = full_name(service);
-        let name = format!("{}Client", service.name);
+        let name = format!("{}{}Client", service.name, f.infix());
         let m = methods_module(service);
+        let (lib, about) = match f {
+            Flavor::Blocking => ("Client", "Clones share the connection."),
+            Flavor::Async => (
+                "AsyncClient",
+                "Clones share the connection; dropping a call's future cancels the call \
+                 (pagerpc's `tokio` feature).",
+            ),
+        };
         docs(
             buf,
             &service.comments,
             &format!("The `{full}` service."),
             &[format!(
-                "The client of `{full}`: one method per rpc, over one \
-                 [`pagerpc::Client`] connection. Clones share the connection."
+                "The {}client of `{full}`: one method per rpc, over one \
+                 `pagerpc::{lib}` connection. {about}",
+                f.adjective()
             )],
         );
         let _ = writeln!(
             buf,
-            "#[derive(Clone, Debug)]\n#[allow(dead_code)]\npub struct {name} {{"
+            "#[derive(Clone, Debug)]\n#[allow(dead_code)]\npub struct {name} {{\n    client: ::pagerpc::{lib},\n}}\n"
         );
-        buf.push_str("    client: ::pagerpc::Client,\n}\n\n");
         let _ = writeln!(
             buf,
             "#[allow(clippy::type_complexity, dead_code)]\nimpl {name} {{"
         );
-        buf.push_str(
+        let (asyncness, awaiting, addr) = match f {
+            Flavor::Blocking => ("", "", "impl ::std::net::ToSocketAddrs"),
+            Flavor::Async => (
+                "async ",
+                ".await",
+                "impl ::std::net::ToSocketAddrs + ::std::marker::Send + 'static",
+            ),
+        };
+        let _ = writeln!(
+            buf,
             "/// Wraps a connected client.
-pub fn new(client: ::pagerpc::Client) -> Self {
-    Self { client }
-}
+pub fn new(client: ::pagerpc::{lib}) -> Self {{
+    Self {{ client }}
+}}
 
 /// Connects to `addr` with default settings.
 ///
 /// # Errors
 /// When the connection cannot be made.
-pub fn connect(addr: impl ::std::net::ToSocketAddrs) -> ::std::io::Result<Self> {
-    ::pagerpc::Client::connect(addr).map(Self::new)
-}
+pub {asyncness}fn connect(addr: {addr}) -> ::std::io::Result<Self> {{
+    ::pagerpc::{lib}::connect(addr){awaiting}.map(Self::new)
+}}
 
 /// Connects to `addr` with `config`.
 ///
 /// # Errors
 /// When the connection cannot be made.
-pub fn connect_with(addr: impl ::std::net::ToSocketAddrs, config: ::pagerpc::ClientConfig) -> ::std::io::Result<Self> {
-    ::pagerpc::Client::connect_with(addr, config).map(Self::new)
-}
+pub {asyncness}fn connect_with(addr: {addr}, config: ::pagerpc::ClientConfig) -> ::std::io::Result<Self> {{
+    ::pagerpc::{lib}::connect_with(addr, config){awaiting}.map(Self::new)
+}}
 
-/// The client underneath (pings, counters, the string API).
-pub fn inner(&self) -> &::pagerpc::Client {
+/// The client underneath (counters, the string API).
+pub fn inner(&self) -> &::pagerpc::{lib} {{
     &self.client
-}
+}}
 
 /// The client underneath.
-pub fn into_inner(self) -> ::pagerpc::Client {
+pub fn into_inner(self) -> ::pagerpc::{lib} {{
     self.client
-}
-",
+}}
+"
         );
         for r in rpcs {
-            self.client_method(r, &m, buf);
+            self.client_method(r, &m, buf, f);
         }
         buf.push_str("}\n");
     }
 
-    fn client_method(&self, r: &Rpc<'_>, module: &str, buf: &mut String) {
+    fn client_method(&self, r: &Rpc<'_>, module: &str, buf: &mut String, f: Flavor) {
         let (input, output) = (&r.m.input_type, &r.m.output_type);
         let (ident, with) = (&r.ident, format!("{}_with", r.base));
         let wire = format!("{module}::{}", r.konst);
         let pin = mode(r.payloads.request);
         let pout = mode(r.payloads.response);
-        let errors = "///\n/// # Errors\n/// The call's status: the server's, or a local failure \
-                      (deadline, connection, limits), as for [`pagerpc::Client::call`].\n";
+        let a = f.infix();
+        let lib = match f {
+            Flavor::Blocking => "Client",
+            Flavor::Async => "AsyncClient",
+        };
+        let errors = format!(
+            "///\n/// # Errors\n/// The call's status: the server's, or a local failure \
+             (deadline, connection, limits), as for `pagerpc::{lib}::call`.\n"
+        );
         // rustdoc cannot link to a raw identifier (`r#type`): name it.
         let link = if ident.starts_with("r#") {
             format!("`{}`", r.base)
         } else {
             format!("[`{ident}`](Self::{ident})")
         };
-        let with_doc = format!("/// {link} with per-call options (timeout, metadata).\n{errors}");
         let (req_params, req_args, req_payload) = match (r.m.client_streaming, r.payloads.request) {
             (true, _) => (String::new(), String::new(), String::new()),
             (false, true) => (
@@ -245,36 +268,54 @@ pub fn into_inner(self) -> ::pagerpc::Client {
                 "::pagerpc::Payload::Empty".to_owned(),
             ),
         };
-        let ret = match (r.m.client_streaming, r.m.server_streaming) {
-            (false, false) => format!("::pagerpc::Response<{output}>"),
-            (true, false) => format!(
-                "(::pagerpc::typed::Sender<{input}, {pin}>, \
-                 ::pagerpc::typed::PendingResponse<{output}, {pout}>)"
+        let typed = "::pagerpc::typed";
+        let (ret, body) = match (r.m.client_streaming, r.m.server_streaming) {
+            (false, false) => (
+                format!("::pagerpc::Response<{output}>"),
+                match f {
+                    Flavor::Blocking => format!(
+                        "{typed}::call_unary::<_, _, {pout}>(&self.client, {wire}, request, \
+                         {req_payload}, options)"
+                    ),
+                    Flavor::Async => format!(
+                        "{typed}::call_unary_async::<_, _, {pout}>(&self.client, {wire}, \
+                         request, {req_payload}, options).await"
+                    ),
+                },
             ),
-            (false, true) => format!("::pagerpc::typed::Receiver<{output}, {pout}>"),
-            (true, true) => format!(
-                "(::pagerpc::typed::Sender<{input}, {pin}>, \
-                 ::pagerpc::typed::Receiver<{output}, {pout}>)"
+            (true, false) => (
+                format!(
+                    "({typed}::{a}Sender<{input}, {pin}>, \
+                     {typed}::{a}PendingResponse<{output}, {pout}>)"
+                ),
+                format!(
+                    "let (tx, rx) = self.client.client_stream({wire}, options)?;
+                     Ok(({typed}::{a}Sender::new(tx), {typed}::{a}PendingResponse::new(rx, {wire})))"
+                ),
+            ),
+            (false, true) => (
+                format!("{typed}::{a}Receiver<{output}, {pout}>"),
+                format!(
+                    "let rx = self.client.server_stream({wire}, request, {req_payload}, options)?;
+                     Ok({typed}::{a}Receiver::new(rx, {wire}))"
+                ),
+            ),
+            (true, true) => (
+                format!(
+                    "({typed}::{a}Sender<{input}, {pin}>, {typed}::{a}Receiver<{output}, {pout}>)"
+                ),
+                format!(
+                    "let (tx, rx) = self.client.bidi_stream({wire}, options)?;
+                     Ok(({typed}::{a}Sender::new(tx), {typed}::{a}Receiver::new(rx, {wire})))"
+                ),
             ),
         };
-        let body = match (r.m.client_streaming, r.m.server_streaming) {
-            (false, false) => format!(
-                "::pagerpc::typed::call_unary::<_, _, {pout}>(&self.client, {wire}, request, \
-                 {req_payload}, options)"
-            ),
-            (true, false) => format!(
-                "let (tx, rx) = self.client.client_stream({wire}, options)?;
-                 Ok((::pagerpc::typed::Sender::new(tx), \
-                 ::pagerpc::typed::PendingResponse::new(rx, {wire})))"
-            ),
-            (false, true) => format!(
-                "let rx = self.client.server_stream({wire}, request, {req_payload}, options)?;
-                 Ok(::pagerpc::typed::Receiver::new(rx, {wire}))"
-            ),
-            (true, true) => format!(
-                "let (tx, rx) = self.client.bidi_stream({wire}, options)?;
-                 Ok((::pagerpc::typed::Sender::new(tx), ::pagerpc::typed::Receiver::new(rx, {wire})))"
-            ),
+        // Only a unary call is awaited; stream openers return their
+        // handles at once.
+        let unary = !r.m.client_streaming && !r.m.server_streaming;
+        let (asyncness, awaiting) = match f {
+            Flavor::Async if unary => ("async ", ".await"),
+            _ => ("", ""),
         };
         docs(
             buf,
@@ -282,348 +323,56 @@ pub fn into_inner(self) -> ::pagerpc::Client {
             &format!("Calls `{}`.", r.m.proto_name),
             &[shape_doc(r)],
         );
-        buf.push_str(errors);
+        buf.push_str(&errors);
         let _ = writeln!(
             buf,
-            "pub fn {ident}(&self, {req_params}) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
-    self.{with}({req_args}&::pagerpc::CallOptions::default())
-}}
-"
-        );
-        buf.push_str(&with_doc);
-        let _ = writeln!(
-            buf,
-            "pub fn {with}(&self, {req_params}options: &::pagerpc::CallOptions) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
-    {body}
-}}
-"
-        );
-    }
-
-    fn server(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
-        let full = full_name(service);
-        let tr = &service.name;
-        let m = methods_module(service);
-        docs(
-            buf,
-            &service.comments,
-            &format!("The `{full}` service."),
-            &[format!(
-                "The server side of `{full}`: implement it and register it with \
-                 `builder.add_service({tr}Server::new(my_impl))`. Unary handlers run on the \
-                 server's pool threads, streaming ones on threads of their own."
-            )],
-        );
-        let _ = writeln!(
-            buf,
-            "#[allow(dead_code)]\npub trait {tr}: ::std::marker::Send + ::std::marker::Sync + 'static {{"
-        );
-        for r in rpcs {
-            let (input, output) = (&r.m.input_type, &r.m.output_type);
-            let pin = mode(r.payloads.request);
-            let pout = mode(r.payloads.response);
-            let payload_param = if r.payloads.request {
-                "payload: ::pagerpc::Pages, "
-            } else {
-                ""
-            };
-            let (params, ret) = match (r.m.client_streaming, r.m.server_streaming) {
-                (false, false) => (
-                    format!("request: {input}, {payload_param}"),
-                    response_type(output, r.payloads.response),
-                ),
-                (true, false) => (
-                    format!("requests: ::pagerpc::typed::Inbound<'_, {input}, {pin}>, "),
-                    response_type(output, r.payloads.response),
-                ),
-                (false, true) => (
-                    format!(
-                        "request: {input}, {payload_param}responses: \
-                         ::pagerpc::typed::Outbound<'_, {output}, {pout}>, "
-                    ),
-                    "()".to_owned(),
-                ),
-                (true, true) => (
-                    format!(
-                        "requests: ::pagerpc::typed::Inbound<'_, {input}, {pin}>, responses: \
-                         ::pagerpc::typed::Outbound<'_, {output}, {pout}>, "
-                    ),
-                    "()".to_owned(),
-                ),
-            };
-            docs(
-                buf,
-                &r.m.comments,
-                &format!("Handles `{}`.", r.m.proto_name),
-                &[shape_doc(r)],
-            );
-            buf.push_str(
-                "///\n/// # Errors\n/// The status the caller gets instead of a response (or as \
-                 the end of its stream).\n",
-            );
-            let _ = writeln!(
-                buf,
-                "fn {}(&self, ctx: &::pagerpc::Context, {params}) -> ::std::result::Result<{ret}, ::pagerpc::Status>;",
-                r.ident
-            );
-        }
-        buf.push_str("}\n\n");
-
-        let server = format!("{tr}Server");
-        let _ = writeln!(
-            buf,
-            "/// Registers a [`{tr}`] implementation on a server:
-/// `pagerpc::Server::builder().add_service({server}::new(my_impl))`.
-#[allow(dead_code)]
-pub struct {server}<S: {tr}> {{
-    inner: ::std::sync::Arc<S>,
-}}
-
-#[allow(dead_code)]
-impl<S: {tr}> {server}<S> {{
-    /// Serves `service`.
-    pub fn new(service: S) -> Self {{
-        Self::from_arc(::std::sync::Arc::new(service))
-    }}
-
-    /// Serves a shared `service`.
-    pub fn from_arc(service: ::std::sync::Arc<S>) -> Self {{
-        Self {{ inner: service }}
-    }}
-}}
-
-impl<S: {tr}> ::std::fmt::Debug for {server}<S> {{
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {{
-        f.write_str(\"{server}\")
-    }}
-}}
-
-impl<S: {tr}> ::pagerpc::typed::Service for {server}<S> {{
-    const NAME: &'static str = \"{full}\";
-
-    fn register(self, builder: ::pagerpc::ServerBuilder) -> ::pagerpc::ServerBuilder {{"
-        );
-        for (i, r) in rpcs.iter().enumerate() {
-            let (input, output) = (&r.m.input_type, &r.m.output_type);
-            let pin = mode(r.payloads.request);
-            let pout = mode(r.payloads.response);
-            let wire = format!("{m}::{}", r.konst);
-            let id = &r.ident;
-            let (pl_pat, pl_arg) = if r.payloads.request {
-                ("payload", "payload, ")
-            } else {
-                ("()", "")
-            };
-            let wrap = if r.payloads.response {
-                ""
-            } else {
-                ".map(|response| (response, ()))"
-            };
-            let call = match (r.m.client_streaming, r.m.server_streaming) {
-                (false, false) => format!(
-                    "::pagerpc::typed::register_unary::<{input}, {output}, {pin}, {pout}, _>(builder, {wire}, \
-                     move |ctx, request, {pl_pat}| svc.{id}(ctx, request, {pl_arg}){wrap})"
-                ),
-                (true, false) => format!(
-                    "::pagerpc::typed::register_client_stream::<{input}, {output}, {pin}, {pout}, _>(builder, {wire}, \
-                     move |ctx, requests| svc.{id}(ctx, requests){wrap})"
-                ),
-                (false, true) => format!(
-                    "::pagerpc::typed::register_server_stream::<{input}, {output}, {pin}, {pout}, _>(builder, {wire}, \
-                     move |ctx, request, {pl_pat}, responses| svc.{id}(ctx, request, {pl_arg}responses))"
-                ),
-                (true, true) => format!(
-                    "::pagerpc::typed::register_bidi_stream::<{input}, {output}, {pin}, {pout}, _>(builder, {wire}, \
-                     move |ctx, requests, responses| svc.{id}(ctx, requests, responses))"
-                ),
-            };
-            // The last registration is the function's value (no
-            // `let` and return, which clippy would flag).
-            let block = format!("{{ let svc = self.inner.clone(); {call} }}");
-            if i + 1 == rpcs.len() {
-                let _ = writeln!(buf, "{block}");
-            } else {
-                let _ = writeln!(buf, "let builder = {block};");
-            }
-        }
-        if rpcs.is_empty() {
-            buf.push_str("builder\n");
-        }
-        buf.push_str("}\n}\n");
-    }
-
-    /// The async client (`XAsyncClient`) over `pagerpc::AsyncClient`.
-    fn async_client(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
-        let full = full_name(service);
-        let name = format!("{}AsyncClient", service.name);
-        let m = methods_module(service);
-        docs(
-            buf,
-            &service.comments,
-            &format!("The `{full}` service."),
-            &[format!(
-                "The async client of `{full}` (pagerpc's `tokio` feature): one method per rpc, \
-                 over one `pagerpc::AsyncClient` connection. Clones share the connection; \
-                 dropping a call's future cancels the call."
-            )],
-        );
-        let _ = writeln!(
-            buf,
-            "#[derive(Clone, Debug)]\n#[allow(dead_code)]\npub struct {name} {{"
-        );
-        buf.push_str("    client: ::pagerpc::AsyncClient,\n}\n\n");
-        let _ = writeln!(
-            buf,
-            "#[allow(clippy::type_complexity, dead_code)]\nimpl {name} {{"
-        );
-        buf.push_str(
-            "/// Wraps a connected client.
-pub fn new(client: ::pagerpc::AsyncClient) -> Self {
-    Self { client }
-}
-
-/// Connects to `addr` with default settings.
-///
-/// # Errors
-/// When the connection cannot be made.
-pub async fn connect(addr: impl ::std::net::ToSocketAddrs + ::std::marker::Send + 'static) -> ::std::io::Result<Self> {
-    ::pagerpc::AsyncClient::connect(addr).await.map(Self::new)
-}
-
-/// Connects to `addr` with `config`.
-///
-/// # Errors
-/// When the connection cannot be made.
-pub async fn connect_with(addr: impl ::std::net::ToSocketAddrs + ::std::marker::Send + 'static, config: ::pagerpc::ClientConfig) -> ::std::io::Result<Self> {
-    ::pagerpc::AsyncClient::connect_with(addr, config).await.map(Self::new)
-}
-
-/// The client underneath.
-pub fn inner(&self) -> &::pagerpc::AsyncClient {
-    &self.client
-}
-
-/// The client underneath.
-pub fn into_inner(self) -> ::pagerpc::AsyncClient {
-    self.client
-}
-",
-        );
-        for r in rpcs {
-            let (input, output) = (&r.m.input_type, &r.m.output_type);
-            let (ident, with) = (&r.ident, format!("{}_with", r.base));
-            let wire = format!("{m}::{}", r.konst);
-            let pin = mode(r.payloads.request);
-            let pout = mode(r.payloads.response);
-            let errors =
-                "///\n/// # Errors\n/// The call's status: the server's, or a local failure \
-                          (deadline, connection, limits), as for `pagerpc::AsyncClient::call`.\n";
-            let link = if ident.starts_with("r#") {
-                format!("`{}`", r.base)
-            } else {
-                format!("[`{ident}`](Self::{ident})")
-            };
-            let (req_params, req_args, req_payload) =
-                match (r.m.client_streaming, r.payloads.request) {
-                    (true, _) => (String::new(), String::new(), String::new()),
-                    (false, true) => (
-                        format!(
-                            "request: &{input}, payload: impl ::std::convert::Into<::pagerpc::Payload>, "
-                        ),
-                        "request, payload, ".to_owned(),
-                        "payload.into()".to_owned(),
-                    ),
-                    (false, false) => (
-                        format!("request: &{input}, "),
-                        "request, ".to_owned(),
-                        "::pagerpc::Payload::Empty".to_owned(),
-                    ),
-                };
-            let (asyncness, awaiting, ret, body) = match (r.m.client_streaming, r.m.server_streaming) {
-                (false, false) => (
-                    "async ",
-                    ".await",
-                    format!("::pagerpc::Response<{output}>"),
-                    format!(
-                        "::pagerpc::typed::call_unary_async::<_, _, {pout}>(&self.client, {wire}, \
-                         request, {req_payload}, options).await"
-                    ),
-                ),
-                (true, false) => (
-                    "",
-                    "",
-                    format!(
-                        "(::pagerpc::typed::AsyncSender<{input}, {pin}>, \
-                         ::pagerpc::typed::AsyncPendingResponse<{output}, {pout}>)"
-                    ),
-                    format!(
-                        "let (tx, rx) = self.client.client_stream({wire}, options)?;
-                         Ok((::pagerpc::typed::AsyncSender::new(tx), \
-                         ::pagerpc::typed::AsyncPendingResponse::new(rx, {wire})))"
-                    ),
-                ),
-                (false, true) => (
-                    "",
-                    "",
-                    format!("::pagerpc::typed::AsyncReceiver<{output}, {pout}>"),
-                    format!(
-                        "let rx = self.client.server_stream({wire}, request, {req_payload}, options)?;
-                         Ok(::pagerpc::typed::AsyncReceiver::new(rx, {wire}))"
-                    ),
-                ),
-                (true, true) => (
-                    "",
-                    "",
-                    format!(
-                        "(::pagerpc::typed::AsyncSender<{input}, {pin}>, \
-                         ::pagerpc::typed::AsyncReceiver<{output}, {pout}>)"
-                    ),
-                    format!(
-                        "let (tx, rx) = self.client.bidi_stream({wire}, options)?;
-                         Ok((::pagerpc::typed::AsyncSender::new(tx), ::pagerpc::typed::AsyncReceiver::new(rx, {wire})))"
-                    ),
-                ),
-            };
-            docs(
-                buf,
-                &r.m.comments,
-                &format!("Calls `{}`.", r.m.proto_name),
-                &[shape_doc(r)],
-            );
-            buf.push_str(errors);
-            let _ = writeln!(
-                buf,
-                "pub {asyncness}fn {ident}(&self, {req_params}) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
+            "pub {asyncness}fn {ident}(&self, {req_params}) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
     self.{with}({req_args}&::pagerpc::CallOptions::default()){awaiting}
 }}
-"
-            );
-            let _ = writeln!(
-                buf,
-                "/// {link} with per-call options (timeout, metadata).\n{errors}pub {asyncness}fn {with}(&self, {req_params}options: &::pagerpc::CallOptions) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
+
+/// {link} with per-call options (timeout, metadata).
+{errors}pub {asyncness}fn {with}(&self, {req_params}options: &::pagerpc::CallOptions) -> ::std::result::Result<{ret}, ::pagerpc::CallError> {{
     {body}
 }}
 "
-            );
-        }
-        buf.push_str("}\n");
+        );
     }
 
-    /// The async server trait (`XAsync`) and its registration
-    /// (`XAsyncServer`), on `pagerpc::AsyncServer`.
-    fn async_server(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String) {
+    /// The server trait (`X`, or `XAsync` with `async fn` handlers) and its
+    /// registration (`XServer` / `XAsyncServer`).
+    fn server(&self, service: &Service, rpcs: &[Rpc<'_>], buf: &mut String, f: Flavor) {
         let full = full_name(service);
-        let tr = format!("{}Async", service.name);
+        let tr = format!("{}{}", service.name, f.infix());
         let m = methods_module(service);
+        let a = f.infix();
+        let typed = "::pagerpc::typed";
+        let (ctx, lifetime, how) = match f {
+            Flavor::Blocking => (
+                "&::pagerpc::Context",
+                "'_, ",
+                format!(
+                    "`pagerpc::Server::builder().add_service({tr}Server::new(my_impl))`. Unary \
+                     handlers run on the server's pool threads, streaming ones on threads of \
+                     their own."
+                ),
+            ),
+            Flavor::Async => (
+                "::pagerpc::Context",
+                "",
+                format!(
+                    "`pagerpc::AsyncServer::builder().add_service({tr}Server::new(my_impl))` \
+                     (pagerpc's `tokio` feature); implement it with `async fn`s. Each call runs \
+                     as a task on the runtime."
+                ),
+            ),
+        };
         docs(
             buf,
             &service.comments,
             &format!("The `{full}` service."),
             &[format!(
-                "The async server side of `{full}` (pagerpc's `tokio` feature): implement it \
-                 (with `async fn`s) and register it with \
-                 `AsyncServer::builder().add_service({tr}Server::new(my_impl))`. Each call runs \
-                 as a task on the runtime."
+                "The {}server side of `{full}`: implement it and register it with {how}",
+                f.adjective()
             )],
         );
         let _ = writeln!(
@@ -639,29 +388,26 @@ pub fn into_inner(self) -> ::pagerpc::AsyncClient {
             } else {
                 ""
             };
+            let inbound = format!("requests: {typed}::{a}Inbound<{lifetime}{input}, {pin}>, ");
+            let outbound = format!("responses: {typed}::{a}Outbound<{lifetime}{output}, {pout}>, ");
             let (params, ret) = match (r.m.client_streaming, r.m.server_streaming) {
                 (false, false) => (
                     format!("request: {input}, {payload_param}"),
                     response_type(output, r.payloads.response),
                 ),
-                (true, false) => (
-                    format!("requests: ::pagerpc::typed::AsyncInbound<{input}, {pin}>, "),
-                    response_type(output, r.payloads.response),
-                ),
+                (true, false) => (inbound, response_type(output, r.payloads.response)),
                 (false, true) => (
-                    format!(
-                        "request: {input}, {payload_param}responses: \
-                         ::pagerpc::typed::AsyncOutbound<{output}, {pout}>, "
-                    ),
+                    format!("request: {input}, {payload_param}{outbound}"),
                     "()".to_owned(),
                 ),
-                (true, true) => (
-                    format!(
-                        "requests: ::pagerpc::typed::AsyncInbound<{input}, {pin}>, responses: \
-                         ::pagerpc::typed::AsyncOutbound<{output}, {pout}>, "
-                    ),
-                    "()".to_owned(),
-                ),
+                (true, true) => (format!("{inbound}{outbound}"), "()".to_owned()),
+            };
+            let result = format!("::std::result::Result<{ret}, ::pagerpc::Status>");
+            let ret = match f {
+                Flavor::Blocking => result,
+                Flavor::Async => {
+                    format!("impl ::std::future::Future<Output = {result}> + ::std::marker::Send")
+                }
             };
             docs(
                 buf,
@@ -673,19 +419,19 @@ pub fn into_inner(self) -> ::pagerpc::AsyncClient {
                 "///\n/// # Errors\n/// The status the caller gets instead of a response (or as \
                  the end of its stream).\n",
             );
-            let _ = writeln!(
-                buf,
-                "fn {}(&self, ctx: ::pagerpc::Context, {params}) -> impl ::std::future::Future<Output = ::std::result::Result<{ret}, ::pagerpc::Status>> + ::std::marker::Send;",
-                r.ident
-            );
+            let _ = writeln!(buf, "fn {}(&self, ctx: {ctx}, {params}) -> {ret};", r.ident);
         }
         buf.push_str("}\n\n");
 
         let server = format!("{tr}Server");
+        let (service_trait, builder) = match f {
+            Flavor::Blocking => ("Service", "ServerBuilder"),
+            Flavor::Async => ("AsyncService", "AsyncServerBuilder"),
+        };
         let _ = writeln!(
             buf,
-            "/// Registers a [`{tr}`] implementation on an async server:
-/// `pagerpc::AsyncServer::builder().add_service({server}::new(my_impl))`.
+            "/// Registers a [`{tr}`] implementation: \
+`builder.add_service({server}::new(my_impl))` on a `pagerpc::{builder}`.
 #[allow(dead_code)]
 pub struct {server}<S: {tr}> {{
     inner: ::std::sync::Arc<S>,
@@ -710,11 +456,15 @@ impl<S: {tr}> ::std::fmt::Debug for {server}<S> {{
     }}
 }}
 
-impl<S: {tr}> ::pagerpc::typed::AsyncService for {server}<S> {{
+impl<S: {tr}> {typed}::{service_trait} for {server}<S> {{
     const NAME: &'static str = \"{full}\";
 
-    fn register(self, builder: ::pagerpc::AsyncServerBuilder) -> ::pagerpc::AsyncServerBuilder {{"
+    fn register(self, builder: ::pagerpc::{builder}) -> ::pagerpc::{builder} {{"
         );
+        let reg = match f {
+            Flavor::Blocking => "register_",
+            Flavor::Async => "register_async_",
+        };
         for (i, r) in rpcs.iter().enumerate() {
             let (input, output) = (&r.m.input_type, &r.m.output_type);
             let pin = mode(r.payloads.request);
@@ -731,24 +481,45 @@ impl<S: {tr}> ::pagerpc::typed::AsyncService for {server}<S> {{
             } else {
                 ".map(|response| (response, ()))"
             };
-            let call = match (r.m.client_streaming, r.m.server_streaming) {
-                (false, false) => format!(
-                    "::pagerpc::typed::register_async_unary::<{input}, {output}, {pin}, {pout}, _, _>(builder, {wire}, \
-                     move |ctx, request, {pl_pat}| {{ let svc = svc.clone(); async move {{ svc.{id}(ctx, request, {pl_arg}).await{wrap} }} }})"
+            let (kind, params, args, wrap) = match (r.m.client_streaming, r.m.server_streaming) {
+                (false, false) => (
+                    "unary",
+                    format!("ctx, request, {pl_pat}"),
+                    format!("ctx, request, {pl_arg}"),
+                    wrap,
                 ),
-                (true, false) => format!(
-                    "::pagerpc::typed::register_async_client_stream::<{input}, {output}, {pin}, {pout}, _, _>(builder, {wire}, \
-                     move |ctx, requests| {{ let svc = svc.clone(); async move {{ svc.{id}(ctx, requests).await{wrap} }} }})"
+                (true, false) => (
+                    "client_stream",
+                    "ctx, requests".to_owned(),
+                    "ctx, requests".to_owned(),
+                    wrap,
                 ),
-                (false, true) => format!(
-                    "::pagerpc::typed::register_async_server_stream::<{input}, {output}, {pin}, {pout}, _, _>(builder, {wire}, \
-                     move |ctx, request, {pl_pat}, responses| {{ let svc = svc.clone(); async move {{ svc.{id}(ctx, request, {pl_arg}responses).await }} }})"
+                (false, true) => (
+                    "server_stream",
+                    format!("ctx, request, {pl_pat}, responses"),
+                    format!("ctx, request, {pl_arg}responses"),
+                    "",
                 ),
-                (true, true) => format!(
-                    "::pagerpc::typed::register_async_bidi_stream::<{input}, {output}, {pin}, {pout}, _, _>(builder, {wire}, \
-                     move |ctx, requests, responses| {{ let svc = svc.clone(); async move {{ svc.{id}(ctx, requests, responses).await }} }})"
+                (true, true) => (
+                    "bidi_stream",
+                    "ctx, requests, responses".to_owned(),
+                    "ctx, requests, responses".to_owned(),
+                    "",
                 ),
             };
+            let (turbofish, call) = match f {
+                Flavor::Blocking => ("_", format!("svc.{id}({args}){wrap}")),
+                Flavor::Async => (
+                    "_, _",
+                    format!("{{ let svc = svc.clone(); async move {{ svc.{id}({args}).await{wrap} }} }}"),
+                ),
+            };
+            let call = format!(
+                "{typed}::{reg}{kind}::<{input}, {output}, {pin}, {pout}, {turbofish}>(builder, \
+                 {wire}, move |{params}| {call})"
+            );
+            // The last registration is the function's value (no `let` and
+            // return, which clippy would flag).
             let block = format!("{{ let svc = self.inner.clone(); {call} }}");
             if i + 1 == rpcs.len() {
                 let _ = writeln!(buf, "{block}");
@@ -760,6 +531,33 @@ impl<S: {tr}> ::pagerpc::typed::AsyncService for {server}<S> {{
             buf.push_str("builder\n");
         }
         buf.push_str("}\n}\n");
+    }
+}
+
+/// Which API a piece of generated code is for.
+#[derive(Clone, Copy)]
+enum Flavor {
+    /// `pagerpc::Client` and `pagerpc::Server`.
+    Blocking,
+    /// `pagerpc::AsyncClient` and `pagerpc::AsyncServer` (feature `tokio`).
+    Async,
+}
+
+impl Flavor {
+    /// What goes between a service's name and `Client`/`Server`, and
+    /// before a typed handle's name.
+    fn infix(self) -> &'static str {
+        match self {
+            Flavor::Blocking => "",
+            Flavor::Async => "Async",
+        }
+    }
+
+    fn adjective(self) -> &'static str {
+        match self {
+            Flavor::Blocking => "",
+            Flavor::Async => "async ",
+        }
     }
 }
 
@@ -792,17 +590,18 @@ impl ServiceGenerator for Generator {
             return;
         }
         self.methods_module(&service, &rpcs, buf);
-        if self.client {
-            self.client(&service, &rpcs, buf);
-        }
-        if self.server {
-            self.server(&service, &rpcs, buf);
-        }
-        if self.async_api && self.client {
-            self.async_client(&service, &rpcs, buf);
-        }
-        if self.async_api && self.server {
-            self.async_server(&service, &rpcs, buf);
+        let flavors: &[Flavor] = if self.async_api {
+            &[Flavor::Blocking, Flavor::Async]
+        } else {
+            &[Flavor::Blocking]
+        };
+        for &f in flavors {
+            if self.client {
+                self.client(&service, &rpcs, buf, f);
+            }
+            if self.server {
+                self.server(&service, &rpcs, buf, f);
+            }
         }
     }
 }

@@ -10,6 +10,8 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
+#[cfg(feature = "tokio")]
+use std::sync::Arc;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
@@ -334,4 +336,48 @@ pub(crate) fn wait_send_ready(
         error: s.contains(PollFlags::POLLERR),
         woken: w.contains(PollFlags::POLLIN),
     })
+}
+
+/// A socket as tokio's `AsyncFd` wants it (feature `tokio`), shared with
+/// its sender and receiver.
+#[cfg(feature = "tokio")]
+pub(crate) struct SockFd(Arc<OwnedFd>);
+
+#[cfg(feature = "tokio")]
+impl SockFd {
+    /// The socket, to register again.
+    pub(crate) fn into_fd(self) -> Arc<OwnedFd> {
+        self.0
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl std::os::fd::AsRawFd for SockFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Registers a socket with the current runtime's reactor for every
+/// readiness both async drivers use (readable, writable, error: zero-copy
+/// completions). One wrapper for the client's driver and the server's
+/// connection tasks.
+///
+/// tokio 1.54 deprecates the safe `AsyncFd::with_interest` in favour of an
+/// `unsafe` constructor whose contract is that the descriptor stays open,
+/// and the same, while registered. pagerpc forbids `unsafe` outside its
+/// `sys` wrappers and needs none here: `SockFd` owns an `Arc<OwnedFd>`, so
+/// the descriptor cannot close or be reused while the `AsyncFd` exists,
+/// and `as_raw_fd` always returns that one descriptor.
+///
+/// # Errors
+/// Outside a runtime, or when the reactor refuses the descriptor.
+#[cfg(feature = "tokio")]
+#[allow(deprecated)]
+pub(crate) fn register_async(fd: Arc<OwnedFd>) -> io::Result<tokio::io::unix::AsyncFd<SockFd>> {
+    use tokio::io::Interest;
+    tokio::io::unix::AsyncFd::with_interest(
+        SockFd(fd),
+        Interest::READABLE | Interest::WRITABLE | Interest::ERROR,
+    )
 }

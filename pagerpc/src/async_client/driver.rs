@@ -55,7 +55,7 @@ enum Turn {
 
 /// Runs the connection until it fails or the last client handle is
 /// dropped; then every pending call fails and the socket is shut down.
-pub(super) async fn run(shared: Arc<Shared>, mut rx: Receiver, afd: AsyncFd<SockFd>) {
+pub(super) async fn run(shared: Arc<Shared>, mut rx: Receiver, afd: AsyncFd<sys::SockFd>) {
     let mut afd = Some(afd);
     let why = loop {
         if shared.closing.load(SeqCst) {
@@ -66,7 +66,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut rx: Receiver, afd: AsyncFd<Sock
         }
         let want_write = shared.pump();
         let interest = if want_write {
-            all_interest()
+            Interest::READABLE | Interest::WRITABLE | Interest::ERROR
         } else {
             Interest::READABLE | Interest::ERROR
         };
@@ -124,7 +124,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut rx: Receiver, afd: AsyncFd<Sock
         if reregister {
             // See the module documentation: reset the sticky flag.
             if let Some(old) = afd.take() {
-                afd = register(old.into_inner()).ok();
+                afd = sys::register_async(old.into_inner().into_fd()).ok();
             }
         }
         if more {

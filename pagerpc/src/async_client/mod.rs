@@ -31,7 +31,7 @@ pub use stream::{AsyncStreamReceiver, AsyncStreamResponse, AsyncStreamSender};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
@@ -55,33 +55,6 @@ use crate::error::CallError;
 use crate::intercept::{ClientInterceptor, ClientInterceptors, OutgoingCall};
 use crate::sys;
 use crate::trace::{CallTrace, Side};
-
-/// The socket, shared with the sender and receiver, for [`AsyncFd`].
-struct SockFd(Arc<OwnedFd>);
-
-impl AsRawFd for SockFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-/// Registers the socket with the current runtime's reactor.
-///
-/// tokio 1.54 deprecates the safe `AsyncFd::with_interest` in favour of an
-/// `unsafe` constructor whose condition is that the descriptor stays open
-/// and the same while registered (I/O safety). `SockFd` guarantees it: it
-/// holds an `Arc<OwnedFd>`, so the descriptor cannot be closed or reused
-/// while the `AsyncFd` exists. pagerpc forbids `unsafe`, hence the safe,
-/// deprecated form.
-#[allow(deprecated)]
-fn register(fd: SockFd) -> std::io::Result<AsyncFd<SockFd>> {
-    AsyncFd::with_interest(fd, all_interest())
-}
-
-/// Every readiness the driver's registration may report.
-fn all_interest() -> Interest {
-    Interest::READABLE | Interest::WRITABLE | Interest::ERROR
-}
 
 /// The send half and what waits to go into it.
 struct Tx {
@@ -231,7 +204,7 @@ impl AsyncClient {
         })
         .await
         .map_err(std::io::Error::other)??;
-        let afd = register(SockFd(opened.fd.clone()))?;
+        let afd = sys::register_async(opened.fd.clone())?;
         let shared = Arc::new(Shared {
             fd: opened.fd,
             tx: Mutex::new(Tx {

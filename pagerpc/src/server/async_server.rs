@@ -39,7 +39,6 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::pin;
 use std::sync::atomic::Ordering;
@@ -49,7 +48,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use prost::Message;
-use tokio::io::unix::AsyncFd;
 use tokio::io::{Interest, Ready};
 use tokio::sync::Notify;
 
@@ -145,41 +143,13 @@ pub(crate) async fn run_catching(make: impl FnOnce() -> HandlerFuture) -> Result
     .await
 }
 
-/// A connection's socket, as `AsyncFd` wants it (no `unsafe`: the
-/// descriptor stays owned by the `Arc`).
-struct SockFd(Arc<OwnedFd>);
-
-impl AsRawFd for SockFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-/// Registers a connection's socket with the runtime's reactor.
-///
-/// `AsyncFd::with_interest` is deprecated in favour of an `unsafe`
-/// constructor whose contract is that the descriptor stays open, and the
-/// same, for the `AsyncFd`'s whole life. pagerpc forbids `unsafe`, and
-/// `SockFd` upholds that contract by construction: it owns an
-/// `Arc<OwnedFd>`, so the descriptor cannot close while it exists, and
-/// `as_raw_fd` always returns that one descriptor.
-#[allow(deprecated)]
-fn register(conn: &Conn) -> io::Result<AsyncFd<SockFd>> {
-    AsyncFd::with_interest(
-        SockFd(conn.fd.clone()),
-        Interest::READABLE
-            .add(Interest::WRITABLE)
-            .add(Interest::ERROR),
-    )
-}
-
 /// Drives one connection until it closes: waits for what it wants now,
 /// then runs the shared turn.
 async fn conn_task(shared: Arc<Shared>, conn: Arc<Conn>) {
     let Some(notify) = conn.task.clone() else {
         return;
     };
-    let mut afd = match register(&conn) {
+    let mut afd = match sys::register_async(conn.fd.clone()) {
         Ok(a) => a,
         Err(_) => {
             shared.close(&conn, None, true);
@@ -193,7 +163,7 @@ async fn conn_task(shared: Arc<Shared>, conn: Arc<Conn>) {
         }
         if std::mem::take(&mut stale_write) {
             drop(afd);
-            afd = match register(&conn) {
+            afd = match sys::register_async(conn.fd.clone()) {
                 Ok(a) => a,
                 Err(_) => {
                     shared.close(&conn, None, true);

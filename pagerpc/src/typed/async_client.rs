@@ -11,26 +11,12 @@ use pagerpc_core::{Code, MetadataEntry};
 use pagerpc_pages::{Pages, Payload};
 use prost::Message;
 
+use super::client::check_response;
 use super::{unexpected_payload, NoPayload, PayloadMode, WithPayload};
 use crate::{
     AsyncClient, AsyncStreamReceiver, AsyncStreamResponse, AsyncStreamSender, CallError,
     CallOptions, Response, StreamMessage,
 };
-
-fn check_response<T, P: PayloadMode>(
-    method: &str,
-    r: Response<T>,
-) -> Result<Response<T>, CallError> {
-    if !P::CARRIES_PAYLOAD && !r.payload.is_empty() {
-        return Err(CallError::new(unexpected_payload(
-            Code::Internal,
-            method,
-            "the response",
-            r.payload.len(),
-        )));
-    }
-    Ok(r)
-}
 
 /// Calls a unary `method` through an [`AsyncClient`] and waits for the
 /// typed response, whose payload is checked against `POut`.

@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Checks a response's payload against the method's response mode.
-fn check_response<T, P: PayloadMode>(
+pub(super) fn check_response<T, P: PayloadMode>(
     method: &str,
     r: Response<T>,
 ) -> Result<Response<T>, CallError> {
