@@ -31,6 +31,31 @@ impl StreamMessage {
     }
 }
 
+impl StreamMessage {
+    /// A received stream frame as the message its consumer is handed: its
+    /// payload's credit goes back (`release(bytes)`) when the last handle
+    /// to the pages is dropped, or at once when the pages cannot carry a
+    /// hook (shared). One mechanism for both clients and the server.
+    pub(crate) fn releasing(
+        frame: pagerpc_receiver::Frame,
+        release: impl FnOnce(u64) + Send + Sync + 'static,
+    ) -> StreamMessage {
+        let mut payload = frame.payload;
+        let n = payload.len() as u64;
+        if n > 0 {
+            let hook: pagerpc_pages::ReleaseHook = Box::new(move |_| release(n));
+            if let Err(hook) = payload.on_release(hook) {
+                hook(0);
+            }
+        }
+        StreamMessage {
+            body: frame.head.header.body,
+            payload,
+            metadata: frame.head.header.metadata,
+        }
+    }
+}
+
 /// A CREDIT frame giving `credit` bytes back on stream `id` (0: the whole
 /// connection).
 pub(crate) fn credit_frame(id: u64, credit: u64) -> OutFrame {

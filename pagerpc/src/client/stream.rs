@@ -378,25 +378,12 @@ impl Shared {
     /// Turns a received frame into a message whose payload gives its
     /// credit back when dropped.
     fn hand_out(self: &Arc<Self>, id: u64, frame: Frame) -> StreamMessage {
-        let mut payload = frame.payload;
-        let n = payload.len() as u64;
-        if n > 0 {
-            let weak = Arc::downgrade(self);
-            let hook = Box::new(move |_: usize| {
-                if let Some(shared) = weak.upgrade() {
-                    shared.release_stream_bytes(id, n);
-                }
-            });
-            if payload.on_release(hook).is_err() {
-                // Shared or empty pages: count them released now.
-                self.release_stream_bytes(id, n);
+        let weak = Arc::downgrade(self);
+        StreamMessage::releasing(frame, move |n| {
+            if let Some(shared) = weak.upgrade() {
+                shared.release_stream_bytes(id, n);
             }
-        }
-        StreamMessage {
-            body: frame.head.header.body,
-            payload,
-            metadata: frame.head.header.metadata,
-        }
+        })
     }
 
     /// The client is done with one half of stream `id`. `cancel` says the

@@ -554,26 +554,15 @@ impl Half {
         if let (Some(credit), Some(shared)) = (grant, self.shared.upgrade()) {
             shared.send(&self.conn, credit_frame(self.id, credit));
         }
-        let mut payload = frame.payload;
-        let n = payload.len() as u64;
-        if n > 0 {
-            let (shared, conn, stream, id) = (
-                self.shared.clone(),
-                Arc::downgrade(&self.conn),
-                Arc::downgrade(&self.stream),
-                self.id,
-            );
-            let hook: pagerpc_pages::ReleaseHook =
-                Box::new(move |_| Half::release(&shared, &conn, &stream, id, n));
-            if let Err(hook) = payload.on_release(hook) {
-                hook(0);
-            }
-        }
-        Some(StreamMessage {
-            body: frame.head.header.body,
-            payload,
-            metadata: frame.head.header.metadata,
-        })
+        let (shared, conn, stream, id) = (
+            self.shared.clone(),
+            Arc::downgrade(&self.conn),
+            Arc::downgrade(&self.stream),
+            self.id,
+        );
+        Some(StreamMessage::releasing(frame, move |n| {
+            Half::release(&shared, &conn, &stream, id, n)
+        }))
     }
 
     /// A stream message to send, checked against the client's limits, and
