@@ -229,8 +229,12 @@ enum Cmd {
         /// Through `AsyncClient` and `AsyncServer` (tokio, one worker each).
         #[arg(long = "async")]
         use_async: bool,
+        /// Call a `serve-echo` server at this address instead of one in
+        /// this process (to measure each side apart, e.g. with strace).
+        #[arg(long, conflicts_with = "use_async")]
+        connect: Option<SocketAddr>,
     },
-    /// C calls outstanding on one connection.
+    /// C calls outstanding on each of N connections.
     Concurrent {
         /// Calls kept in flight.
         #[arg(long, default_value_t = 64)]
@@ -244,6 +248,21 @@ enum Cmd {
         /// Through `AsyncClient` and `AsyncServer` (tokio, one worker each).
         #[arg(long = "async")]
         use_async: bool,
+        /// Client connections, each with `inflight` calls outstanding, each
+        /// driven by its own thread.
+        #[arg(long, default_value_t = 1, conflicts_with = "use_async")]
+        connections: usize,
+        /// Call a `serve-echo` server at this address instead of one in
+        /// this process.
+        #[arg(long, conflicts_with = "use_async")]
+        connect: Option<SocketAddr>,
+    },
+    /// Serves the `echo` method that `pingpong` and `concurrent` call,
+    /// printing `listening on ADDR`, until its stdin closes.
+    ServeEcho {
+        /// Server pool threads (default: as `ServerConfig::default()`).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// A bounded mixed load with injected faults; reports calls, errors by
     /// kind, RSS over time, and leaked fds and mappings (exit 1 on a leak).
@@ -353,12 +372,14 @@ fn main() {
             size,
             warmup,
             use_async: false,
-        } => pingpong(calls, size, warmup),
+            connect,
+        } => pingpong(calls, size, warmup, connect),
         Cmd::Pingpong {
             calls,
             size,
             warmup,
             use_async: true,
+            ..
         } => async_calls::pingpong(calls, size, warmup),
         Cmd::Soak { seconds } => soak::soak(seconds),
         Cmd::Concurrent {
@@ -366,13 +387,17 @@ fn main() {
             calls,
             size,
             use_async: false,
-        } => concurrent(inflight, calls, size),
+            connections,
+            connect,
+        } => concurrent(inflight, calls, size, connections, connect),
         Cmd::Concurrent {
             inflight,
             calls,
             size,
             use_async: true,
+            ..
         } => async_calls::concurrent(inflight, calls, size),
+        Cmd::ServeEcho { threads } => serve_echo(threads),
     };
     if let Err(e) = r {
         eprintln!("pagerpc-bench: {e}");
@@ -552,8 +577,13 @@ fn bulk_send(
     Ok(())
 }
 
-fn echo_server() -> Result<Server, std::io::Error> {
+fn echo_server(threads: usize) -> Result<Server, std::io::Error> {
+    let cfg = ServerConfig {
+        threads,
+        ..ServerConfig::default()
+    };
     Server::builder()
+        .config(cfg)
         .register("echo", |_ctx, req: MetadataEntry, pages| {
             Ok((req, Payload::Pages(pages)))
         })
@@ -574,9 +604,33 @@ fn report(name: String, lat: &mut [Duration], elapsed: Duration) {
     );
 }
 
-fn pingpong(calls: usize, size: usize, warmup: usize) -> Res {
-    let server = echo_server()?;
-    let client = Client::connect(server.local_addr())?;
+/// The echo server `pingpong` and `concurrent` call: in this process, or
+/// none when they call one at `connect`.
+fn echo_target(
+    connect: Option<SocketAddr>,
+) -> Result<(Option<Server>, SocketAddr), std::io::Error> {
+    match connect {
+        Some(addr) => Ok((None, addr)),
+        None => {
+            let server = echo_server(ServerConfig::default().threads)?;
+            let addr = server.local_addr();
+            Ok((Some(server), addr))
+        }
+    }
+}
+
+/// `serve-echo`: the echo server in a process of its own.
+fn serve_echo(threads: Option<usize>) -> Res {
+    let server = echo_server(threads.unwrap_or(ServerConfig::default().threads))?;
+    println!("listening on {}", server.local_addr());
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+    server.shutdown();
+    Ok(())
+}
+
+fn pingpong(calls: usize, size: usize, warmup: usize, connect: Option<SocketAddr>) -> Res {
+    let (server, addr) = echo_target(connect)?;
+    let client = Client::connect(addr)?;
     let payload = vec![b'x'; size];
     let req = empty();
     for _ in 0..warmup {
@@ -594,47 +648,86 @@ fn pingpong(calls: usize, size: usize, warmup: usize) -> Res {
     }
     report(format!("pingpong {size} B"), &mut lat, t0.elapsed());
     drop(client);
-    server.shutdown();
+    if let Some(server) = server {
+        server.shutdown();
+    }
     Ok(())
 }
 
-fn concurrent(inflight: usize, calls: usize, size: usize) -> Res {
-    let server = echo_server()?;
-    let client = Client::connect(server.local_addr())?;
+fn concurrent(
+    inflight: usize,
+    calls: usize,
+    size: usize,
+    connections: usize,
+    connect: Option<SocketAddr>,
+) -> Res {
+    let (server, addr) = echo_target(connect)?;
+    let connections = connections.max(1);
+    let clients = (0..connections)
+        .map(|_| Client::connect(addr))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Warm up, then measure: every connection's thread runs its share.
+    for round in 0..2 {
+        let total = if round == 0 { calls / 10 } else { calls };
+        let t0 = Instant::now();
+        let threads: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let client = client.clone();
+                let share = total / connections + usize::from(i < total % connections);
+                std::thread::spawn(move || keep_in_flight(&client, inflight, share, size))
+            })
+            .collect();
+        let mut lat = Vec::with_capacity(total);
+        for t in threads {
+            lat.extend(t.join().map_err(|_| "a client thread panicked")??);
+        }
+        if round == 1 {
+            let name = if connections == 1 {
+                format!("concurrent {inflight} inflight {size} B")
+            } else {
+                format!("concurrent {connections} connections x {inflight} inflight {size} B")
+            };
+            report(name, &mut lat, t0.elapsed());
+        }
+    }
+    drop(clients);
+    if let Some(server) = server {
+        server.shutdown();
+    }
+    Ok(())
+}
+
+/// Makes `calls` echo calls on `client`, keeping `inflight` outstanding;
+/// returns their latencies.
+fn keep_in_flight(
+    client: &Client,
+    inflight: usize,
+    calls: usize,
+    size: usize,
+) -> Result<Vec<Duration>, String> {
     let payload = vec![b'x'; size];
     let body = pagerpc::prost::Message::encode_to_vec(&empty());
     let opts = CallOptions::default();
     let mut q = VecDeque::with_capacity(inflight);
     let mut lat = Vec::with_capacity(calls);
-    // Warm up, then measure.
-    for round in 0..2 {
-        let total = if round == 0 { calls / 10 } else { calls };
-        lat.clear();
-        let t0 = Instant::now();
-        let mut started = 0;
-        while started < total || !q.is_empty() {
-            while started < total && q.len() < inflight.max(1) {
-                let c = client.start_call("echo", body.clone(), payload.clone(), &opts)?;
-                q.push_back((Instant::now(), c));
-                started += 1;
-            }
-            if let Some((t, c)) = q.pop_front() {
-                let f = c.wait()?;
-                lat.push(t.elapsed());
-                if f.payload.len() != size {
-                    return Err("short echo".into());
-                }
-            }
+    let mut started = 0;
+    while started < calls || !q.is_empty() {
+        while started < calls && q.len() < inflight.max(1) {
+            let c = client
+                .start_call("echo", body.clone(), payload.clone(), &opts)
+                .map_err(|e| e.to_string())?;
+            q.push_back((Instant::now(), c));
+            started += 1;
         }
-        if round == 1 {
-            report(
-                format!("concurrent {inflight} inflight {size} B"),
-                &mut lat,
-                t0.elapsed(),
-            );
+        if let Some((t, c)) = q.pop_front() {
+            let f = c.wait().map_err(|e| e.to_string())?;
+            lat.push(t.elapsed());
+            if f.payload.len() != size {
+                return Err("short echo".into());
+            }
         }
     }
-    drop(client);
-    server.shutdown();
-    Ok(())
+    Ok(lat)
 }
