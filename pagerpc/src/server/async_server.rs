@@ -364,25 +364,10 @@ impl AsyncServerBuilder {
         F: Fn(Context, Req, Pages) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(Resp, Payload), Status>> + Send + 'static,
     {
-        self.register_raw(method, move |ctx, body, pages| {
-            let req = match Req::decode(&body[..]) {
-                Ok(req) => req,
-                Err(e) => {
-                    let status =
-                        Status::invalid_argument(format!("undecodable request message: {e}"));
-                    return Box::pin(async move { Err(status) }) as HandlerFuture;
-                }
-            };
-            let fut = f(ctx, req, pages);
-            Box::pin(async move {
-                let (resp, payload) = fut.await?;
-                Ok(Reply {
-                    body: resp.encode_to_vec(),
-                    payload,
-                    metadata: Vec::new(),
-                })
-            })
-        })
+        use crate::typed::WithPayload;
+        crate::typed::register_async_unary::<Req, Resp, WithPayload, WithPayload, _, _>(
+            self, method, f,
+        )
     }
 
     /// Registers an async handler that sees the request body as raw bytes

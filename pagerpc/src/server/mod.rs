@@ -136,17 +136,8 @@ impl ServerBuilder {
         Resp: Message,
         F: Fn(&Context, Req, Pages) -> Result<(Resp, Payload), Status> + Send + Sync + 'static,
     {
-        self.register_raw(method, move |ctx, body, pages| {
-            let req = Req::decode(body).map_err(|e| {
-                Status::invalid_argument(format!("undecodable request message: {e}"))
-            })?;
-            let (resp, payload) = f(ctx, req, pages)?;
-            Ok(Reply {
-                body: resp.encode_to_vec(),
-                payload,
-                metadata: Vec::new(),
-            })
-        })
+        use crate::typed::WithPayload;
+        crate::typed::register_unary::<Req, Resp, WithPayload, WithPayload, _>(self, method, f)
     }
 
     /// Registers a handler that sees the request body as raw bytes and

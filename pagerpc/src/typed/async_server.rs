@@ -13,8 +13,8 @@ use pagerpc_pages::{Pages, Payload};
 use parking_lot::Mutex;
 use prost::Message;
 
-use super::{unexpected_payload, NoPayload, PayloadMode, WithPayload};
-use crate::{AsyncInStream, AsyncOutStream, AsyncServerBuilder, Context, Reply, StreamSendError};
+use super::{typed_reply, typed_request, unexpected_payload, NoPayload, PayloadMode, WithPayload};
+use crate::{AsyncInStream, AsyncOutStream, AsyncServerBuilder, Context, StreamSendError};
 
 /// A set of methods registered together on an
 /// [`AsyncServerBuilder`]: what `pagerpc-build` generates for a `.proto`
@@ -26,21 +26,6 @@ pub trait AsyncService {
 
     /// Registers every method of the service on `builder`.
     fn register(self, builder: AsyncServerBuilder) -> AsyncServerBuilder;
-}
-
-/// Decodes a request and checks its payload against `PIn`, before any
-/// handler runs.
-fn typed_request<Req: Message + Default, PIn: PayloadMode>(
-    ctx: &Context,
-    body: &[u8],
-    pages: Pages,
-) -> Result<(Req, PIn::Received), Status> {
-    let req = Req::decode(body)
-        .map_err(|e| Status::invalid_argument(format!("undecodable request message: {e}")))?;
-    let payload = PIn::receive(pages).map_err(|len| {
-        unexpected_payload(Code::InvalidArgument, ctx.method(), "the request", len)
-    })?;
-    Ok((req, payload))
 }
 
 /// Registers a typed async unary handler: a request that does not decode
@@ -65,11 +50,7 @@ where
             .map(|(req, payload)| f(ctx, req, payload));
         async move {
             let (resp, out) = fut?.await?;
-            Ok(Reply {
-                body: resp.encode_to_vec(),
-                payload: POut::into_payload(out),
-                metadata: Vec::new(),
-            })
+            Ok(typed_reply::<Resp, POut>(resp, out))
         }
     })
 }
@@ -94,11 +75,7 @@ where
         let fut = f(ctx, inbound);
         async move {
             let (resp, out) = fut.await?;
-            Ok(Reply {
-                body: resp.encode_to_vec(),
-                payload: POut::into_payload(out),
-                metadata: Vec::new(),
-            })
+            Ok(typed_reply::<Resp, POut>(resp, out))
         }
     })
 }

@@ -41,6 +41,9 @@ pub use server::{
 
 use pagerpc_core::{Code, Status};
 use pagerpc_pages::{Pages, Payload};
+use prost::Message;
+
+use crate::{Context, Reply};
 
 mod sealed {
     pub trait Sealed {}
@@ -118,4 +121,29 @@ fn unexpected_payload(code: Code, method: &str, what: &str, len: usize) -> Statu
         code,
         format!("{what} of `{method}` carried a {len}-byte payload, but the method carries none"),
     )
+}
+
+/// A request decoded as `Req`, with its payload checked against `PIn`,
+/// before any handler runs (both servers): either failing is
+/// [`Code::InvalidArgument`].
+fn typed_request<Req: Message + Default, PIn: PayloadMode>(
+    ctx: &Context,
+    body: &[u8],
+    pages: Pages,
+) -> Result<(Req, PIn::Received), Status> {
+    let req = Req::decode(body)
+        .map_err(|e| Status::invalid_argument(format!("undecodable request message: {e}")))?;
+    let payload = PIn::receive(pages).map_err(|len| {
+        unexpected_payload(Code::InvalidArgument, ctx.method(), "the request", len)
+    })?;
+    Ok((req, payload))
+}
+
+/// A handler's typed answer as the reply it sends.
+fn typed_reply<Resp: Message, POut: PayloadMode>(resp: Resp, out: POut::ToSend) -> Reply {
+    Reply {
+        body: resp.encode_to_vec(),
+        payload: POut::into_payload(out),
+        metadata: Vec::new(),
+    }
 }

@@ -7,8 +7,8 @@ use pagerpc_core::{Code, MetadataEntry, Status};
 use pagerpc_pages::Pages;
 use prost::Message;
 
-use super::{unexpected_payload, NoPayload, PayloadMode, WithPayload};
-use crate::{Context, InStream, OutStream, Reply, ServerBuilder, StreamSendError};
+use super::{typed_reply, typed_request, unexpected_payload, NoPayload, PayloadMode, WithPayload};
+use crate::{Context, InStream, OutStream, ServerBuilder, StreamSendError};
 
 /// A set of methods registered together: what `pagerpc-build` generates
 /// for a `.proto` service (`KvServer::new(my_impl)`), given to
@@ -19,16 +19,6 @@ pub trait Service {
 
     /// Registers every method of the service on `builder`.
     fn register(self, builder: ServerBuilder) -> ServerBuilder;
-}
-
-fn decode_request<Req: Message + Default>(body: &[u8]) -> Result<Req, Status> {
-    Req::decode(body)
-        .map_err(|e| Status::invalid_argument(format!("undecodable request message: {e}")))
-}
-
-fn receive<P: PayloadMode>(ctx: &Context, pages: Pages, what: &str) -> Result<P::Received, Status> {
-    P::receive(pages)
-        .map_err(|len| unexpected_payload(Code::InvalidArgument, ctx.method(), what, len))
 }
 
 /// Registers a typed unary handler: a request that does not decode as
@@ -50,14 +40,9 @@ where
         + 'static,
 {
     builder.register_raw(method, move |ctx, body, pages| {
-        let req = decode_request::<Req>(body)?;
-        let payload = receive::<PIn>(ctx, pages, "the request")?;
+        let (req, payload) = typed_request::<Req, PIn>(ctx, body, pages)?;
         let (resp, out) = f(ctx, req, payload)?;
-        Ok(Reply {
-            body: resp.encode_to_vec(),
-            payload: POut::into_payload(out),
-            metadata: Vec::new(),
-        })
+        Ok(typed_reply::<Resp, POut>(resp, out))
     })
 }
 
@@ -80,11 +65,7 @@ where
 {
     builder.register_client_stream(method, move |ctx, rx| {
         let (resp, out) = f(ctx, Inbound::new(ctx, rx))?;
-        Ok(Reply {
-            body: resp.encode_to_vec(),
-            payload: POut::into_payload(out),
-            metadata: Vec::new(),
-        })
+        Ok(typed_reply::<Resp, POut>(resp, out))
     })
 }
 
@@ -108,8 +89,7 @@ where
         + 'static,
 {
     builder.register_server_stream(method, move |ctx, body, pages, tx| {
-        let req = decode_request::<Req>(body)?;
-        let payload = receive::<PIn>(ctx, pages, "the request")?;
+        let (req, payload) = typed_request::<Req, PIn>(ctx, body, pages)?;
         let mut trailers = Vec::new();
         f(ctx, req, payload, Outbound::new(tx, &mut trailers))?;
         Ok(trailers)
