@@ -32,11 +32,11 @@ fn child(mode: &str) {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     setrlimit(Resource::RLIMIT_NOFILE, NOFILE, hard).unwrap();
     let default_max = ServerConfig::default().max_connections;
-    let max_connections = if mode == "explicit" {
-        1024
-    } else {
-        default_max
-    };
+    let max_connections = if mode == "default" { default_max } else { 1024 };
+    #[cfg(feature = "tokio")]
+    if mode == "async" {
+        async_child(max_connections, default_max);
+    }
     let server = Server::builder()
         .config(ServerConfig {
             threads: 2,
@@ -55,6 +55,38 @@ fn child(mode: &str) {
         out.flush().unwrap();
     }
     // Serve until the parent closes our stdin (or kills us).
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    std::process::exit(0);
+}
+
+/// The child's part with the async server (same limit, same report).
+#[cfg(feature = "tokio")]
+fn async_child(max_connections: usize, default_max: usize) -> ! {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt
+        .block_on(
+            pagerpc::AsyncServer::builder()
+                .config(ServerConfig {
+                    max_connections,
+                    ..ServerConfig::default()
+                })
+                .register("echo", |_ctx, req: MetadataEntry, p: Pages| async move {
+                    Ok::<_, Status>((req, Payload::Pages(p)))
+                })
+                .bind("127.0.0.1:0"),
+        )
+        .unwrap();
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "\nMAXCONN {default_max}").unwrap();
+        writeln!(out, "ADDR {}", server.local_addr()).unwrap();
+        out.flush().unwrap();
+    }
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
     std::process::exit(0);
@@ -229,4 +261,19 @@ fn default_max_connections_fits_the_descriptor_limit() {
         "with RLIMIT_NOFILE {NOFILE}, the default max_connections is {default_max}"
     );
     flood_and_recover(&child, addr, false);
+}
+
+/// The async server out of descriptors: the same flood, the same limits.
+/// Its accept loop must back off on `EMFILE` rather than spin, and it must
+/// serve again once the flood is gone.
+#[cfg(feature = "tokio")]
+#[test]
+fn the_async_server_out_of_descriptors_does_not_spin() {
+    if let Ok(mode) = std::env::var(CHILD_ENV) {
+        child(&mode);
+        return;
+    }
+    let (child, _, addr) =
+        spawn_child("the_async_server_out_of_descriptors_does_not_spin", "async");
+    flood_and_recover(&child, addr, true);
 }
