@@ -185,3 +185,36 @@ fn blob(len: usize) -> pagerpc_codegen_tests::lab::Blob {
         seq: 0,
     }
 }
+
+/// The async typed receiver after an undecodable message: the error, then
+/// the next message, then the clean end. It used to answer `Ok(None)`
+/// right after the error, as if the stream had ended whole.
+#[test]
+fn an_error_on_the_async_receiver_is_not_followed_by_a_false_end() {
+    use pagerpc::{Payload, Server};
+    use pagerpc_codegen_tests::lab::{Blob, LabAsyncClient};
+    let server = Server::builder()
+        .register_server_stream(lab_methods::DOWNLOAD, |_ctx, _body, _pages, tx| {
+            tx.send_raw(vec![0x0a, 0xff], Payload::Empty)?;
+            tx.send(&Blob::default(), vec![2u8; 10])?;
+            Ok(Vec::new())
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let lab = LabAsyncClient::connect(addr).await.unwrap();
+        let mut rx = lab.download(&Blob::default()).unwrap();
+        let e = rx.recv().await.unwrap_err();
+        assert_eq!(e.code(), Code::Internal, "{e}");
+        let (_, pages) = rx.recv().await.unwrap().expect("the next message");
+        assert_eq!(pages.len(), 10);
+        assert!(rx.recv().await.unwrap().is_none());
+    });
+    server.shutdown();
+}

@@ -195,6 +195,12 @@ fn the_generated_client_refuses_what_the_service_does_not_allow() {
             tx.send(&note("payload", 1), vec![1u8; 4096])?;
             Ok(Vec::new())
         })
+        .register_server_stream(lab_methods::DOWNLOAD, |_ctx, _body, _pages, tx| {
+            // An undecodable message, then a good one.
+            tx.send_raw(vec![0x0a, 0xff], Payload::Empty)?;
+            tx.send(&Blob::default(), vec![2u8; 10])?;
+            Ok(Vec::new())
+        })
         .register_client_stream(lab_methods::COUNT, |_ctx, rx| {
             while rx.recv()?.is_some() {}
             Ok(Reply {
@@ -224,6 +230,13 @@ fn the_generated_client_refuses_what_the_service_does_not_allow() {
     let e = resp.wait().unwrap_err();
     assert_eq!(e.code(), Code::Internal, "{e}");
     assert!(e.message().contains("carries none"), "{e}");
+
+    // An undecodable stream message from the server is the server's fault:
+    // Internal, as for an undecodable response (it was InvalidArgument).
+    let mut rx = lab.download(&Blob::default()).unwrap();
+    let e = rx.recv().unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e}");
+    assert!(e.message().contains("undecodable"), "{e}");
 }
 
 #[test]

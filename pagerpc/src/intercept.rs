@@ -236,11 +236,13 @@ impl ServerInterceptors {
     /// refusal. Every server front end calls this once per call, right
     /// before it would run the call's handler, and runs the handler only on
     /// `Ok`; on `Err` the status is the call's answer.
+    /// A panicking interceptor fails the call with `Internal`, not the
+    /// server.
     pub(crate) fn check(&self, ctx: &Context) -> Result<(), Status> {
-        for i in &self.list {
-            i.intercept(ctx)?;
-        }
-        Ok(())
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.list.iter().try_for_each(|i| i.intercept(ctx))
+        }))
+        .unwrap_or_else(|_| Err(Status::internal("an interceptor panicked")))
     }
 }
 

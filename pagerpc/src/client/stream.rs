@@ -632,7 +632,12 @@ impl StreamReceiver {
     /// As [`recv`](Self::recv), and `Internal` for an undecodable body.
     pub fn recv_typed<T: Message + Default>(&mut self) -> Result<Option<(T, Pages)>, CallError> {
         match self.recv()? {
-            Some(m) => Ok(Some((m.decode().map_err(CallError::new)?, m.payload))),
+            Some(m) => {
+                let msg = T::decode(m.body.as_slice()).map_err(|e| {
+                    CallError::new(Status::internal(format!("undecodable stream message: {e}")))
+                })?;
+                Ok(Some((msg, m.payload)))
+            }
             None => Ok(None),
         }
     }

@@ -62,6 +62,7 @@ use super::stream::{Shape, StreamFn};
 use super::{ServerConfig, Shared};
 use crate::intercept::{ServerInterceptor, ServerInterceptors};
 use crate::sys;
+use crate::trace::CallTrace;
 
 /// What the async server adds to the shared state: its runtime and tasks.
 pub(crate) struct AsyncIo {
@@ -105,14 +106,15 @@ impl Shared {
         let result = match start {
             CallStart::Answer(result) => result,
             CallStart::Run(Handler::Async(handler), ctx, body, pages) => {
-                let out = call_async_handler(&*handler, ctx, body, pages).await;
+                let out = call_async_handler(&*handler, ctx, body, pages, &call.trace).await;
                 self.after_handler(&call, out)
             }
             CallStart::Run(Handler::Sync(handler), ctx, body, pages) => {
                 // The async builder registers only async handlers; a
                 // blocking one would still be answered correctly.
-                let out = catch_unwind(AssertUnwindSafe(|| handler(&ctx, &body, pages)))
-                    .unwrap_or_else(|_| Err(Status::internal("the handler panicked")));
+                let out = call
+                    .trace
+                    .in_scope(|| self.call_sync_handler(&*handler, &ctx, &body, pages));
                 self.after_handler(&call, out)
             }
         };
@@ -126,18 +128,25 @@ async fn call_async_handler(
     ctx: Context,
     body: Vec<u8>,
     pages: Pages,
+    trace: &CallTrace,
 ) -> Result<Reply, Status> {
-    run_catching(|| handler(ctx, body, pages)).await
+    run_catching(trace, || handler(ctx, body, pages)).await
 }
 
-/// Makes a handler's future and runs it; a panic, while making or polling
-/// it, becomes [`Code::Internal`](crate::Code::Internal).
-pub(crate) async fn run_catching(make: impl FnOnce() -> HandlerFuture) -> Result<Reply, Status> {
-    let Ok(mut fut) = catch_unwind(AssertUnwindSafe(make)) else {
+/// Makes a handler's future and runs it, inside the call's span (feature
+/// `tracing`) at every poll, as the blocking server runs its handlers; a
+/// panic, while making or polling it, becomes
+/// [`Code::Internal`](crate::Code::Internal).
+pub(crate) async fn run_catching(
+    trace: &CallTrace,
+    make: impl FnOnce() -> HandlerFuture,
+) -> Result<Reply, Status> {
+    let Ok(mut fut) = trace.in_scope(|| catch_unwind(AssertUnwindSafe(make))) else {
         return Err(Status::internal("the handler panicked"));
     };
     std::future::poll_fn(move |cx| {
-        catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)))
+        trace
+            .in_scope(|| catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))))
             .unwrap_or_else(|_| Poll::Ready(Err(Status::internal("the handler panicked"))))
     })
     .await

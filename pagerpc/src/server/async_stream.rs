@@ -62,8 +62,8 @@ impl Shared {
         let (ctx, streams, trace) =
             self.async_streams(&conn, frame, shape, &stream, &cancelled, received);
         let (id, deadline) = (ctx.call_id, ctx.deadline);
-        let out = match self.intercept_stream(&ctx) {
-            Ok(()) => call_async_stream_handler(&*handler, ctx, streams).await,
+        let out = match self.interceptors.check(&ctx) {
+            Ok(()) => call_async_stream_handler(&*handler, ctx, streams, &trace).await,
             Err(status) => Err(status),
         };
         self.end_stream(conn, id, shape, stream, cancelled, deadline, out, trace);
@@ -102,8 +102,9 @@ async fn call_async_stream_handler(
     handler: &AsyncStreamHandler,
     ctx: Context,
     streams: AsyncStreams,
+    trace: &CallTrace,
 ) -> Result<Reply, Status> {
-    run_catching(|| handler(ctx, streams)).await
+    run_catching(trace, || handler(ctx, streams)).await
 }
 
 /// One half's wait in progress: when it gives up for lack of progress,

@@ -530,7 +530,7 @@ impl Shared {
 
     /// Runs a blocking handler: the one place a sync unary handler is
     /// invoked.
-    fn call_sync_handler(
+    pub(crate) fn call_sync_handler(
         &self,
         handler: &RawHandler,
         ctx: &Context,
@@ -607,9 +607,7 @@ impl Shared {
             // Interceptors decide before any handler runs (both servers,
             // every kind of call start here); a panicking one fails the
             // call, not the server.
-            let verdict = catch_unwind(AssertUnwindSafe(|| self.interceptors.check(&ctx)))
-                .unwrap_or_else(|_| Err(Status::internal("an interceptor panicked")));
-            match verdict {
+            match self.interceptors.check(&ctx) {
                 Ok(()) => CallStart::Run(handler.clone(), ctx, h.body, frame.payload),
                 Err(status) => CallStart::Answer(Some(Err(status))),
             }

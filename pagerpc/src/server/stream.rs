@@ -262,19 +262,10 @@ impl Shared {
         streams: Streams,
     ) -> Result<Reply, Status> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.intercept_stream(ctx)?;
+            self.interceptors.check(ctx)?;
             handler(ctx, streams)
         }))
         .unwrap_or_else(|_| Err(Status::internal("the handler panicked")))
-    }
-
-    /// The interceptors' verdict on a stream call, both servers (before
-    /// its handler runs; the handler's task or thread exists already).
-    pub(crate) fn intercept_stream(&self, ctx: &Context) -> Result<(), Status> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.interceptors.check(ctx)
-        }))
-        .unwrap_or_else(|_| Err(Status::internal("an interceptor panicked")))
     }
 
     /// What a stream's handler gets, both servers: its context, the request

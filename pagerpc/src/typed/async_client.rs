@@ -148,19 +148,9 @@ impl<T: Message + Default, P: PayloadMode> AsyncReceiver<T, P> {
         &mut self,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<(T, P::Received), CallError>>> {
-        if self.failed {
-            return Poll::Ready(None);
-        }
         match Pin::new(&mut self.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(m))) => {
-                let r = self.typed(m);
-                self.failed = r.is_err();
-                Poll::Ready(Some(r))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                self.failed = true;
-                Poll::Ready(Some(Err(e)))
-            }
+            Poll::Ready(Some(Ok(m))) => Poll::Ready(Some(self.typed(m))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -199,7 +189,18 @@ impl<T: Message + Default, P: PayloadMode> Stream for AsyncReceiver<T, P> {
     type Item = Result<(T, P::Received), CallError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().poll_message(cx)
+        // Fused after an error, as the sync `Receiver`'s `Iterator` is;
+        // `recv` never reads this flag, so an error is never followed by a
+        // `None` that would look like the stream's clean end.
+        let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        let r = this.poll_message(cx);
+        if let Poll::Ready(Some(Err(_))) = &r {
+            this.failed = true;
+        }
+        r
     }
 }
 
