@@ -228,8 +228,13 @@ async fn conn_task(shared: Arc<Shared>, conn: Arc<Conn>) {
                     clear |= Ready::WRITABLE;
                 }
                 let more = conn.read_more.swap(false, Ordering::SeqCst);
-                if r.is_readable() && !more && conn.wants_read() {
-                    // The receiver needs more bytes than the socket has.
+                // Only a read turn that drained the socket may clear the
+                // read readiness (edge-triggered): one stopped by a pause,
+                // a full outbound queue, the batch cap or the receive
+                // budget left bytes there, and no new edge would come for
+                // them. (Clearing when reading was merely allowed again by
+                // the time of this check lost those bytes.)
+                if r.is_readable() && conn.read_drained.swap(false, Ordering::SeqCst) {
                     clear |= Ready::READABLE;
                 }
                 if r.is_write_closed() && !conn.closed.load(Ordering::SeqCst) {

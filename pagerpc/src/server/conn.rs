@@ -138,6 +138,11 @@ pub(crate) struct Conn {
     /// Under the async server: a turn stopped reading at the batch cap
     /// with frames left, so its task keeps the read readiness.
     pub(crate) read_more: AtomicBool,
+    /// The last read turn stopped because the socket had no more of what
+    /// the receiver needs (`poll_frame` said so, not a pause, a cap or the
+    /// receive budget): only then may an edge-triggered driver clear its
+    /// read readiness.
+    pub(crate) read_drained: AtomicBool,
 }
 
 impl Conn {
@@ -186,6 +191,7 @@ impl Conn {
             #[cfg(feature = "tokio")]
             task: None,
             read_more: AtomicBool::new(false),
+            read_drained: AtomicBool::new(false),
         }
     }
 

@@ -178,6 +178,7 @@ impl Shared {
         let mut frames = 0;
         let mut dispatched = 0;
         let mut more = false;
+        let mut drained = false;
         let mut rx = conn.receiver.lock();
         if conn.has_task() {
             // Edge-triggered readiness: this turn must read what arrived.
@@ -236,7 +237,10 @@ impl Shared {
                         return;
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    drained = true;
+                    break;
+                }
                 Err(RecvError::ChecksumMismatch {
                     head,
                     expected,
@@ -273,6 +277,8 @@ impl Shared {
             self.send(conn, credit_frame(0, credit));
         }
         let awaiting = rx.awaiting_budget();
+        conn.read_drained
+            .store(drained && !awaiting, Ordering::SeqCst);
         if awaiting {
             // The next payload does not fit the server's receive budget:
             // stop reading until a release wakes this connection.
