@@ -148,3 +148,65 @@ fn async_interceptors_add_a_token_and_refuse_calls_without_one() {
         server.shutdown().await;
     });
 }
+
+/// A page received on a stream, sent on as a call's payload through the
+/// same client: the sender drops it once written, while it holds the send
+/// half, and the release gives stream credit back. That used to take the
+/// send half's lock again on the same thread and hang the client for good.
+#[test]
+fn forwarding_a_received_page_on_the_same_client_does_not_deadlock() {
+    use pagerpc::{Client, Pages, Server};
+    let server = Server::builder()
+        .register_server_stream("pages", |_ctx, _body, _pages, tx| {
+            for i in 0..4u8 {
+                tx.send(&MetadataEntry::default(), vec![i; 64 * 1024])?;
+            }
+            Ok(Vec::new())
+        })
+        .register("keep", |_ctx, req: MetadataEntry, p: Pages| {
+            Ok::<_, Status>((
+                MetadataEntry {
+                    key: p.len().to_string(),
+                    ..req
+                },
+                Payload::Empty,
+            ))
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let client = AsyncClient::connect(addr).await.unwrap();
+            let mut rx = client
+                .server_stream(
+                    "pages",
+                    &MetadataEntry::default(),
+                    Payload::Empty,
+                    &Default::default(),
+                )
+                .unwrap();
+            let mut forwarded = 0;
+            while let Some(m) = rx.recv().await.unwrap() {
+                let r = client
+                    .call::<_, MetadataEntry>(
+                        "keep",
+                        &MetadataEntry::default(),
+                        Payload::Pages(m.payload),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(r.message.key, (64 * 1024).to_string());
+                forwarded += 1;
+            }
+            done.send(forwarded).unwrap();
+        });
+    });
+    let forwarded = finished
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the client hung forwarding a received page");
+    assert_eq!(forwarded, 4);
+    drop(Client::connect(addr).unwrap());
+    server.shutdown();
+}

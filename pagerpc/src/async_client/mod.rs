@@ -108,6 +108,10 @@ struct State {
     calls: ClientConn<Slot>,
     /// What the server announced in its SETTINGS (defaults until then).
     peer: PeerSettings,
+    /// CREDIT frames made while the send half was held (a payload's
+    /// release hook can run inside the sender, e.g. when a received page
+    /// is sent on and its last handle drops there); the driver queues them.
+    control: Vec<OutFrame>,
 }
 
 struct Shared {
@@ -215,6 +219,7 @@ impl AsyncClient {
             state: Mutex::new(State {
                 calls: ClientConn::new(),
                 peer: PeerSettings::default(),
+                control: Vec::new(),
             }),
             counters: opened.counters,
             cfg,

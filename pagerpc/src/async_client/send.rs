@@ -107,6 +107,10 @@ impl Shared {
     /// completions: those come as readable and error readiness).
     pub(super) fn pump(&self) -> bool {
         let mut tx = self.tx.lock();
+        let handed = std::mem::take(&mut self.state.lock().control);
+        for frame in handed {
+            self.control_locked(&mut tx, frame);
+        }
         self.pump_locked(&mut tx)
     }
 
@@ -169,9 +173,18 @@ impl Shared {
 
     /// Queues a control frame (CANCEL, CREDIT) to go out at the next frame
     /// boundary and writes what the socket takes now. Never waits.
+    /// Queues a control frame without waiting for the send half: a
+    /// payload's release hook may call this while this very thread holds
+    /// it (inside the sender, when it drops a sent page), so it never
+    /// blocks on the lock; a held lock hands the frame to the driver.
     pub(super) fn send_control(&self, frame: OutFrame) {
-        let mut tx = self.tx.lock();
-        self.control_locked(&mut tx, frame);
+        match self.tx.try_lock() {
+            Some(mut tx) => self.control_locked(&mut tx, frame),
+            None => {
+                self.state.lock().control.push(frame);
+                self.notify.notify_one();
+            }
+        }
     }
 
     pub(super) fn control_locked(&self, tx: &mut Tx, frame: OutFrame) {
