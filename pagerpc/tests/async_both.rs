@@ -210,3 +210,37 @@ fn forwarding_a_received_page_on_the_same_client_does_not_deadlock() {
     drop(Client::connect(addr).unwrap());
     server.shutdown();
 }
+
+/// The async client after the server answered a client stream early, and
+/// after the server ended a bidirectional stream: the sender is told the
+/// call is over (the end used to be taken away, leaving the sender to send
+/// into a dead stream or wait for credit forever).
+#[test]
+fn after_the_servers_end_the_async_sender_is_told_the_call_is_over() {
+    use pagerpc::{Code, Reply, Server};
+    let server = Server::builder()
+        .register_client_stream("early", |_ctx, _rx| Ok(Reply::default()))
+        .register_bidi_stream("short", |_ctx, _rx, _tx| Ok(Vec::new()))
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    runtime().block_on(async move {
+        let client = AsyncClient::connect(addr).await.unwrap();
+        let (mut tx, resp) = client.client_stream("early", &Default::default()).unwrap();
+        resp.wait::<MetadataEntry>().await.unwrap();
+        let e = tx
+            .send(&MetadataEntry::default(), vec![1u8; 1000])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+
+        let (mut tx, mut rx) = client.bidi_stream("short", &Default::default()).unwrap();
+        assert!(rx.recv().await.unwrap().is_none());
+        let e = tx
+            .send(&MetadataEntry::default(), vec![1u8; 1000])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    });
+    server.shutdown();
+}

@@ -573,3 +573,24 @@ fn a_peer_flooding_a_stream_past_its_window_gets_an_error() {
     assert_eq!(frames[0].head.call_id(), 6);
     assert_eq!(frames[0].head.kind(), Kind::Response);
 }
+
+/// The server answers a client stream before reading it all: after the
+/// client took that answer, its sender is told the call is over instead of
+/// sending into a stream nobody reads (and, out of credit, waiting for
+/// credit that never comes).
+#[test]
+fn after_an_early_answer_the_sender_is_told_the_call_is_over() {
+    let b = Server::builder().register_client_stream("early", |_ctx, _rx| {
+        Ok(Reply {
+            body: pagerpc::prost::Message::encode_to_vec(&msg("done")),
+            ..Reply::default()
+        })
+    });
+    let (_server, client) = start(config(2), b);
+    let (mut tx, resp) = client
+        .client_stream("early", &CallOptions::default())
+        .unwrap();
+    assert_eq!(resp.wait::<MetadataEntry>().unwrap().message.key, "done");
+    let e = tx.send(&msg("late"), vec![1u8; 1000]).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+}

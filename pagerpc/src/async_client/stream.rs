@@ -633,7 +633,15 @@ impl AsyncStreamReceiver {
             return Got::Msg(frame, stream.inc.take_grant());
         }
         match stream.end.take() {
-            Some(Ok(f)) => Got::End(Ok(f)),
+            Some(Ok(f)) => {
+                // The end is handed out once; what stays behind tells the
+                // sending half the call is over (it must not send on, or
+                // wait for credit that never comes).
+                stream.end = Some(Err(Status::failed_precondition(
+                    "the server already ended the call; no more messages can be sent",
+                )));
+                Got::End(Ok(f))
+            }
             Some(Err(s)) => {
                 stream.end = Some(Err(s.clone()));
                 Got::End(Err(s))

@@ -708,7 +708,14 @@ impl StreamResponse {
                     )));
                 }
                 match stream.end.take() {
-                    Some(Ok(f)) => Ok(f),
+                    Some(Ok(f)) => {
+                        // What stays behind tells the sending half the
+                        // call is over.
+                        stream.end = Some(Err(Status::failed_precondition(
+                            "the server already ended the call; no more messages can be sent",
+                        )));
+                        Ok(f)
+                    }
                     Some(Err(s)) => {
                         stream.end = Some(Err(s.clone()));
                         Err(CallError::new(s))
