@@ -27,6 +27,27 @@ fn page_buf(data: &[u8]) -> PageBuf {
     pb
 }
 
+/// Of 32 MiB each way between the counters `a` and `b` of each side, all
+/// bytes are accounted for and at least `pct` % were mapped.
+fn check_mapped(
+    s0: pagerpc::CountersSnapshot,
+    s1: pagerpc::CountersSnapshot,
+    c0: pagerpc::CountersSnapshot,
+    c1: pagerpc::CountersSnapshot,
+    pct: u64,
+) {
+    for (side, a, b) in [("server", s0, s1), ("client", c0, c1)] {
+        let mapped = b.bytes_mapped - a.bytes_mapped;
+        let copied = b.bytes_copied() - a.bytes_copied();
+        assert_eq!(mapped + copied, 32 * MIB as u64, "{side}: {b:?}");
+        assert!(
+            mapped * 100 >= pct * 32 * MIB as u64,
+            "{side}: {mapped} of {} bytes mapped: {b:?}",
+            32 * MIB
+        );
+    }
+}
+
 #[test]
 fn zero_copy_through_the_async_client_and_the_async_server() {
     runtime().block_on(async {
@@ -49,8 +70,24 @@ fn zero_copy_through_the_async_client_and_the_async_server() {
                 .unwrap();
             assert!(r.payload[..] == data[..]);
         }
+        // 32 MiB each way, one call at a time: at least 99 % mapped.
         let (s0, c0) = (server.counters(), client.counters());
-        // 32 MiB each way, 4 calls in flight.
+        for _ in 0..32 {
+            let r = client
+                .call::<_, MetadataEntry>("echo", &MetadataEntry::default(), page_buf(&data))
+                .await
+                .unwrap();
+            assert!(r.payload[..] == data[..], "echo differs");
+        }
+        let (s1, c1) = (server.counters(), client.counters());
+        check_mapped(s0, s1, c0, c1, 99);
+        // Then 4 calls in flight. Concurrent zero-copy bursts on loopback
+        // can meet a segment that is not whole pages (after reordering);
+        // the receiver then copies the rest of that one payload
+        // (docs/zero-copy.md), up to 1 MiB of 32 here: in CI, 624 KiB of
+        // one payload (98.1 %) once. So: byte-exact, every byte accounted
+        // for, and at least 90 % mapped.
+        let (s0, c0) = (s1, c1);
         let mut tasks = Vec::new();
         for _ in 0..4 {
             let (client, data) = (client.clone(), data.clone());
@@ -72,16 +109,7 @@ fn zero_copy_through_the_async_client_and_the_async_server() {
             t.await.unwrap();
         }
         let (s1, c1) = (server.counters(), client.counters());
-        for (side, a, b) in [("server", s0, s1), ("client", c0, c1)] {
-            let mapped = b.bytes_mapped - a.bytes_mapped;
-            let copied = b.bytes_copied() - a.bytes_copied();
-            assert_eq!(mapped + copied, 32 * MIB as u64, "{side}: {b:?}");
-            assert!(
-                mapped * 100 >= 99 * 32 * MIB as u64,
-                "{side}: {mapped} of {} bytes mapped: {b:?}",
-                32 * MIB
-            );
-        }
+        check_mapped(s0, s1, c0, c1, 90);
         assert!(s1.zc_sends > s0.zc_sends && c1.zc_sends > c0.zc_sends);
         server.shutdown().await;
     });
