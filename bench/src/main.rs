@@ -256,6 +256,11 @@ enum Cmd {
         /// this process.
         #[arg(long, conflicts_with = "use_async")]
         connect: Option<SocketAddr>,
+        /// Start each call with its own `start_call` (one write per
+        /// request) instead of starting the free slots together in a
+        /// `CallBatch`.
+        #[arg(long, conflicts_with = "use_async")]
+        no_batch: bool,
     },
     /// Serves the `echo` method that `pingpong` and `concurrent` call,
     /// printing `listening on ADDR`, until its stdin closes.
@@ -389,7 +394,8 @@ fn main() {
             use_async: false,
             connections,
             connect,
-        } => concurrent(inflight, calls, size, connections, connect),
+            no_batch,
+        } => concurrent(inflight, calls, size, connections, connect, !no_batch),
         Cmd::Concurrent {
             inflight,
             calls,
@@ -660,6 +666,7 @@ fn concurrent(
     size: usize,
     connections: usize,
     connect: Option<SocketAddr>,
+    batch: bool,
 ) -> Res {
     let (server, addr) = echo_target(connect)?;
     let connections = connections.max(1);
@@ -676,7 +683,7 @@ fn concurrent(
             .map(|(i, client)| {
                 let client = client.clone();
                 let share = total / connections + usize::from(i < total % connections);
-                std::thread::spawn(move || keep_in_flight(&client, inflight, share, size))
+                std::thread::spawn(move || keep_in_flight(&client, inflight, share, size, batch))
             })
             .collect();
         let mut lat = Vec::with_capacity(total);
@@ -700,32 +707,59 @@ fn concurrent(
 }
 
 /// Makes `calls` echo calls on `client`, keeping `inflight` outstanding;
-/// returns their latencies.
+/// returns their latencies. With `batch`, the free slots are filled
+/// together in one [`pagerpc::CallBatch`] after taking every response that
+/// is already here; without, each call is started on its own as soon as
+/// its slot frees.
 fn keep_in_flight(
     client: &Client,
     inflight: usize,
     calls: usize,
     size: usize,
+    batch: bool,
 ) -> Result<Vec<Duration>, String> {
     let payload = vec![b'x'; size];
     let body = pagerpc::prost::Message::encode_to_vec(&empty());
     let opts = CallOptions::default();
+    let inflight = inflight.max(1);
     let mut q = VecDeque::with_capacity(inflight);
     let mut lat = Vec::with_capacity(calls);
     let mut started = 0;
+    let done = |lat: &mut Vec<Duration>, t: Instant, c: pagerpc::PendingCall| {
+        let f = c.wait().map_err(|e| e.to_string())?;
+        lat.push(t.elapsed());
+        if f.payload.len() != size {
+            return Err("short echo".to_string());
+        }
+        Ok(())
+    };
     while started < calls || !q.is_empty() {
-        while started < calls && q.len() < inflight.max(1) {
-            let c = client
-                .start_call("echo", body.clone(), payload.clone(), &opts)
-                .map_err(|e| e.to_string())?;
-            q.push_back((Instant::now(), c));
-            started += 1;
+        if batch {
+            let mut b = client.batch();
+            while started < calls && q.len() + b.len() < inflight {
+                b.add("echo", body.clone(), payload.clone(), &opts)
+                    .map_err(|e| e.to_string())?;
+                started += 1;
+            }
+            let t = Instant::now();
+            for c in b.send() {
+                q.push_back((t, c.map_err(|e| e.to_string())?));
+            }
+        } else {
+            while started < calls && q.len() < inflight {
+                let c = client
+                    .start_call("echo", body.clone(), payload.clone(), &opts)
+                    .map_err(|e| e.to_string())?;
+                q.push_back((Instant::now(), c));
+                started += 1;
+            }
         }
         if let Some((t, c)) = q.pop_front() {
-            let f = c.wait().map_err(|e| e.to_string())?;
-            lat.push(t.elapsed());
-            if f.payload.len() != size {
-                return Err("short echo".into());
+            done(&mut lat, t, c)?;
+        }
+        while batch && q.front().is_some_and(|(_, c)| c.is_ready()) {
+            if let Some((t, c)) = q.pop_front() {
+                done(&mut lat, t, c)?;
             }
         }
     }

@@ -42,10 +42,12 @@
 //!   sender that reads (holding `sender`, then `receiver`) cannot deadlock
 //!   with a reader that writes queued CANCEL frames.
 
+mod batch;
 mod read;
 mod send;
 mod stream;
 
+pub use batch::CallBatch;
 pub use stream::{StreamMessage, StreamReceiver, StreamResponse, StreamSender};
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -419,6 +421,27 @@ impl Client {
         opts: &CallOptions,
         stream: Option<bool>,
     ) -> Result<(u64, Option<Instant>, CallTrace), CallError> {
+        let call = self.prepare_call(method, body, payload, opts, stream)?;
+        let bytes = call.bytes;
+        if let Err(e) = self.shared.send_request(call.frame, call.deadline) {
+            self.shared.state.lock().calls.end(call.id);
+            call.trace.status(e.code());
+            return Err(e);
+        }
+        call.trace.sent(bytes);
+        Ok((call.id, call.deadline, call.trace))
+    }
+
+    /// Runs the interceptors, takes a call id and builds the REQUEST
+    /// frame, without sending it.
+    fn prepare_call(
+        &self,
+        method: &str,
+        body: Vec<u8>,
+        payload: Payload,
+        opts: &CallOptions,
+        stream: Option<bool>,
+    ) -> Result<Prepared, CallError> {
         let now = Instant::now();
         let timeout = opts.timeout.or(self.shared.cfg.default_timeout);
         let deadline = timeout.map(|t| now + t);
@@ -460,16 +483,13 @@ impl Client {
             client_stream: stream.unwrap_or(false),
             ..Default::default()
         };
-        if let Err(e) = self
-            .shared
-            .send_request(OutFrame { header, payload }, deadline)
-        {
-            self.shared.state.lock().calls.end(id);
-            trace.status(e.code());
-            return Err(e);
-        }
-        trace.sent(bytes);
-        Ok((id, deadline, trace))
+        Ok(Prepared {
+            id,
+            deadline,
+            trace,
+            bytes,
+            frame: OutFrame { header, payload },
+        })
     }
 
     /// Sends a PING and waits for the PONG; returns the round-trip time.
@@ -520,6 +540,16 @@ impl Client {
     }
 }
 
+/// A REQUEST built and given its call id, not sent yet.
+struct Prepared {
+    id: u64,
+    deadline: Option<Instant>,
+    trace: CallTrace,
+    /// Body and payload bytes, for the trace.
+    bytes: u64,
+    frame: OutFrame,
+}
+
 /// A call in flight. Dropping it without waiting cancels the call.
 #[derive(Debug)]
 pub struct PendingCall {
@@ -541,6 +571,18 @@ impl PendingCall {
     /// The call id on the wire.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Whether the response (or the call's failure) is here, so
+    /// [`wait`](Self::wait) returns without blocking. Never reads the
+    /// socket itself: responses are read by whoever waits.
+    pub fn is_ready(&self) -> bool {
+        let st = self.shared.state.lock();
+        st.calls.dead().is_some()
+            || st
+                .calls
+                .get(self.id)
+                .is_none_or(|slot| slot.result.is_some())
     }
 
     /// Waits for the response and decodes its message as `Resp`.

@@ -47,8 +47,8 @@ pub mod typed;
 #[cfg(feature = "tokio")]
 pub use async_client::{AsyncClient, AsyncStreamReceiver, AsyncStreamResponse, AsyncStreamSender};
 pub use client::{
-    CallOptions, Client, ClientConfig, PendingCall, Response, StreamMessage, StreamReceiver,
-    StreamResponse, StreamSender,
+    CallBatch, CallOptions, Client, ClientConfig, PendingCall, Response, StreamMessage,
+    StreamReceiver, StreamResponse, StreamSender,
 };
 pub use error::CallError;
 pub use intercept::{ClientInterceptor, OutgoingCall, ServerInterceptor};

@@ -35,6 +35,21 @@ impl Shared {
                 Dispatched::Call(fid) => {
                     self.poke_backlog();
                     if fid == id {
+                        // Hand out the responses already read along with
+                        // ours (never another syscall for them), so a
+                        // thread with many calls in flight finds them
+                        // ready and starts the next ones together.
+                        while rx.buffered_bytes() > 0 {
+                            let r = match rx.poll_frame() {
+                                Ok(None) => break,
+                                Ok(Some(frame)) => Ok(frame),
+                                Err(e) => Err(e),
+                            };
+                            if let Dispatched::Stop = self.dispatch(r) {
+                                return;
+                            }
+                        }
+                        self.poke_backlog();
                         return;
                     }
                 }

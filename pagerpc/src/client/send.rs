@@ -36,6 +36,63 @@ pub(super) fn cancel_frame(id: u64) -> OutFrame {
     }
 }
 
+/// Requests that were not sent, and why: the status, and the payloads
+/// handed back.
+pub(super) struct Unsent {
+    pub(super) status: Status,
+    pub(super) back: Back,
+}
+
+/// The payloads handed back with an [`Unsent`].
+pub(super) enum Back {
+    /// One per frame, in order (nothing was queued).
+    All(Vec<Payload>),
+    /// The non-empty payloads of the last frames that carry one, in
+    /// order: frames are written in order, so what is not written is
+    /// always the end of the batch.
+    Tail(Vec<Payload>),
+}
+
+impl Unsent {
+    /// The error for a batch of one frame.
+    fn into_call_error(self) -> CallError {
+        let p = match self.back {
+            Back::All(mut v) | Back::Tail(mut v) => v.pop(),
+        };
+        match p {
+            Some(p) => CallError::with_payload(self.status, p),
+            None => CallError::new(self.status),
+        }
+    }
+
+    /// One error per frame of a batch of `n` frames, whose payloads were
+    /// empty where `empty[i]`: each with its own payload, if it came back.
+    pub(super) fn split(self, empty: &[bool]) -> Vec<CallError> {
+        let mut out: Vec<Option<Payload>> = Vec::with_capacity(empty.len());
+        match self.back {
+            Back::All(v) => out.extend(v.into_iter().map(Some)),
+            Back::Tail(mut v) => {
+                out.resize_with(empty.len(), || None);
+                for (i, e) in empty.iter().enumerate().rev() {
+                    if !e {
+                        match v.pop() {
+                            Some(p) => out[i] = Some(p),
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        out.resize_with(empty.len(), || None);
+        out.into_iter()
+            .map(|p| match p {
+                Some(p) => CallError::with_payload(self.status.clone(), p),
+                None => CallError::new(self.status.clone()),
+            })
+            .collect()
+    }
+}
+
 /// Why a send gives up before its request is written.
 enum GiveUp {
     /// The call's deadline passed.
@@ -60,21 +117,39 @@ impl Shared {
         frame: OutFrame,
         deadline: Option<Instant>,
     ) -> Result<(), CallError> {
+        self.send_frames(vec![frame], deadline)
+            .map_err(Unsent::into_call_error)
+    }
+
+    /// Sends `frames` (requests, PINGs, stream messages) as one batch,
+    /// in order: queued together, so the socket gets them in as few
+    /// writes as it takes (each separate payload still in its own
+    /// `MSG_EOR` part). Gives up at `deadline`, including while waiting
+    /// for another thread's send to finish.
+    ///
+    /// # Errors
+    /// The status and the payloads handed back, as
+    /// [`send_request`](Self::send_request).
+    pub(super) fn send_frames(
+        &self,
+        frames: Vec<OutFrame>,
+        deadline: Option<Instant>,
+    ) -> Result<(), Unsent> {
         let mut tx = match deadline {
             None => self.sender.lock(),
             Some(d) => match self.sender.try_lock_until(d) {
                 Some(tx) => tx,
                 None => {
-                    return Err(CallError::with_payload(
-                        Status::deadline_exceeded(
+                    return Err(Unsent {
+                        status: Status::deadline_exceeded(
                             "deadline exceeded before the request could be sent (another request was being sent)",
                         ),
-                        frame.payload,
-                    ))
+                        back: Back::All(frames.into_iter().map(|f| f.payload).collect()),
+                    })
                 }
             },
         };
-        let r = self.send_locked(&mut tx, frame, deadline);
+        let r = self.send_locked(&mut tx, frames, deadline);
         self.release_sender(tx);
         r
     }
@@ -82,9 +157,9 @@ impl Shared {
     fn send_locked(
         &self,
         tx: &mut Sender,
-        frame: OutFrame,
+        frames: Vec<OutFrame>,
         deadline: Option<Instant>,
-    ) -> Result<(), CallError> {
+    ) -> Result<(), Unsent> {
         // What is queued (CANCEL frames) goes first, as part of this send.
         self.backlog.store(false, SeqCst);
         self.drain_cancels(tx);
@@ -93,13 +168,13 @@ impl Shared {
         // The request while it is not queued yet. Once queued, it can still
         // be taken back whole (`Sender::take_back`) until a byte of it is
         // written.
-        let mut mine = Some(frame);
+        let mut mine = Some(frames);
         let mark = tx.mark();
         let mut progress = Instant::now();
         loop {
             if let Some(f) = mine.take() {
-                if let Err(e) = tx.enqueue(vec![f]) {
-                    return Err(self.send_failed(tx, e, None));
+                if let Err(e) = tx.enqueue(f) {
+                    return Err(self.send_failed(tx, e, true));
                 }
             }
             if tx.has_queued() {
@@ -116,7 +191,7 @@ impl Shared {
                     Ok(Flush::Done) if mine.is_none() => return Ok(()),
                     Ok(Flush::Done) if deadline.is_none() => continue,
                     Ok(_) => {}
-                    Err(e) => return Err(self.send_failed(tx, e, mine.map(|f| f.payload))),
+                    Err(e) => return Err(self.send_failed(tx, e, false)),
                 }
             } else if mine.is_none() {
                 return Ok(());
@@ -209,9 +284,9 @@ impl Shared {
         &self,
         tx: &mut Sender,
         mark: QueueMark,
-        mine: Option<OutFrame>,
+        mine: Option<Vec<OutFrame>>,
         why: GiveUp,
-    ) -> CallError {
+    ) -> Unsent {
         let (status, failed) = match why {
             GiveUp::Deadline => (
                 Status::deadline_exceeded(
@@ -235,17 +310,22 @@ impl Shared {
             } else if tx.has_queued() {
                 self.backlog.store(true, SeqCst);
             }
-            return CallError::with_payload(status, f.payload);
+            return Unsent {
+                status,
+                back: Back::All(f.into_iter().map(|f| f.payload).collect()),
+            };
         }
         if !failed {
-            if let Some(mut payloads) = tx.take_back(mark) {
+            if let Some(payloads) = tx.take_back(mark) {
                 // Queued, but the kernel took none of it: out of the queue
                 // again, whole, and the stream stays intact.
                 if tx.has_queued() {
                     self.backlog.store(true, SeqCst);
                 }
-                let p = payloads.pop().unwrap_or(Payload::Empty);
-                return CallError::with_payload(status, p);
+                return Unsent {
+                    status,
+                    back: Back::Tail(payloads),
+                };
             }
         }
         // Part of it was written: the stream is broken.
@@ -254,14 +334,15 @@ impl Shared {
         } else {
             Status::unavailable(format!("connection broken: {}", status.message()))
         };
-        match self.break_stream(tx, broken) {
-            Some(p) => CallError::with_payload(status, p),
-            None => CallError::new(status),
+        Unsent {
+            status,
+            back: Back::Tail(self.break_stream(tx, broken)),
         }
     }
 
-    /// The error for a request the sender refused or failed to write.
-    fn send_failed(&self, tx: &mut Sender, e: SendError, mine: Option<Payload>) -> CallError {
+    /// The error for requests the sender refused (`queuing`: nothing of
+    /// them was queued) or failed to write.
+    fn send_failed(&self, tx: &mut Sender, e: SendError, queuing: bool) -> Unsent {
         let status = match &e.kind {
             SendErrorKind::Codec(c) => Status::invalid_argument(format!("request refused: {c}")),
             other => self.state.lock().calls.dead().cloned().unwrap_or_else(|| {
@@ -275,26 +356,28 @@ impl Shared {
             )));
             sys::shutdown(self.fd.as_fd());
         }
-        // When the request was queued, it was queued alone behind nothing,
-        // so any payload handed back is its own.
-        match mine.or_else(|| e.payloads.into_iter().next()) {
-            Some(p) => CallError::with_payload(status, p),
-            None => CallError::new(status),
-        }
+        // Refused while queuing: one payload per frame. Failed while
+        // writing: what was not written, the end of the queue.
+        let back = if queuing {
+            Back::All(e.payloads)
+        } else {
+            Back::Tail(e.payloads.into_iter().filter(|p| !p.is_empty()).collect())
+        };
+        Unsent { status, back }
     }
 
     /// Fails the connection after a frame was cut short, and takes back
     /// what the sender still holds of the request (queued alone, so any
     /// payload is its own; a zero-copy payload the kernel may still read
     /// stays with the sender).
-    fn break_stream(&self, tx: &mut Sender, status: Status) -> Option<Payload> {
+    fn break_stream(&self, tx: &mut Sender, status: Status) -> Vec<Payload> {
         self.fail_all(status);
         // The peer and a blocked reader see the end at once, and the next
         // write fails, which makes the sender hand back what it holds.
         sys::shutdown(self.fd.as_fd());
         match tx.flush() {
-            Err(e) => e.payloads.into_iter().next(),
-            Ok(_) => None,
+            Err(e) => e.payloads.into_iter().filter(|p| !p.is_empty()).collect(),
+            Ok(_) => Vec::new(),
         }
     }
 
