@@ -326,6 +326,12 @@ impl Conn {
     /// another thread is writing (it takes this frame along). Never waits.
     /// Returns whether the connection must be woken for `EPOLLOUT` or
     /// because the queue fell below its budget.
+    /// Puts a frame in the outbox without writing it: the next flush
+    /// (of whichever thread) writes it with whatever else is there.
+    pub(crate) fn hold(&self, frame: OutFrame) {
+        self.outbox.lock().push(frame);
+    }
+
     pub(crate) fn send(&self, frame: OutFrame) -> SendOutcome {
         self.outbox.lock().push(frame);
         self.flush()

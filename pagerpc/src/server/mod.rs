@@ -38,6 +38,7 @@
 mod async_server;
 #[cfg(feature = "tokio")]
 mod async_stream;
+mod batching;
 mod budget;
 mod config;
 mod conn;
@@ -440,6 +441,12 @@ struct Shared {
     poller: Poller,
     listener: Mutex<Option<TcpListener>>,
     jobs_signal: Signal,
+    /// `jobs_signal` is raised and not read yet (`batching.rs`).
+    jobs_raised: AtomicBool,
+    /// Pool threads waiting for events (`batching.rs`).
+    idle: std::sync::atomic::AtomicUsize,
+    /// Each method's handler time, to tell quick calls (`batching.rs`).
+    costs: batching::JobCosts,
     stop_signal: Signal,
     jobs_tx: ChanTx<Work>,
     jobs_rx: ChanRx<Work>,
@@ -480,11 +487,15 @@ impl Shared {
         #[cfg(feature = "tokio")] async_io: Option<async_server::AsyncIo>,
     ) -> io::Result<Arc<Shared>> {
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let costs = batching::JobCosts::new(&handlers);
         let receive_limit = cfg.max_receive_bytes.unwrap_or(usize::MAX);
         let shared = Arc::new(Shared {
             poller: Poller::new()?,
             listener: Mutex::new(listener),
             jobs_signal: Signal::new()?,
+            jobs_raised: AtomicBool::new(false),
+            idle: std::sync::atomic::AtomicUsize::new(0),
+            costs,
             stop_signal: Signal::new()?,
             jobs_tx,
             jobs_rx,

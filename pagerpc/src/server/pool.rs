@@ -26,8 +26,27 @@ use crate::trace::{self, CallTrace, Side};
 
 impl Shared {
     pub(crate) fn run(self: Arc<Self>) {
+        // Whether readiness was polled since queued work last ran: work
+        // that queues itself again (a connection with more to read) must
+        // not keep this thread from the other sockets' readiness.
+        let mut polled = true;
         loop {
-            let ready = match self.poller.wait_one(None) {
+            let queued = self.going_idle();
+            if queued && polled {
+                // Work queued while this thread was busy: no need to wait.
+                polled = false;
+                self.run_queued();
+                continue;
+            }
+            // With work queued, only a look at what is ready.
+            let r = self
+                .poller
+                .wait_one(queued.then_some(std::time::Duration::ZERO));
+            if !queued {
+                self.woke();
+            }
+            polled = true;
+            let ready = match r {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
                 Err(_) => return,
@@ -36,28 +55,8 @@ impl Shared {
                 TOKEN_STOP => return,
                 TOKEN_LISTENER => self.accept_all(),
                 TOKEN_JOBS => {
-                    self.jobs_signal.clear();
-                    // Take one job at a time, and wake another idle thread
-                    // while more are queued, so one blocking handler never
-                    // holds up the jobs behind it. At most what is queued
-                    // now: work that queues itself again (a connection with
-                    // more to read) must not keep this thread from the
-                    // sockets' readiness.
-                    let mut budget = self.jobs_rx.len().max(1);
-                    while budget > 0 {
-                        let Ok(work) = self.jobs_rx.try_recv() else {
-                            break;
-                        };
-                        budget -= 1;
-                        if !self.jobs_rx.is_empty() {
-                            self.jobs_signal.raise();
-                        }
-                        match work {
-                            Work::Call(job) => self.run_job(*job),
-                            Work::Conn(conn, ev) => self.drive(&conn, ev),
-                            Work::Accept => self.rearm_listener(),
-                        }
-                    }
+                    self.wake_taken();
+                    self.run_queued();
                 }
                 t => {
                     let conn = self.conns.lock().get(&t).cloned();
@@ -76,6 +75,35 @@ impl Shared {
         }
     }
 
+    /// Takes queued work, one item at a time, waking another idle thread
+    /// while more is queued, so one blocking handler never holds up the
+    /// jobs behind it. At most what is queued now: work that queues itself
+    /// again (a connection with more to read) must not keep this thread
+    /// from the sockets' readiness. Answers of quick calls run back to
+    /// back are written together (`batching.rs`).
+    fn run_queued(self: &Arc<Self>) {
+        self.hold_answers();
+        let mut budget = self.jobs_rx.len().max(1);
+        while budget > 0 {
+            let Ok(work) = self.jobs_rx.try_recv() else {
+                break;
+            };
+            budget -= 1;
+            if !self.jobs_rx.is_empty() {
+                self.wake_pool();
+            }
+            match work {
+                Work::Call(job) => self.run_job(*job),
+                Work::Conn(conn, ev) => {
+                    self.write_held();
+                    self.drive(&conn, ev);
+                }
+                Work::Accept => self.rearm_listener(),
+            }
+        }
+        self.release_answers();
+    }
+
     /// Hands work for a connection to a pool thread.
     pub(crate) fn post_work(&self, conn: &Arc<Conn>, ev: Events) {
         if conn.has_task() {
@@ -85,7 +113,7 @@ impl Shared {
         }
         if !conn.closed.load(Ordering::SeqCst) {
             let _ = self.jobs_tx.send(Work::Conn(conn.clone(), ev));
-            self.jobs_signal.raise();
+            self.wake_pool();
         }
     }
 
@@ -268,7 +296,7 @@ impl Shared {
             }
         }
         if dispatched > 0 && !self.is_async() {
-            self.jobs_signal.raise();
+            self.wake_pool();
         }
         if failure.is_none() {
             rx.wait_lowat();
@@ -338,6 +366,19 @@ impl Shared {
     /// Queues a frame for the peer and makes sure it goes out.
     pub(crate) fn send(&self, conn: &Arc<Conn>, frame: pagerpc_sender::OutFrame) {
         let out = conn.send(frame);
+        self.after_write(conn, out);
+    }
+
+    /// Writes what the connection's outbox holds.
+    pub(crate) fn flush_out(&self, conn: &Arc<Conn>) {
+        let out = conn.flush();
+        self.after_write(conn, out);
+    }
+
+    /// What follows a write: a failed socket is shut, a queue that
+    /// drained lets deferred calls run, and what is left waits for
+    /// `EPOLLOUT`.
+    fn after_write(&self, conn: &Arc<Conn>, out: super::conn::SendOutcome) {
         if out.failed {
             // Nothing more can be sent: the owner sees the socket close.
             sys::shutdown(conn.fd.as_fd());
@@ -521,9 +562,15 @@ impl Shared {
         let result = match start {
             CallStart::Answer(result) => result,
             CallStart::Run(Handler::Sync(handler), ctx, body, pages) => {
+                if !self.costs.quick(&ctx.method) {
+                    // It may take long: what is held back goes first.
+                    self.write_held();
+                }
+                let t0 = Instant::now();
                 let out = call
                     .trace
                     .in_scope(|| self.call_sync_handler(&*handler, &ctx, &body, pages));
+                self.costs.record(&ctx.method, t0.elapsed());
                 self.after_handler(&call, out)
             }
             #[cfg(feature = "tokio")]
@@ -652,7 +699,7 @@ impl Shared {
                 let frame = response_frame(call.call_id, result, &conn.peer_limits.lock());
                 call.trace.answered(&frame);
                 call.trace.end();
-                self.send(&conn, frame);
+                self.send_answer(&conn, frame);
             }
         }
         self.finish_call(&conn, call.call_id);
@@ -697,7 +744,7 @@ impl Shared {
             self.queue_call(job);
         }
         if !self.is_async() {
-            self.jobs_signal.raise();
+            self.wake_pool();
         }
     }
 

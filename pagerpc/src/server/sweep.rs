@@ -34,7 +34,7 @@ impl Shared {
         while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(tick) {
             if self.accept_paused.swap(false, Ordering::SeqCst) {
                 let _ = self.jobs_tx.send(Work::Accept);
-                self.jobs_signal.raise();
+                self.wake_pool();
             }
             let now = Instant::now();
             let conns: Vec<_> = self.conns.lock().values().cloned().collect();
