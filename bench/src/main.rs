@@ -10,7 +10,6 @@
 #![forbid(unsafe_code)]
 
 mod async_calls;
-mod meter;
 mod pin;
 mod soak;
 mod stream;
@@ -30,7 +29,7 @@ use pagerpc::{
     ServerConfig, Status,
 };
 
-use meter::Meter;
+use pagerpc_bench::meter::Meter;
 
 #[derive(Parser)]
 #[command(name = "pagerpc-bench", about = "Benchmarks for pagerpc")]

@@ -164,6 +164,12 @@ impl Sample {
         self.cpu * 1e6 / self.mb()
     }
 
+    /// The whole machine's CPU microseconds per MB, when `/proc/stat` was
+    /// read.
+    pub fn machine_usec_per_mb(&self) -> Option<f64> {
+        self.machine_cpu.as_ref().ok().map(|c| c * 1e6 / self.mb())
+    }
+
     fn mb(&self) -> f64 {
         self.bytes as f64 / (1024.0 * 1024.0)
     }
