@@ -341,6 +341,7 @@ fn cost_report(bytes: usize, rounds: usize) -> Res<()> {
     );
     let mut points = Vec::new();
     let mut notes = Vec::new();
+    let mut machine_ratios = Vec::new();
     for (&size, [copy, zc]) in COST_SIZES.iter().zip(&samples) {
         let p = Point {
             size,
@@ -348,14 +349,17 @@ fn cost_report(bytes: usize, rounds: usize) -> Res<()> {
             zc: median(zc.iter().map(Sample::usec_per_mb)),
         };
         let mapped = median(zc.iter().map(|s| s.counters.mapped_percent()));
+        // The whole machine's median µs/MB, when /proc/stat was readable
+        // and every run lasted at least 5 of its ticks (10 ms each at 100 Hz).
         let machine = |v: &[Sample]| {
+            let long = v
+                .iter()
+                .all(|s| s.machine_cpu.as_ref().is_ok_and(|&c| c >= 0.05));
             let m: Vec<f64> = v.iter().filter_map(Sample::machine_usec_per_mb).collect();
-            if m.is_empty() {
-                "?".to_owned()
-            } else {
-                format!("{:.0}", median(m.into_iter()))
-            }
+            (long && !m.is_empty()).then(|| median(m.into_iter()))
         };
+        let (mc, mz) = (machine(copy), machine(zc));
+        let words = |m: Option<f64>| m.map_or("?".to_owned(), |v| format!("{v:.0}"));
         println!(
             "  {:>8}  {:>11.1}  {:>16.1}  {:>6.2}x  {:>7.1} %  {:>24}",
             human(size),
@@ -363,12 +367,16 @@ fn cost_report(bytes: usize, rounds: usize) -> Res<()> {
             p.zc,
             p.zc / p.copy,
             mapped,
-            format!("{} / {}", machine(copy), machine(zc)),
+            format!("{} / {}", words(mc), words(mz)),
         );
+        if let (Some(mc), Some(mz)) = (mc, mz) {
+            machine_ratios.push(format!("{} {:.2}x", human(size), mz / mc));
+        }
         if mapped < 90.0 {
             notes.push(format!(
                 "zero-copy mapped only {mapped:.1} % of the bytes at {}, so its number there is \
-                 mostly copying (run `pagerpc doctor --size-kib {}` to see why)",
+                 partly the cost of copying (run `pagerpc doctor --size-kib {}` to see why; a \
+                 fresh connection's first payloads often copy)",
                 human(size),
                 size >> 10
             ));
@@ -376,13 +384,23 @@ fn cost_report(bytes: usize, rounds: usize) -> Res<()> {
         points.push(p);
     }
     println!("break-even: {}", verdict(&points));
+    if machine_ratios.len() < points.len() {
+        println!(
+            "  (machine ?: /proc/stat unreadable, or runs too short for its ticks; raise --cost-mib)"
+        );
+    } else {
+        println!(
+            "  counting the whole machine (every CPU's user+nice+system+irq+softirq from /proc/stat, \
+             so the sender and softirq too), zero-copy/copy: {}",
+            machine_ratios.join(", ")
+        );
+    }
     for n in notes {
         println!("  note: {n}");
     }
     println!(
-        "  (machine = every CPU's user+nice+system+irq+softirq from /proc/stat over the same \
-         interval, sender and softirq included; single runs vary by several percent, more when \
-         the machine is busy: run with more --cost-rounds for a firmer answer)"
+        "  (single runs vary by several percent, more when the machine is busy; more \
+         --cost-rounds give a firmer answer)"
     );
     Ok(())
 }
@@ -543,8 +561,9 @@ fn verdict(points: &[Point]) -> String {
         let zc_sizes: Vec<usize> = points[k..].iter().map(|p| p.size).collect();
         return format!(
             "On this host zero-copy pays from about {} (between {} and {}): copying costs less \
-             CPU at {}, zero-copy at {} (zero-copy/copy: {ratios}). Use Backend::ZeroCopy for \
-             payloads of that size and more, Backend::Copy for smaller ones.{noise}",
+             CPU at {}, zero-copy at {} (zero-copy/copy: {ratios}). Choose Backend::ZeroCopy \
+             for connections that carry payloads of that size or more, Backend::Copy for those \
+             that carry smaller ones.{noise}",
             human_round(crossing(a, b)),
             human(a.size),
             human(b.size),
