@@ -48,6 +48,8 @@ enum Cmd {
         /// and of zero-copy receive at 16 KiB, 64 KiB, 1 MiB and 16 MiB
         /// payloads over loopback (the sender is a child process), and say
         /// from which size zero-copy pays. About 10 s with the defaults.
+        /// Segments are page-aligned there; --mss and --no-zerocopy-send
+        /// apply to the self-test only.
         #[arg(long)]
         cost: bool,
         /// With --cost: MiB sent per payload size and receive path in each
