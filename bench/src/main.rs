@@ -1,7 +1,8 @@
 //! `pagerpc-bench`: measures pagerpc through its real RPC path.
 //!
 //! - `bulk`: a loopback bulk transfer; the receiving (server) process prints
-//!   one line in the format of the kernel's tcp_mmap tool.
+//!   one line in the format of the kernel's tcp_mmap tool, then the whole
+//!   machine's CPU over the same interval.
 //! - `stream`: a client stream and a server stream over loopback, each
 //!   measured in its receiving process, in the same format.
 //! - `pingpong`: sequential calls, latency percentiles.
@@ -9,7 +10,6 @@
 #![forbid(unsafe_code)]
 
 mod async_calls;
-mod meter;
 mod pin;
 mod soak;
 mod stream;
@@ -29,7 +29,7 @@ use pagerpc::{
     ServerConfig, Status,
 };
 
-use meter::Meter;
+use pagerpc_bench::meter::Meter;
 
 #[derive(Parser)]
 #[command(name = "pagerpc-bench", about = "Benchmarks for pagerpc")]
@@ -164,7 +164,8 @@ enum Direction {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Loopback bulk transfer through the RPC layer; prints a tcp_mmap-style line.
+    /// Loopback bulk transfer through the RPC layer; prints a tcp_mmap-style
+    /// line, then the whole machine's CPU per MB over the same interval.
     Bulk {
         #[command(flatten)]
         t: Transfer,
@@ -516,6 +517,10 @@ fn bulk(o: &BulkOpts, netns: bool, sender_cpus: Option<&str>) -> Res {
         "{}",
         sample.line(if o.stream { "client-stream" } else { "" })
     );
+    if !o.stream {
+        // A line of its own: scripts parse the one above.
+        println!("{}", sample.machine_line(""));
+    }
     server.shutdown();
     Ok(sample.check_mapped(o.min_mapped)?)
 }

@@ -11,8 +11,8 @@ use std::process::Stdio;
 
 use pagerpc::{CallOptions, Client, Payload, Server, Status};
 
-use crate::meter::Meter;
 use crate::{bulk, child, empty, pin, BulkOpts, Direction, Pin, Res, Transfer};
+use pagerpc_bench::meter::Meter;
 
 /// Runs the streams `direction` asks for.
 pub fn run(
