@@ -149,7 +149,7 @@ fn ten_thousand_pipelined_calls_from_16_threads_each_get_their_own_response() {
                         // or single calls.
                         let room = (32 - q.len()).min(625 - next);
                         if room > 0 {
-                            if next % 3 == 0 {
+                            if next.is_multiple_of(3) {
                                 let c = client
                                     .start_call(
                                         "echo",
