@@ -31,6 +31,11 @@ pub use prefix::{encode_v1_error, Flags, Prefix, MAGIC, PREFIX_LEN, V1_PREFIX_LE
 pub use status::{Code, Status};
 pub use zc_tracker::{ZcIds, ZcTracker};
 
+/// A hash map with a fast hasher (foldhash), for tables looked up on every
+/// frame: call ids, connection tokens, method names. Seeded per process,
+/// which is enough for tables whose size a peer cannot grow past a limit.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The page size pagerpc aligns payloads to. Payload chunks are sent in
 /// multiples of this size so that a receiver can map them.
 pub const PAGE_SIZE: usize = 4096;

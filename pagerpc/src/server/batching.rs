@@ -21,6 +21,8 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+use pagerpc_core::FastMap;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +47,7 @@ const HOLD_PAYLOAD_MAX: usize = 4096;
 /// Each method's handler time, a running average in nanoseconds (0: not
 /// measured yet).
 pub(crate) struct JobCosts {
-    ns: HashMap<String, AtomicU64>,
+    ns: FastMap<String, AtomicU64>,
 }
 
 impl JobCosts {

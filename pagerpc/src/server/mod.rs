@@ -49,6 +49,8 @@ mod stream;
 mod sweep;
 
 use std::collections::HashMap;
+
+use pagerpc_core::FastMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::AsFd;
@@ -450,9 +452,9 @@ struct Shared {
     stop_signal: Signal,
     jobs_tx: ChanTx<Work>,
     jobs_rx: ChanRx<Work>,
-    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    conns: Mutex<FastMap<u64, Arc<Conn>>>,
     next_conn: AtomicU64,
-    handlers: HashMap<String, Handler>,
+    handlers: FastMap<String, Handler>,
     stream_handlers: HashMap<String, (Shape, StreamFn)>,
     /// Run before every handler (`ServerInterceptors::check`).
     interceptors: ServerInterceptors,
@@ -499,9 +501,9 @@ impl Shared {
             stop_signal: Signal::new()?,
             jobs_tx,
             jobs_rx,
-            conns: Mutex::new(HashMap::new()),
+            conns: Mutex::new(FastMap::default()),
             next_conn: AtomicU64::new(FIRST_CONN_TOKEN),
-            handlers,
+            handlers: handlers.into_iter().collect(),
             stream_handlers,
             interceptors,
             streams_open: std::sync::atomic::AtomicUsize::new(0),

@@ -1,6 +1,5 @@
 //! The table of calls in flight on one connection.
 
-use std::collections::HashMap;
 use std::fmt;
 
 /// Why a request was not admitted. Each names the rule and the value seen.
@@ -48,7 +47,7 @@ impl std::error::Error for Refusal {}
 /// Calls in flight, by id, each with the driver's token.
 #[derive(Debug)]
 pub struct CallTable<C> {
-    calls: HashMap<u64, C>,
+    calls: crate::FastMap<u64, C>,
     limit: usize,
 }
 
@@ -56,7 +55,7 @@ impl<C> CallTable<C> {
     /// An empty table admitting at most `limit` calls at once.
     pub fn new(limit: usize) -> Self {
         CallTable {
-            calls: HashMap::new(),
+            calls: crate::FastMap::default(),
             limit,
         }
     }
