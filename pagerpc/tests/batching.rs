@@ -448,3 +448,79 @@ fn batched_calls_get_a_served_answer_through_a_real_server() {
     assert!(client.batch().send().is_empty());
     server.shutdown();
 }
+
+/// A server thread running calls back to back holds their small answers
+/// to write them together. When a call of a method that is usually quick
+/// blocks instead, until the client has the answer held before it, the
+/// held answer must still go out (another pool thread writes it at the
+/// sweeper's next tick), or both calls would wait for each other.
+#[test]
+fn an_answer_held_behind_a_usually_quick_call_that_blocks_still_goes_out() {
+    use std::sync::{Condvar, Mutex};
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let g = gate.clone();
+    let server = Server::builder()
+        .config(config(2))
+        .register("slow", |_ctx, req: MetadataEntry, _p: pagerpc::Pages| {
+            // Longer than the client waits for "a": its own answer would
+            // carry the held one out with it.
+            thread::sleep(Duration::from_secs(5));
+            Ok::<_, pagerpc::Status>((req, pagerpc::Payload::Empty))
+        })
+        .register(
+            "quick",
+            move |_ctx, req: MetadataEntry, _p: pagerpc::Pages| {
+                if req.key == "wait" {
+                    // Until the client has had the answer to "a".
+                    let (m, cv) = &*g;
+                    let mut open = m.lock().unwrap();
+                    let end = Instant::now() + Duration::from_secs(20);
+                    while !*open && Instant::now() < end {
+                        open = cv.wait_timeout(open, Duration::from_millis(50)).unwrap().0;
+                    }
+                }
+                Ok::<_, pagerpc::Status>((req, pagerpc::Payload::Empty))
+            },
+        )
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let client = Client::connect(server.local_addr()).unwrap();
+    let opts = CallOptions::default();
+    // "quick" is measured quick.
+    for _ in 0..200 {
+        client
+            .call_with::<_, MetadataEntry>("quick", &msg("x"), Vec::new(), &opts)
+            .unwrap();
+    }
+    // One thread reads the three requests and runs "slow" itself; the
+    // other runs "a" and then "wait" back to back.
+    let mut b = client.batch();
+    b.add("slow", body("slow"), Vec::new(), &opts).unwrap();
+    b.add("quick", body("a"), Vec::new(), &opts).unwrap();
+    b.add("quick", body("wait"), Vec::new(), &opts).unwrap();
+    let mut calls = b.send().into_iter().map(Result::unwrap);
+    let (slow, a, wait) = (
+        calls.next().unwrap(),
+        calls.next().unwrap(),
+        calls.next().unwrap(),
+    );
+    let t0 = Instant::now();
+    let (a_done, a_wait) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = a_done.send(a.wait());
+    });
+    let got = a_wait.recv_timeout(Duration::from_secs(3));
+    // Open the gate either way, so the server can finish.
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    let a = got.unwrap_or_else(|_| {
+        panic!(
+            "the answer to \"a\" was held for {:?} behind a call that waits for the client to have it",
+            t0.elapsed()
+        )
+    });
+    assert!(a.is_ok());
+    assert!(wait.wait().is_ok());
+    assert!(slow.wait().is_ok());
+    server.shutdown();
+}

@@ -17,7 +17,13 @@
 //! instead of one each. The cost: when a call of a method that is usually
 //! quick takes long, the answers held before it wait for it. A method is
 //! "quick" when its handler's running average is under [`QUICK`]; a method
-//! not measured yet is not.
+//! not measured yet is not. So that such a call can never hold answers back
+//! for good (say it waits for something the client does only once it has
+//! an earlier answer), answers are held across a call only while another
+//! pool thread waits for events, and the sweeper hands a connection whose
+//! outbox still holds frames at its tick to a pool thread, whose turn
+//! writes them: at most one tick (100 ms at most) late. A pool of one
+//! thread never holds answers.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -112,6 +118,12 @@ impl Shared {
         }
         self.idle.fetch_sub(1, Ordering::SeqCst);
         true
+    }
+
+    /// Whether a pool thread waits for events (and could write answers
+    /// held back by a thread stuck in a call, see the module docs).
+    pub(crate) fn pool_thread_idle(&self) -> bool {
+        self.idle.load(Ordering::SeqCst) > 0
     }
 
     /// The thread woke from waiting for events.

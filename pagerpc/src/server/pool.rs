@@ -82,7 +82,11 @@ impl Shared {
     /// from the sockets' readiness. Answers of quick calls run back to
     /// back are written together (`batching.rs`).
     fn run_queued(self: &Arc<Self>) {
-        self.hold_answers();
+        if self.cfg.threads >= 2 {
+            // With one thread, nobody could write answers held behind a
+            // call that blocks (see `batching.rs`).
+            self.hold_answers();
+        }
         let mut budget = self.jobs_rx.len().max(1);
         while budget > 0 {
             let Ok(work) = self.jobs_rx.try_recv() else {
@@ -562,8 +566,9 @@ impl Shared {
         let result = match start {
             CallStart::Answer(result) => result,
             CallStart::Run(Handler::Sync(handler), ctx, body, pages) => {
-                if !self.costs.quick(&ctx.method) {
-                    // It may take long: what is held back goes first.
+                if !self.costs.quick(&ctx.method) || !self.pool_thread_idle() {
+                    // It may take long, or nobody else could write what is
+                    // held back if it blocked: what is held goes first.
                     self.write_held();
                 }
                 let t0 = Instant::now();

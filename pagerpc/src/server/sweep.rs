@@ -45,6 +45,18 @@ impl Shared {
                     let io = core.io;
                     core.sm.poll_timeout(&io).is_some_and(|t| t <= now)
                 };
+                if conn.outbox_pending() {
+                    // Answers a pool thread held back while running calls
+                    // back to back (`batching.rs`), and that thread is still
+                    // in a call: any other thread writes them on a turn.
+                    self.post_work(
+                        &conn,
+                        Events {
+                            write: true,
+                            ..Events::default()
+                        },
+                    );
+                }
                 if due && !conn.timeout_posted.swap(true, Ordering::SeqCst) {
                     self.post_work(
                         &conn,
