@@ -851,3 +851,60 @@ fn dropping_stream_handles_cancels() {
     });
     drop(server);
 }
+
+/// A server that stops reading: a call without a deadline fails once the
+/// socket has taken nothing for the write timeout, with every call behind
+/// it, instead of waiting for ever (as the blocking client does).
+#[test]
+fn a_server_that_stops_reading_fails_the_connection_after_the_write_timeout() {
+    let _s = serial();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = std::thread::spawn(move || listener.accept().unwrap().0);
+    run(Duration::from_secs(30), async move {
+        let mut cfg = ClientConfig {
+            conn_window: 0,
+            ..ClientConfig::default()
+        };
+        cfg.send.write_timeout = Some(Duration::from_millis(500));
+        let client = AsyncClient::connect_with(addr, cfg).await.unwrap();
+        let _peer = tokio::task::spawn_blocking(move || peer.join().unwrap())
+            .await
+            .unwrap();
+        let big = {
+            let c = client.clone();
+            tokio::spawn(async move {
+                c.call_raw(
+                    "echo",
+                    Vec::new(),
+                    vec![7u8; 64 * MIB],
+                    &CallOptions::default(),
+                )
+                .await
+            })
+        };
+        // A call queued behind it, no deadline either.
+        let behind = {
+            let c = client.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                c.call_raw("echo", Vec::new(), vec![1u8; 64], &CallOptions::default())
+                    .await
+            })
+        };
+        let t0 = std::time::Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(10), big)
+            .await
+            .expect("the call waited for ever on a server that does not read")
+            .unwrap()
+            .expect_err("nothing was answered");
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+        assert!(e.message().contains("took no data"), "{e}");
+        let e2 = behind.await.unwrap().expect_err("the connection failed");
+        assert_eq!(e2.code(), Code::Unavailable, "{e2}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(400),
+            "failed before the timeout"
+        );
+    });
+}

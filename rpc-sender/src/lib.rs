@@ -119,6 +119,8 @@ pub struct Sender {
     urgent: Vec<u8>,
     /// Bytes of `urgent` written.
     urgent_written: usize,
+    /// Bytes the socket has taken, in all (see [`progress`](Self::progress)).
+    written: u64,
 }
 
 impl Sender {
@@ -153,7 +155,14 @@ impl Sender {
             charged_front: false,
             urgent: Vec::new(),
             urgent_written: 0,
+            written: 0,
         }
+    }
+
+    /// Bytes the socket has taken from this sender, in all: an event loop
+    /// measures a write timeout as this not growing while bytes are queued.
+    pub fn progress(&self) -> u64 {
+        self.written
     }
 
     /// Limits separate payloads written and not yet read by the peer to
@@ -289,7 +298,10 @@ impl Sender {
                 &[IoSlice::new(&self.urgent[self.urgent_written..])],
                 sys::MSG_EOR,
             ) {
-                Ok(n) => self.urgent_written += n,
+                Ok(n) => {
+                    self.urgent_written += n;
+                    self.written += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -648,6 +660,7 @@ impl Sender {
                     }
                 }
             };
+            self.written += n as u64;
             if let Some(done) = self.queue.advance(n) {
                 if let Part::Payload { payload, zc } = done {
                     self.charged_front = false;

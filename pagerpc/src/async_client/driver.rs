@@ -24,6 +24,12 @@
 //! once forever. When the socket is full and that flag is set, the driver
 //! registers the socket afresh, which resets it (epoll reports the
 //! current state on registration, so nothing is missed).
+//!
+//! While it waits for writable readiness, the driver also watches the
+//! write timeout (`SendConfig::write_timeout`, lack of progress as on the
+//! blocking client): when the socket takes no byte of what is queued for
+//! that long (the server stopped reading), the connection fails with
+//! `Unavailable` and every call is told, instead of waiting for ever.
 
 use std::sync::atomic::Ordering::SeqCst;
 
@@ -57,6 +63,9 @@ enum Turn {
 /// dropped; then every pending call fails and the socket is shut down.
 pub(super) async fn run(shared: Arc<Shared>, mut rx: Receiver, afd: AsyncFd<sys::SockFd>) {
     let mut afd = Some(afd);
+    let write_timeout = shared.cfg.send.write_timeout;
+    // Bytes written in all when the socket last took some, and when.
+    let mut progress: Option<(u64, tokio::time::Instant)> = None;
     let why = loop {
         if shared.closing.load(SeqCst) {
             break Status::cancelled("the AsyncClient was dropped");
@@ -65,6 +74,27 @@ pub(super) async fn run(shared: Arc<Shared>, mut rx: Receiver, afd: AsyncFd<sys:
             break dead;
         }
         let want_write = shared.pump();
+        let stall_at = match (want_write, write_timeout) {
+            (true, Some(t)) => {
+                let written = shared.write_progress();
+                let now = tokio::time::Instant::now();
+                let since = match progress {
+                    Some((w, at)) if w == written => at,
+                    _ => now,
+                };
+                progress = Some((written, since));
+                if now >= since + t {
+                    break Status::unavailable(format!(
+                        "sending to the server failed: the socket took no data for {t:?}"
+                    ));
+                }
+                Some(since + t)
+            }
+            _ => {
+                progress = None;
+                None
+            }
+        };
         let interest = if want_write {
             Interest::READABLE | Interest::WRITABLE | Interest::ERROR
         } else {
@@ -76,9 +106,16 @@ pub(super) async fn run(shared: Arc<Shared>, mut rx: Receiver, afd: AsyncFd<sys:
         let event = {
             let mut notified = std::pin::pin!(shared.notify.notified());
             let mut ready = std::pin::pin!(fd.ready(interest));
+            let mut stall = std::pin::pin!(stall_at.map(tokio::time::sleep_until));
             poll_fn(|cx| {
                 if notified.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(None);
+                }
+                if let Some(s) = stall.as_mut().as_pin_mut() {
+                    if s.poll(cx).is_ready() {
+                        // Looked at again at the top of the loop.
+                        return Poll::Ready(None);
+                    }
                 }
                 ready.as_mut().poll(cx).map(Some)
             })

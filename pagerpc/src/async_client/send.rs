@@ -114,6 +114,11 @@ impl Shared {
         self.pump_locked(&mut tx)
     }
 
+    /// Bytes the socket has taken from the sender, in all.
+    pub(super) fn write_progress(&self) -> u64 {
+        self.tx.lock().sender.progress()
+    }
+
     pub(super) fn pump_locked(&self, tx: &mut Tx) -> bool {
         loop {
             if tx.sender.has_queued() {
