@@ -51,22 +51,15 @@ pub(crate) struct Poller {
     ep: Epoll,
 }
 
-/// What a connection waits for: one thread at a time (`EPOLLONESHOT`);
-/// `EPOLLERR` (zero-copy completions, socket errors) and `EPOLLHUP` are
-/// always reported.
-pub(crate) fn conn_interest(read: bool, write: bool) -> EpollFlags {
-    // EPOLLRDHUP only with EPOLLIN: a peer's FIN stays reported, and a
-    // connection that is not reading must not be woken by it again and
-    // again.
-    let mut f = EpollFlags::EPOLLONESHOT;
-    if read {
-        f |= EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
-    }
-    if write {
-        f |= EpollFlags::EPOLLOUT;
-    }
-    f
-}
+/// What a connection's registration reports: every change of its
+/// readiness, once (`EPOLLET`): bytes or the peer's FIN to read, room to
+/// write, and (always) `EPOLLERR` (zero-copy completions, socket errors)
+/// and `EPOLLHUP`. Registered once; never re-armed after an event (the
+/// server's `Conn::release` says when it must be looked at again).
+pub(crate) const CONN_FLAGS: EpollFlags = EpollFlags::EPOLLET
+    .union(EpollFlags::EPOLLIN)
+    .union(EpollFlags::EPOLLRDHUP)
+    .union(EpollFlags::EPOLLOUT);
 
 /// One readiness event, with what the kernel reported.
 #[derive(Clone, Copy, Debug)]
@@ -81,6 +74,9 @@ pub(crate) struct Ready {
     pub(crate) error: bool,
     /// Both directions are shut (reset, or closed both ways).
     pub(crate) hangup: bool,
+    /// The peer shut its sending side (`EPOLLRDHUP`): after the bytes
+    /// still to read comes the end.
+    pub(crate) read_closed: bool,
 }
 
 /// Takes the socket's pending error (`SO_ERROR`), if any, clearing it.
@@ -145,6 +141,7 @@ impl Poller {
                         writable: f.contains(EpollFlags::EPOLLOUT),
                         error: f.contains(EpollFlags::EPOLLERR),
                         hangup: f.contains(EpollFlags::EPOLLHUP),
+                        read_closed: f.contains(EpollFlags::EPOLLRDHUP),
                     }));
                 }
                 Err(nix::Error::EINTR) => continue,

@@ -4,12 +4,18 @@
 //! Exactly one pool thread at a time *owns* a connection's I/O: the one
 //! that claimed it (`claim`) for a readiness event, a timeout mark or a
 //! resume. Events that arrive for a connection while it is owned are
-//! posted to the owner, which handles them before letting go; letting go
-//! re-arms the connection (`EPOLLONESHOT`) with what it waits for now:
-//! `EPOLLIN` unless reading is paused by backpressure, `EPOLLOUT` while
-//! responses are queued. Threads that finish a handler queue their
-//! response and flush what the socket takes without waiting; what is
-//! left goes out on `EPOLLOUT`.
+//! posted to the owner, which handles them before letting go. The pool's
+//! registration is edge-triggered (`EPOLLET`, registered once with
+//! `EPOLLIN | EPOLLRDHUP | EPOLLOUT`): a read turn reads until the socket
+//! is dry (`Receiver::readable` at every read event), and letting go asks
+//! epoll to look again (`EPOLL_CTL_MOD`, which reports the current
+//! readiness) only when the turn left bytes unread that it may read now:
+//! stopped by the batch cap, or reading paused by backpressure and allowed
+//! again, or the peer's end (`EPOLLRDHUP`, reported once) still to be
+//! read. Threads that finish a handler queue their response and flush
+//! what the socket takes without waiting; what is left goes out on the
+//! next `EPOLLOUT` edge (the socket reports one when a full send buffer
+//! drains).
 //!
 //! Under the async server the same ownership rules hold, with one task per
 //! connection as the only claimant: where the pool re-arms epoll, the
@@ -143,6 +149,9 @@ pub(crate) struct Conn {
     /// receive budget): only then may an edge-triggered driver clear its
     /// read readiness.
     pub(crate) read_drained: AtomicBool,
+    /// The pool saw `EPOLLRDHUP` (reported once, edge-triggered): the
+    /// peer's end is still to be read.
+    pub(crate) peer_closed: AtomicBool,
 }
 
 impl Conn {
@@ -192,6 +201,7 @@ impl Conn {
             task: None,
             read_more: AtomicBool::new(false),
             read_drained: AtomicBool::new(false),
+            peer_closed: AtomicBool::new(false),
         }
     }
 
@@ -276,23 +286,36 @@ impl Conn {
     }
 
     /// Lets go of the connection, unless events were posted meanwhile
-    /// (then returns them, and the caller keeps ownership). Re-arms the
-    /// socket with what it waits for now.
+    /// (then returns them, and the caller keeps ownership). The pool's
+    /// registration is edge-triggered and is touched again only when the
+    /// turn left bytes in the socket that it may read now.
     pub(crate) fn release(&self, poller: &Poller) -> Option<Events> {
         let mut o = self.owner.lock();
         if o.posted.any() {
             return Some(std::mem::take(&mut o.posted));
         }
         o.busy = false;
-        if !self.has_task() {
-            // A task recomputes what it waits for after its turn.
+        // (A task recomputes what it waits for after its turn.)
+        if !self.has_task()
+            && self.wants_read()
+            && (!self.read_drained.swap(true, Ordering::SeqCst)
+                || self.peer_closed.load(Ordering::SeqCst))
+        {
+            // The edge that brought this turn is used up, and the turn did
+            // not read the socket dry (stopped by the batch cap, or
+            // reading was paused and is allowed again), or the peer's end
+            // is still to be read: have epoll report the socket's
+            // readiness afresh. Once: what that reports (or a later edge)
+            // brings the next read turn; a drained socket reports new
+            // bytes with a new edge without this.
             self.arm(poller);
         }
         None
     }
 
     /// Asks for `ev` to be handled: by the owner if there is one, else by
-    /// re-arming the socket so that a pool thread is woken.
+    /// having epoll report the socket's readiness afresh, so that a pool
+    /// thread is woken if it is ready.
     pub(crate) fn post(&self, poller: &Poller, ev: Events) {
         let mut o = self.owner.lock();
         if o.busy {
@@ -315,9 +338,12 @@ impl Conn {
             self.wake_task();
             return;
         }
-        let (read, write) = self.interest();
-        let flags = sys::conn_interest(read, write);
-        if poller.rearm(self.fd.as_fd(), self.token, flags).is_err() {
+        // Edge-triggered: modifying the registration makes epoll report
+        // the socket's current readiness again.
+        if poller
+            .rearm(self.fd.as_fd(), self.token, sys::CONN_FLAGS)
+            .is_err()
+        {
             // Gone from the poller (closing): nothing to wait for.
         }
     }

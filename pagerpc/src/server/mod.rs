@@ -2,8 +2,9 @@
 //!
 //! # Threads
 //! One pool of `threads` threads does both I/O and handler work. Every pool
-//! thread waits on one shared epoll instance. Connections are armed with
-//! `EPOLLONESHOT`, and one thread at a time owns a connection's I/O
+//! thread waits on one shared epoll instance. Connections are registered
+//! once, edge-triggered (`EPOLLET`: no re-arming per event), and one
+//! thread at a time owns a connection's I/O
 //! ([`conn`]); readiness keeps its flags: `EPOLLERR` reaps zero-copy
 //! completions, `EPOLLOUT` flushes queued responses, `EPOLLIN` reads. No
 //! pool thread ever waits on a peer: sends are non-blocking, and a peer

@@ -61,6 +61,11 @@ impl Shared {
                 t => {
                     let conn = self.conns.lock().get(&t).cloned();
                     if let Some(conn) = conn {
+                        if ready.read_closed {
+                            // Reported once (edge-triggered): remembered
+                            // until the end is read.
+                            conn.peer_closed.store(true, Ordering::SeqCst);
+                        }
                         let ev = Events {
                             read: ready.readable,
                             write: ready.writable,
@@ -211,11 +216,11 @@ impl Shared {
         let mut dispatched = 0;
         let mut more = false;
         let mut drained = false;
+        let mut eof_tried = false;
         let mut rx = conn.receiver.lock();
-        if conn.has_task() {
-            // Edge-triggered readiness: this turn must read what arrived.
-            rx.readable();
-        }
+        // Edge-triggered readiness (both servers): this turn must read what
+        // arrived, even if the last read came back short.
+        rx.readable();
         conn.budget_wait.store(false, Ordering::SeqCst);
         // Separate payload bytes taken out of the socket this turn: given
         // back to the client as connection credit when the turn ends.
@@ -268,6 +273,13 @@ impl Shared {
                     if conn.closed.load(Ordering::SeqCst) {
                         return;
                     }
+                }
+                Ok(None) if conn.peer_closed.load(Ordering::SeqCst) && !eof_tried => {
+                    // A short read says nothing more is there for now, but
+                    // the peer's end is: read once more to see it (its
+                    // edge-triggered report came already).
+                    eof_tried = true;
+                    rx.readable();
                 }
                 Ok(None) => {
                     drained = true;
@@ -940,7 +952,7 @@ impl Shared {
         }
         if self
             .poller
-            .add(conn.fd.as_fd(), token, sys::conn_interest(true, false))
+            .add(conn.fd.as_fd(), token, sys::CONN_FLAGS)
             .is_err()
         {
             self.close(&conn, None, false);
