@@ -65,7 +65,11 @@ fn linked_sender_honours_requests_marks_payloads_and_writes_its_own() {
     assert!(tx.peer_wants_copy());
     tx.send(header(2), pages(64 << 10)).unwrap();
     tx.send(header(3), pages(1 << 20)).unwrap();
-    assert_eq!(counters.snapshot().zc_sends, 1, "no MSG_ZEROCOPY after COPY");
+    assert_eq!(
+        counters.snapshot().zc_sends,
+        1,
+        "no MSG_ZEROCOPY after COPY"
+    );
     // And for MSG_ZEROCOPY again.
     link.peer_asked(PayloadSend::Zerocopy);
     assert!(!tx.peer_wants_copy());
