@@ -12,11 +12,16 @@
 //!   *releasing* measured payloads when their consumer drops them
 //!   (unmapping socket pages costs a page-table zap and a TLB flush that
 //!   the receive itself does not show). A path costs the sum of the two.
-//! - **Settled path, hysteresis.** The connection starts settled on copying
-//!   (what `Backend::Copy` does), and moves to the other path only when
-//!   both have at least [`MIN_SAMPLES`] samples and the other path's
-//!   estimate is below [`SWITCH_BELOW`] times the settled one's (10 %
-//!   cheaper), so estimates within noise of each other never flap.
+//!   A path's very first measurement is left out: it pays for cold memory
+//!   (no recycled buffers yet), not for the path.
+//! - **Settled path, hysteresis.** The connection starts settled on the
+//!   path its first separate payload's mark points to when that payload
+//!   is at or above the floor (mapping if the peer wrote it with
+//!   `MSG_ZEROCOPY`), else on copying (what `Backend::Copy` does). It
+//!   moves to the other path only when both have at least
+//!   [`MIN_SAMPLES`] samples and the other path's estimate is below
+//!   [`SWITCH_BELOW`] times the settled one's (10 % cheaper), so
+//!   estimates within noise of each other never flap.
 //! - **Floor.** Payloads that are inline, smaller than a page, or smaller
 //!   than the floor (`RecvConfig::auto_floor`) are copied, neither
 //!   measured nor sampled.
@@ -32,7 +37,11 @@
 //!   across a request arrive in the old mode; they are taken by their own
 //!   path and measured too. A probe starts once the settled path carried
 //!   15 times the bytes the other path carried since the last probe
-//!   began, so the other path gets about one byte in [`SAMPLE_SHARE`].
+//!   began, so the other path gets about one byte in [`SAMPLE_SHARE`];
+//!   that gap grows with the square of how much costlier the other path
+//!   is estimated (a path twice as costly gets a quarter of the share), so
+//!   sampling a clearly worse path costs little, while paths close in cost
+//!   are compared often.
 //! - **A peer that does not mark** (an older pagerpc) cannot be steered:
 //!   every [`SAMPLE_SHARE`]th payload at or above the floor takes the
 //!   other path (every 2nd until it has [`MIN_SAMPLES`]).
@@ -55,7 +64,7 @@ const PAGE: u64 = pagerpc_core::PAGE_SIZE as u64;
 /// The other path gets about one payload byte in this many.
 pub const SAMPLE_SHARE: u64 = 16;
 /// Samples each path needs before the connection may switch paths.
-pub const MIN_SAMPLES: u32 = 4;
+pub const MIN_SAMPLES: u32 = 3;
 /// Weight of the newest sample in a path's running estimate.
 pub const ALPHA: f64 = 0.25;
 /// The other path must cost less than this fraction of the settled one.
@@ -145,10 +154,23 @@ impl Plan {
 struct Estimate {
     per_byte: f64,
     samples: u32,
+    /// The first measurement was seen (and left out).
+    primed: bool,
 }
 
 impl Estimate {
+    /// Adds a measurement, except the very first: it pays for cold
+    /// memory (no recycled buffers yet, first faults), not what the path
+    /// costs once running.
     fn add(&mut self, per_byte: f64) {
+        if !self.primed {
+            self.primed = true;
+            return;
+        }
+        self.add_sample(per_byte);
+    }
+
+    fn add_sample(&mut self, per_byte: f64) {
         if self.samples == 0 {
             self.per_byte = per_byte;
         } else {
@@ -208,6 +230,8 @@ pub(crate) struct Chooser {
     unmarked: u64,
     /// Payloads on the settled path (to measure one in a few).
     settled_seen: u64,
+    /// A separate payload was seen (the starting path is set).
+    started: bool,
 }
 
 impl Chooser {
@@ -233,6 +257,7 @@ impl Chooser {
             map_off: false,
             unmarked: 0,
             settled_seen: 0,
+            started: false,
         }
     }
 
@@ -252,6 +277,14 @@ impl Chooser {
                 SentAs::ZeroCopy => (self.peer_marks, self.last_zc) = (true, true),
                 SentAs::Copy => (self.peer_marks, self.last_zc) = (true, false),
                 SentAs::Unknown => {}
+            }
+            if !self.started {
+                // Start where the peer is, if it already writes for
+                // mapping what is worth choosing for.
+                self.started = true;
+                if sent == SentAs::ZeroCopy && len >= PAGE && len >= self.floor {
+                    self.settled = Path::Map;
+                }
             }
             // A peer just seen to mark gets the request that stands.
             self.update_request();
@@ -355,7 +388,7 @@ impl Chooser {
     /// of them, in `ns` of CPU time.
     pub(crate) fn released(&mut self, path: Path, ns: u64, bytes: u64) {
         if bytes > 0 {
-            self.rel[path.idx()].add(ns as f64 / bytes as f64);
+            self.rel[path.idx()].add_sample(ns as f64 / bytes as f64);
         }
     }
 
@@ -401,13 +434,16 @@ impl Chooser {
                 let gap = if warm && self.backoff == 1 {
                     u64::from(MIN_SAMPLES) * self.last_len
                 } else {
-                    (SAMPLE_SHARE - 1) * self.other_bytes.max(self.last_len) * self.backoff
+                    let base = (SAMPLE_SHARE - 1) * self.other_bytes.max(self.last_len);
+                    (base as f64 * self.gap_factor()) as u64
                 };
                 if self.settled_bytes >= gap {
-                    let have = self.est[other.idx()].samples;
+                    let e = self.est[other.idx()];
+                    // (A path's first measurement is left out.)
+                    let need = MIN_SAMPLES.saturating_sub(e.samples) + u32::from(!e.primed);
                     self.probe = Some(Probe {
                         path: other,
-                        need: if warm { MIN_SAMPLES - have } else { 1 },
+                        need: if warm { need } else { 1 },
                         got: 0,
                         waited: 0,
                     });
@@ -417,6 +453,19 @@ impl Chooser {
             }
         }
         self.update_request();
+    }
+
+    /// How many times the normal gap the next probe waits: the back-off
+    /// after failures, times the square of how much costlier the other
+    /// path is estimated; at most [`MAX_BACKOFF`].
+    fn gap_factor(&self) -> f64 {
+        let other = self.settled.other();
+        let ratio = if self.est[other.idx()].ready() && self.est[self.settled.idx()].ready() {
+            (self.cost(other) / self.cost(self.settled)).max(1.0)
+        } else {
+            1.0
+        };
+        (self.backoff as f64 * ratio * ratio).min(MAX_BACKOFF as f64)
     }
 
     fn settle(&mut self, path: Path) {
@@ -777,9 +826,12 @@ mod tests {
         let mut c = Chooser::new(256 << 10);
         // Nothing known yet: copying, reads as the copy backend's.
         assert!(!c.exact_reads());
-        // A payload written with MSG_ZEROCOPY: the next may be too.
-        let p = c.plan(MIB, true, SentAs::ZeroCopy, false);
-        c.finish(p, MIB, 0, None);
+        // A small payload written with MSG_ZEROCOPY: the connection starts
+        // on copying and asks the peer to copy, but the next payload may
+        // still be written for mapping.
+        let p = c.plan(64 << 10, true, SentAs::ZeroCopy, false);
+        c.finish(p, 64 << 10, 0, None);
+        assert_eq!(c.settled(), Path::Copy);
         assert!(c.exact_reads());
         assert_eq!(c.take_request(), Some(Path::Copy));
         // Once the peer writes by copy (and no probe wants mapping), reads
@@ -787,5 +839,20 @@ mod tests {
         let p = c.plan(MIB, true, SentAs::Copy, true);
         c.finish(p, MIB, 0, Some(MIB));
         assert!(!c.exact_reads());
+    }
+
+    #[test]
+    fn a_connection_starts_where_the_peer_is() {
+        let mut c = Chooser::new(256 << 10);
+        // Its first payload is large and written with MSG_ZEROCOPY: start
+        // on mapping (this one is copied: part of it was read already).
+        let p = c.plan(MIB, true, SentAs::ZeroCopy, false);
+        assert_eq!((p.path, p.why, p.measure), (Path::Copy, Why::Sample, false));
+        c.finish(p, MIB, 0, None);
+        assert_eq!(c.settled(), Path::Map);
+        assert!(c.exact_reads());
+        assert_eq!(c.take_request(), Some(Path::Map));
+        let p = c.plan(MIB, true, SentAs::ZeroCopy, true);
+        assert_eq!((p.path, p.why, p.measure), (Path::Map, Why::Chosen, true));
     }
 }
