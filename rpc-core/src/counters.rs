@@ -31,8 +31,8 @@ pub enum CopyReason {
 
 /// Which receive path `Backend::Auto` took for a payload, and why.
 ///
-/// Every payload an `Auto` receiver receives (inline ones too) is counted
-/// once, with its bytes, under one of these.
+/// Every non-empty payload an `Auto` receiver receives (inline ones too)
+/// is counted once, with its bytes, under one of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AutoChoice {
     /// Mapped: mapping is the path the connection is settled on.
