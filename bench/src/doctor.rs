@@ -290,6 +290,13 @@ fn explain(c: &CountersSnapshot, mss: u32, zc_send: bool, size: usize) -> Vec<St
             mb(c.copied_backend_off)
         ));
     }
+    if c.copied_auto > 0 {
+        out.push(format!(
+            "{:.1} MB were copied because Backend::Auto chose to copy those payloads (copying \
+             cost less, they were below its floor, or they were samples).",
+            mb(c.copied_auto)
+        ));
+    }
     out
 }
 

@@ -25,8 +25,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pagerpc::netns::NetnsPair;
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{
-    CallOptions, Client, ClientConfig, PageBuf, Payload, Reply, SegmentAlign, SendConfig, Server,
-    ServerConfig, Status,
+    Backend, CallOptions, Client, ClientConfig, CountersSnapshot, PageBuf, Payload, Reply,
+    SegmentAlign, SendConfig, Server, ServerConfig, Status,
 };
 
 use pagerpc_bench::meter::Meter;
@@ -51,6 +51,11 @@ struct Transfer {
     /// Zero-copy: MSG_ZEROCOPY sends, TCP_ZEROCOPY_RECEIVE receives.
     #[arg(long)]
     zerocopy: bool,
+    /// Backend::Auto on the receivers (each connection maps or copies,
+    /// whichever costs it less CPU); the senders may write with
+    /// MSG_ZEROCOPY (as with --zerocopy) and do as the receiver asks.
+    #[arg(long, conflicts_with = "zerocopy")]
+    auto: bool,
     /// TCP_MAXSEG for both ends; 0 leaves the kernel's MSS. Default:
     /// page-aligned segments on loopback (4108 with timestamps).
     #[arg(long)]
@@ -86,6 +91,9 @@ impl Transfer {
         if self.zerocopy {
             a.push("--zerocopy".to_owned());
         }
+        if self.auto {
+            a.push("--auto".to_owned());
+        }
         let opts = [
             ("--mss", self.mss.map(u64::from)),
             ("--zc-min", self.zc_min.map(|z| z as u64)),
@@ -102,18 +110,25 @@ impl Transfer {
     fn server_config(&self) -> ServerConfig {
         let mut c = self.pick(ServerConfig::zerocopy);
         self.tune(&mut c.send, &mut c.segments, &mut c.stream_window);
+        if self.auto {
+            c.recv.backend = Backend::Auto;
+        }
         c
     }
 
     fn client_config(&self) -> ClientConfig {
         let mut c = self.pick(ClientConfig::zerocopy);
         self.tune(&mut c.send, &mut c.segments, &mut c.stream_window);
+        if self.auto {
+            c.recv.backend = Backend::Auto;
+        }
         c
     }
 
-    /// The zero-copy settings with `--zerocopy`, the defaults without.
+    /// The zero-copy settings with `--zerocopy` or `--auto`, the defaults
+    /// without.
     fn pick<C: Default>(&self, zerocopy: fn() -> C) -> C {
-        if self.zerocopy {
+        if self.zerocopy || self.auto {
             zerocopy()
         } else {
             C::default()
@@ -487,6 +502,7 @@ fn bulk(o: &BulkOpts, netns: bool, sender_cpus: Option<&str>) -> Res {
             Ok(Reply::default())
         })
         .bind(bind_addr)?;
+    let counters_before = server.counters();
     let meter = Meter::start()?;
     let mut cmd = child("bulk-send")?;
     cmd.args(o.t.args()).args([
@@ -521,8 +537,37 @@ fn bulk(o: &BulkOpts, netns: bool, sender_cpus: Option<&str>) -> Res {
         // A line of its own: scripts parse the one above.
         println!("{}", sample.machine_line(""));
     }
+    if o.t.auto {
+        println!("{}", auto_line(&server.counters().since(&counters_before)));
+    }
     server.shutdown();
     Ok(sample.check_mapped(o.min_mapped)?)
+}
+
+/// What `Backend::Auto` did with the payloads received: payloads and MB
+/// per path and reason, and what the receivers asked their peers.
+fn auto_line(c: &CountersSnapshot) -> String {
+    let a = &c.auto;
+    let mb = |b: u64| b as f64 / 1e6;
+    format!(
+        "auto: map chosen {} ({:.0} MB), map sample {} ({:.0} MB), copy chosen {} ({:.0} MB), \
+         copy sample {} ({:.0} MB), below floor {} ({:.0} MB); mapped {:.0} MB, copied {:.0} MB; \
+         asked the sender: copy {}, zerocopy {}",
+        a.map_chosen,
+        mb(a.map_chosen_bytes),
+        a.map_sample,
+        mb(a.map_sample_bytes),
+        a.copy_chosen,
+        mb(a.copy_chosen_bytes),
+        a.copy_sample,
+        mb(a.copy_sample_bytes),
+        a.below_floor,
+        mb(a.below_floor_bytes),
+        mb(c.bytes_mapped),
+        mb(c.bytes_copied()),
+        c.asked_peer_copy,
+        c.asked_peer_zerocopy,
+    )
 }
 
 /// Counts what a receiving handler got.

@@ -769,6 +769,10 @@ pub(crate) fn open_stream(
     recv_cfg.limits = cfg.limits;
     let mut sender = Sender::new(fd.clone(), cfg.send.clone(), counters.clone());
     let mut receiver = Receiver::new(fd.clone(), recv_cfg, counters.clone());
+    // Payload send requests (Backend::Auto) pass between the halves.
+    let link = Arc::new(pagerpc_core::PayloadSendLink::new());
+    receiver.set_payload_send_link(link.clone());
+    sender.set_payload_send_link(link);
     if let Some(key) = &cfg.auth_key {
         authenticate(key, &mut sender, &mut receiver, cfg.connect_timeout)?;
     }

@@ -60,10 +60,15 @@ pub use server::{
 };
 
 pub use pagerpc_core::{
-    Code, CodecError, Counters, CountersSnapshot, Limits, MetadataEntry, Status,
+    AutoChoice, AutoCounts, Code, CodecError, Counters, CountersSnapshot, Limits, MetadataEntry,
+    Status,
 };
 pub use pagerpc_pages::{cached_bytes, set_cache_limit, Origin, PageBuf, Pages, Payload};
-pub use pagerpc_receiver::{Backend, Frame, ReceivePath, RecvConfig, RecvError};
+#[doc(hidden)]
+pub use pagerpc_receiver::AutoCostBias;
+pub use pagerpc_receiver::{
+    Backend, Frame, ReceivePath, RecvConfig, RecvError, DEFAULT_AUTO_FLOOR,
+};
 pub use pagerpc_sender::{SendConfig, SendError, ZcSendStats};
 
 /// Includes the code `pagerpc-build` generated for a protobuf package

@@ -144,22 +144,59 @@ pub struct Pages {
 /// with the number of bytes the region occupied.
 pub type ReleaseHook = Box<dyn FnOnce(usize) + Send + Sync>;
 
-/// A region plus an optional hook run after it is released (or earlier,
-/// by [`Pages::detach_accounting`]).
+/// A callback run once when the last handle to a [`Pages`] is dropped,
+/// with the CPU time in nanoseconds the dropping thread spent releasing
+/// the memory (see [`Pages::time_release`]).
+pub type ReleaseTimer = Box<dyn FnOnce(u64) + Send + Sync>;
+
+/// A region plus an optional hook run when it is released (or earlier,
+/// by [`Pages::detach_accounting`]), and an optional timer of its release.
+/// `region` is `None` only while being dropped.
 struct Held {
-    region: Region,
+    region: Option<Region>,
     on_release: Mutex<Option<ReleaseHook>>,
+    timer: Mutex<Option<ReleaseTimer>>,
+}
+
+impl Held {
+    fn new(region: Region) -> Held {
+        Held {
+            region: Some(region),
+            on_release: Mutex::new(None),
+            timer: Mutex::new(None),
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.region.as_ref().map_or(0, Region::capacity)
+    }
+
+    fn slice(&self, len: usize) -> &[u8] {
+        self.region.as_ref().map_or(&[], |r| r.slice(len))
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
+        let capacity = self.capacity();
         let hook = self
             .on_release
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(hook) = hook {
-            hook(self.region.capacity());
+            hook(capacity);
+        }
+        let timer = self
+            .timer
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let start = timer.as_ref().and_then(|_| sys::thread_cpu_ns());
+        // Unmaps, or returns the memory to its cache or pool.
+        drop(self.region.take());
+        if let (Some(timer), Some(t0), Some(t1)) = (timer, start, sys::thread_cpu_ns()) {
+            timer(t1.saturating_sub(t0));
         }
     }
 }
@@ -202,10 +239,7 @@ impl Pages {
         // SAFETY: forwarded from this function's contract.
         let region = unsafe { Region::from_mapping(ptr, map_len) };
         Pages {
-            region: Some(Arc::new(Held {
-                region,
-                on_release: Mutex::new(None),
-            })),
+            region: Some(Arc::new(Held::new(region))),
             len,
             origin,
         }
@@ -247,7 +281,33 @@ impl Pages {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(hook) = hook {
-            hook(held.region.capacity());
+            hook(held.capacity());
+        }
+    }
+
+    /// Measures the release of this memory: when the last handle is
+    /// dropped, `report` gets the CPU time (`CLOCK_THREAD_CPUTIME_ID`, in
+    /// nanoseconds) the dropping thread spent releasing it (unmapping it,
+    /// with the page-table zap and TLB flush of pages mapped from a socket,
+    /// or handing it back to a cache or pool). A receiver uses it to learn
+    /// what a receive path costs after its consumer is done with the
+    /// payload (`Backend::Auto`). Independent of
+    /// [`on_release`](Self::on_release).
+    ///
+    /// # Errors
+    /// The timer back, when these pages are not the only handle, are
+    /// empty, or are timed already.
+    pub fn time_release(&mut self, report: ReleaseTimer) -> Result<(), ReleaseTimer> {
+        match self.region.as_mut().and_then(Arc::get_mut) {
+            Some(held) => {
+                let slot = held.timer.get_mut().unwrap_or_else(|e| e.into_inner());
+                if slot.is_some() {
+                    return Err(report);
+                }
+                *slot = Some(report);
+                Ok(())
+            }
+            None => Err(report),
         }
     }
 
@@ -281,7 +341,7 @@ impl Pages {
     /// of many values should count: a 1-byte payload received on its own
     /// holds a whole page.
     pub fn footprint(&self) -> usize {
-        self.region.as_ref().map_or(0, |r| r.region.capacity())
+        self.region.as_ref().map_or(0, |r| r.capacity())
     }
 
     /// Makes these pages fit for keeping many of: a payload of at most
@@ -325,10 +385,7 @@ impl Pages {
             Ok(mut region) => {
                 region.slice_mut(self.len).copy_from_slice(&self);
                 Pages {
-                    region: Some(Arc::new(Held {
-                        region,
-                        on_release: Mutex::new(None),
-                    })),
+                    region: Some(Arc::new(Held::new(region))),
                     len: self.len,
                     origin: Origin::Pooled,
                 }
@@ -348,7 +405,7 @@ impl Deref for Pages {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match &self.region {
-            Some(r) => r.region.slice(self.len),
+            Some(r) => r.slice(self.len),
             None => &[],
         }
     }
@@ -459,12 +516,7 @@ impl PageBuf {
             Some(_) => Origin::Heap,
         };
         Pages {
-            region: self.region.map(|region| {
-                Arc::new(Held {
-                    region,
-                    on_release: Mutex::new(None),
-                })
-            }),
+            region: self.region.map(|region| Arc::new(Held::new(region))),
             len: self.len,
             origin,
         }
@@ -632,6 +684,42 @@ mod tests {
         let mut a = Pages::copy_from_slice(&[1u8; 10]).unwrap();
         let _b = a.clone();
         assert!(a.on_release(Box::new(|_| {})).is_err());
+    }
+
+    #[test]
+    fn release_timer_reports_once_beside_the_hook() {
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        let timed = Arc::new(AtomicU64::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let hooked = Arc::new(AtomicUsize::new(0));
+        // Large enough for a mapping of its own (unmapped or cached).
+        let mut p = Pages::copy_from_slice(&vec![3u8; 32 << 20]).unwrap();
+        let (t, c, h) = (timed.clone(), calls.clone(), hooked.clone());
+        assert!(p
+            .time_release(Box::new(move |ns| {
+                t.fetch_add(ns, Ordering::SeqCst);
+                c.fetch_add(1, Ordering::SeqCst);
+            }))
+            .is_ok());
+        assert!(p.time_release(Box::new(|_| {})).is_err(), "timed already");
+        assert!(p
+            .on_release(Box::new(move |n| {
+                h.fetch_add(n, Ordering::SeqCst);
+            }))
+            .is_ok());
+        let q = p.clone();
+        drop(p);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        drop(q);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(hooked.load(Ordering::SeqCst), 32 << 20);
+        // Unmapping 32 MiB of resident pages takes some CPU time.
+        assert!(timed.load(Ordering::SeqCst) > 0);
+        // Shared or empty pages refuse a timer.
+        let mut a = Pages::copy_from_slice(&[1u8; 10]).unwrap();
+        let _b = a.clone();
+        assert!(a.time_release(Box::new(|_| {})).is_err());
+        assert!(Pages::empty().time_release(Box::new(|_| {})).is_err());
     }
 
     /// A pool of the test's own, so that tests running in parallel do not

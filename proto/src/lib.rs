@@ -10,4 +10,4 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/pagerpc.v1.rs"));
 }
 
-pub use v1::{Header, Kind, MetadataEntry, Settings};
+pub use v1::{Header, Kind, MetadataEntry, PayloadSend, Settings};

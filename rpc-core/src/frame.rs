@@ -102,10 +102,11 @@ pub fn decode_header(bytes: &[u8], limits: &Limits) -> Result<Header, CodecError
 
 /// The header's 32-bit integer fields, which prost decodes by truncating the
 /// 64-bit varint: (field number, name, largest value, signed `int32`).
-const NARROW_FIELDS: [(u64, &str, u64, bool); 3] = [
+const NARROW_FIELDS: [(u64, &str, u64, bool); 4] = [
     (2, "kind", i32::MAX as u64, true),
     (4, "status_code", u32::MAX as u64, false),
     (8, "payload_crc32c", u32::MAX as u64, false),
+    (12, "payload_send", i32::MAX as u64, true),
 ];
 
 /// Walks the top-level fields of encoded header bytes and refuses a varint
@@ -488,6 +489,7 @@ mod tests {
             body: vec![0xb0; 300],
             credit: 1 << 40,
             client_stream: true,
+            payload_send: pagerpc_proto::PayloadSend::Zerocopy as i32,
         };
         let mut out = Vec::new();
         let n = encode_head(&h, 5, Flags::INLINE_PAYLOAD, &l, &mut out).unwrap();

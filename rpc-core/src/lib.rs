@@ -18,16 +18,18 @@ pub mod frame;
 pub mod limits;
 pub mod prefix;
 pub mod reader;
+pub mod send_mode;
 pub mod status;
 pub mod zc_tracker;
 
-pub use counters::{CopyReason, Counters, CountersSnapshot};
+pub use counters::{AutoChoice, AutoCounts, CopyReason, Counters, CountersSnapshot};
 pub use decoder::{decode_stream, DecodedFrame, FrameDecoder, Need, Section, StreamOutcome};
 pub use error::CodecError;
 pub use frame::{check_head, encode_head, validate_header, FrameHead};
 pub use limits::Limits;
-pub use pagerpc_proto::{Header, Kind, MetadataEntry};
+pub use pagerpc_proto::{Header, Kind, MetadataEntry, PayloadSend};
 pub use prefix::{encode_v1_error, Flags, Prefix, MAGIC, PREFIX_LEN, V1_PREFIX_LEN, VERSION};
+pub use send_mode::PayloadSendLink;
 pub use status::{Code, Status};
 pub use zc_tracker::{ZcIds, ZcTracker};
 

@@ -38,6 +38,7 @@ prop_compose! {
         body in prop::collection::vec(any::<u8>(), 0..200),
         credit in any::<u64>(),
         client_stream in any::<bool>(),
+        payload_send in 0i32..3,
     ) -> Header {
         Header {
             call_id,
@@ -51,6 +52,7 @@ prop_compose! {
             body,
             credit,
             client_stream,
+            payload_send,
         }
     }
 }
@@ -373,6 +375,30 @@ fn out_of_range_uint32_varints_are_refused() {
             })
         );
     }
+}
+
+/// `payload_send` (field 12, an enum) is range-checked like `kind`; a value
+/// in range that this version does not know is kept, not refused (a later
+/// version may add modes; receivers treat it as "nothing said").
+#[test]
+fn payload_send_varint_is_range_checked_and_unknown_values_pass() {
+    let limits = Limits::default();
+    let ok = decode_stream(&wire_of(&raw_header(&[(2, 11), (12, 1)])), limits, &[]);
+    assert_eq!(ok.error, None);
+    assert_eq!(ok.frames[0].head.header.payload_send, 1);
+    let ok = decode_stream(&wire_of(&raw_header(&[(2, 11), (12, 9)])), limits, &[]);
+    assert_eq!(ok.error, None);
+    assert_eq!(ok.frames[0].head.header.payload_send, 9);
+    let got = (1u64 << 32) + 1;
+    let out = decode_stream(&wire_of(&raw_header(&[(2, 11), (12, got)])), limits, &[]);
+    assert_eq!(
+        out.error,
+        Some(CodecError::FieldOutOfRange {
+            field: "payload_send",
+            limit: i32::MAX as u64,
+            got
+        })
+    );
 }
 
 /// The range check walks only top-level fields: a field numbered 2 inside an

@@ -22,6 +22,9 @@
 //!
 //! - **mmap** (patched kernel, `kernel-patch/`): `mmap()` on the socket maps
 //!   and consumes the next received bytes; detected at connection setup.
+//! - **auto**: per connection, whichever of copy and zero-copy costs this
+//!   receiver less CPU per byte, measured as payloads arrive (see
+//!   [`Backend::Auto`]).
 //!
 //! All hand out the same [`Pages`], so callers do not change when a
 //! connection maps instead of copies. A mapped [`Pages`] holds the socket's
@@ -30,6 +33,7 @@
 //! even after the connection is closed.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod auto;
 mod sys;
 
 use std::fmt;
@@ -38,7 +42,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use pagerpc_core::{CodecError, CopyReason, Counters, FrameDecoder, FrameHead, Limits, Need};
+use pagerpc_core::{
+    CodecError, CopyReason, Counters, FrameDecoder, FrameHead, Kind, Limits, Need, PayloadSend,
+    PayloadSendLink,
+};
 pub use pagerpc_pages::{Origin, PageBuf, Pages};
 
 /// Which receive backend a connection uses.
@@ -59,6 +66,60 @@ pub enum Backend {
     /// kernel without the patch, detection fails at connection setup and
     /// the connection uses [`Backend::ZeroCopy`] instead.
     Mmap,
+    /// Per connection, receive each payload by whichever of copying and
+    /// mapping (`TCP_ZEROCOPY_RECEIVE`) costs this receiver less CPU per
+    /// byte, measured with `CLOCK_THREAD_CPUTIME_ID` around the receive of
+    /// payloads, sampling the other path for about one byte in 16, and
+    /// moving only when the other path is more than 10 % cheaper on an
+    /// average of several samples. Payloads below
+    /// [`RecvConfig::auto_floor`] (and below a page, and inline ones) are
+    /// copied without measuring. When the connection's sender is linked
+    /// ([`Receiver::set_payload_send_link`], as every pagerpc client and
+    /// server does), the peer is asked to write its payloads by copy while
+    /// copying is cheaper (data written with `MSG_ZEROCOPY` costs more to
+    /// copy), and with `MSG_ZEROCOPY` while mapping is. A connection starts
+    /// on copying. Each payload is received whole by one path; the
+    /// counters say which and why ([`pagerpc_core::AutoChoice`]). See
+    /// `docs/zero-copy.md`.
+    Auto,
+}
+
+/// Test hook: multiplies the CPU time `Backend::Auto` measures for each
+/// path, to make one path look costlier than it is. Not for production
+/// use; share one between a test and the receivers it configures.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct AutoCostBias {
+    map_percent: std::sync::atomic::AtomicU32,
+    copy_percent: std::sync::atomic::AtomicU32,
+}
+
+impl Default for AutoCostBias {
+    fn default() -> Self {
+        AutoCostBias {
+            map_percent: 100.into(),
+            copy_percent: 100.into(),
+        }
+    }
+}
+
+impl AutoCostBias {
+    /// Measured costs count `map_percent` % (mapping) and `copy_percent` %
+    /// (copying) of what was measured, from now on.
+    pub fn set(&self, map_percent: u32, copy_percent: u32) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.map_percent.store(map_percent, SeqCst);
+        self.copy_percent.store(copy_percent, SeqCst);
+    }
+
+    fn apply(&self, path: auto::Path, ns: u64) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        let pct = match path {
+            auto::Path::Map => self.map_percent.load(SeqCst),
+            auto::Path::Copy => self.copy_percent.load(SeqCst),
+        };
+        ns.saturating_mul(u64::from(pct)) / 100
+    }
 }
 
 /// How a connection's payloads are placed right now.
@@ -74,7 +135,11 @@ pub enum ReceivePath {
 }
 
 /// How a [`Receiver`] reads.
+///
+/// Build it from [`RecvConfig::default`] and set the fields you need (it
+/// is `#[non_exhaustive]`, so fields can be added).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct RecvConfig {
     /// Limits every incoming frame must respect.
     pub limits: Limits,
@@ -90,7 +155,22 @@ pub struct RecvConfig {
     /// kernel batches TLB flushes when it replaces mapped pages. Default on;
     /// see `docs/zero-copy.md` for the measurements.
     pub zc_tlb_clean_hint: bool,
+    /// With [`Backend::Auto`]: payloads smaller than this are copied
+    /// without measuring or sampling mapping. Default 256 KiB: on the
+    /// 2-vCPU VM of `docs/zero-copy.md`, mapping cost the receiver 1.3–1.5×
+    /// copying at 64 KiB and 1.1–1.2× at 128 KiB, and broke even between
+    /// about 300 and 800 KiB (`pagerpc doctor --cost`). On a host where
+    /// `doctor --cost` finds mapping paying from a smaller size (a real
+    /// NIC delivers cold data), lower it below that size. Sizes under a
+    /// page are always copied.
+    pub auto_floor: usize,
+    /// Test hook for [`Backend::Auto`] (see [`AutoCostBias`]).
+    #[doc(hidden)]
+    pub auto_cost_bias: Option<Arc<AutoCostBias>>,
 }
+
+/// The default [`RecvConfig::auto_floor`]: 256 KiB.
+pub const DEFAULT_AUTO_FLOOR: usize = 256 << 10;
 
 impl Default for RecvConfig {
     fn default() -> Self {
@@ -99,6 +179,8 @@ impl Default for RecvConfig {
             backend: Backend::Copy,
             read_buf: 64 * 1024,
             zc_tlb_clean_hint: true,
+            auto_floor: DEFAULT_AUTO_FLOOR,
+            auto_cost_bias: None,
         }
     }
 }
@@ -282,6 +364,17 @@ struct Partial {
     single_page: bool,
     /// Consuming `mmap()`: pages refused in a row.
     refusals: u32,
+    /// [`Backend::Auto`]: the path chosen and the CPU time measured.
+    auto: Option<AutoRecv>,
+}
+
+/// What [`Backend::Auto`] keeps of a payload being received.
+struct AutoRecv {
+    plan: auto::Plan,
+    /// CPU time spent on it so far (ns).
+    cpu_ns: u64,
+    /// The thread CPU clock when the current stretch of work on it began.
+    since: Option<u64>,
 }
 
 /// Zero-copy receive state of one connection.
@@ -335,6 +428,36 @@ pub struct Receiver {
     mmap_on: bool,
     /// Why zero-copy receive was switched off for this connection.
     zc_off: Option<String>,
+    /// [`Backend::Auto`]'s choice for this connection.
+    auto: Option<auto::Chooser>,
+    /// Shared with the connection's sender (payload send requests).
+    link: Option<Arc<PayloadSendLink>>,
+    /// CPU time spent releasing measured payloads, reported by their
+    /// [`Pages`] when the consumer drops them ([`Backend::Auto`]).
+    released: Arc<ReleaseCosts>,
+}
+
+/// What releasing measured payloads cost, per path (map, copy), since the
+/// receiver last looked.
+#[derive(Debug, Default)]
+struct ReleaseCosts {
+    ns: [std::sync::atomic::AtomicU64; 2],
+    bytes: [std::sync::atomic::AtomicU64; 2],
+}
+
+impl ReleaseCosts {
+    fn add(&self, path: auto::Path, ns: u64, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = usize::from(path == auto::Path::Copy);
+        self.ns[i].fetch_add(ns, Relaxed);
+        self.bytes[i].fetch_add(bytes, Relaxed);
+    }
+
+    fn take(&self, path: auto::Path) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = usize::from(path == auto::Path::Copy);
+        (self.ns[i].swap(0, Relaxed), self.bytes[i].swap(0, Relaxed))
+    }
 }
 
 /// Most `SO_RCVLOWAT` is set to while waiting for a payload.
@@ -372,7 +495,7 @@ impl Receiver {
             lowat_cap: 0,
             block: false,
             dead: None,
-            zc: (cfg.backend == Backend::ZeroCopy).then_some(ZcState {
+            zc: matches!(cfg.backend, Backend::ZeroCopy | Backend::Auto).then_some(ZcState {
                 struct_idx: 0,
                 flags: if cfg.zc_tlb_clean_hint {
                     sys::ZC_FLAG_TLB_CLEAN_HINT
@@ -382,6 +505,9 @@ impl Receiver {
             }),
             zc_off: None,
             mmap_on: false,
+            auto: (cfg.backend == Backend::Auto).then(|| auto::Chooser::new(cfg.auto_floor)),
+            link: None,
+            released: Arc::default(),
             cfg,
         };
         if r.cfg.backend == Backend::Mmap {
@@ -418,9 +544,16 @@ impl Receiver {
     }
 
     /// How payloads are placed right now.
+    /// With [`Backend::Auto`], the path the connection is settled on.
     pub fn path(&self) -> ReceivePath {
         if self.mmap_on {
             ReceivePath::Mmap
+        } else if let Some(a) = &self.auto {
+            if a.settled() == auto::Path::Map && self.zc.is_some() {
+                ReceivePath::ZeroCopy
+            } else {
+                ReceivePath::Copy
+            }
         } else if self.zc.is_some() {
             ReceivePath::ZeroCopy
         } else {
@@ -442,6 +575,22 @@ impl Receiver {
     /// This connection's counters.
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
+    }
+
+    /// Links this receiver with its connection's sender (the same `link`
+    /// goes to the sender's `set_payload_send_link`). The receiver then
+    /// passes on the peer's requests to write payloads by copy or with
+    /// `MSG_ZEROCOPY` (CREDIT frames on call 0 with `payload_send`, still
+    /// delivered as frames), and, with [`Backend::Auto`], makes its own
+    /// requests through it.
+    pub fn set_payload_send_link(&mut self, link: Arc<PayloadSendLink>) {
+        self.link = Some(link);
+    }
+
+    /// Whether a request of this receiver's for the peer waits for the
+    /// linked sender to write it (at its next enqueue or flush).
+    pub fn has_payload_send_request(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.has_request())
     }
 
     /// Whether a frame's prefix or header has started but not finished
@@ -550,10 +699,12 @@ impl Receiver {
         if let Some(e) = &self.dead {
             return Err(RecvError::Codec(e.clone()));
         }
+        self.auto_resume();
         let r = self.poll_inner().and_then(|f| match f {
             Some(frame) => verify_checksum(frame).map(Some),
             None => Ok(None),
         });
+        self.auto_pause();
         if let Err(RecvError::Codec(e)) = &r {
             self.dead = Some(e.clone());
             self.partial = None;
@@ -693,6 +844,7 @@ impl Receiver {
             return Ok(Step::Progress);
         };
         self.body_reserved = None;
+        self.peek_request(&head);
         let len = head.payload_len();
         if len == 0 {
             self.counters.frame_received(0);
@@ -736,27 +888,147 @@ impl Receiver {
             }
             _ => None,
         };
-        let sink = self.new_sink(&head, len)?;
+        let plan = self.auto_plan(&head, len);
+        // A measured receive includes making the payload's memory (a
+        // mapping on the socket, or pages to copy into).
+        let since = match plan {
+            Some(p) if p.measure => sys::thread_cpu_ns(),
+            _ => None,
+        };
+        let map = plan.is_none_or(|p| p.path == auto::Path::Map);
+        let sink = self.new_sink(&head, len, map)?;
+        let copy_reason = if plan.is_some_and(|p| p.path == auto::Path::Copy) {
+            CopyReason::Auto
+        } else if self.zc.is_some() || self.mmap_on {
+            CopyReason::PayloadTail
+        } else {
+            CopyReason::BackendOff
+        };
         self.partial = Some(Partial {
             head,
             sink,
             _reserved: reserved,
             filled: 0,
-            copy_reason: if self.zc.is_some() || self.mmap_on {
-                CopyReason::PayloadTail
-            } else {
-                CopyReason::BackendOff
-            },
+            copy_reason,
             copy_until: 0,
             mapped: 0,
             single_page: false,
             refusals: 0,
+            auto: plan.map(|plan| AutoRecv {
+                plan,
+                cpu_ns: 0,
+                since,
+            }),
         });
         Ok(true)
     }
 
+    /// A frame's head arrived: pass on a request of the peer's about how
+    /// to write payloads (CREDIT on call 0 with `payload_send`).
+    fn peek_request(&mut self, head: &FrameHead) {
+        if head.kind() != Kind::Credit || head.call_id() != 0 {
+            return;
+        }
+        let Some(link) = &self.link else {
+            return;
+        };
+        let mode = PayloadSend::try_from(head.header.payload_send).unwrap_or_default();
+        if mode != PayloadSend::Unspecified {
+            link.peer_asked(mode);
+            self.counters.peer_asked(mode == PayloadSend::Zerocopy);
+        }
+    }
+
+    /// With [`Backend::Auto`]: the path of a payload of `len` bytes whose
+    /// head just arrived (and what to ask the peer now).
+    fn auto_plan(&mut self, head: &FrameHead, len: usize) -> Option<auto::Plan> {
+        let chooser = self.auto.as_mut()?;
+        let sent = match PayloadSend::try_from(head.header.payload_send) {
+            Ok(PayloadSend::Zerocopy) => auto::SentAs::ZeroCopy,
+            Ok(PayloadSend::Copy) => auto::SentAs::Copy,
+            _ => auto::SentAs::Unknown,
+        };
+        // Mappable only if none of it was read into the buffer with its
+        // header.
+        let can_map = self.zc.is_some() && self.start == self.end;
+        let plan = chooser.plan(len as u64, !head.inline_payload(), sent, can_map);
+        self.auto_requests();
+        Some(plan)
+    }
+
+    /// Hands the chooser's request for the peer, if any, to the sender.
+    fn auto_requests(&mut self) {
+        let Some(chooser) = self.auto.as_mut() else {
+            return;
+        };
+        if let Some(path) = chooser.take_request() {
+            if let Some(link) = &self.link {
+                link.ask_peer(match path {
+                    auto::Path::Map => PayloadSend::Zerocopy,
+                    auto::Path::Copy => PayloadSend::Copy,
+                });
+            }
+        }
+    }
+
+    /// Before working on the socket: restart the CPU clock of a payload
+    /// being measured.
+    fn auto_resume(&mut self) {
+        if let Some(a) = self.partial.as_mut().and_then(|p| p.auto.as_mut()) {
+            if a.plan.measure && a.since.is_none() {
+                a.since = sys::thread_cpu_ns();
+            }
+        }
+    }
+
+    /// After working on the socket: add the CPU time spent on a payload
+    /// being measured.
+    fn auto_pause(&mut self) {
+        if let Some(a) = self.partial.as_mut().and_then(|p| p.auto.as_mut()) {
+            if let (Some(t0), Some(t1)) = (a.since.take(), sys::thread_cpu_ns()) {
+                a.cpu_ns += t1.saturating_sub(t0);
+            }
+        }
+    }
+
+    /// A payload received with [`Backend::Auto`]: count it, and tell the
+    /// chooser what it cost.
+    fn auto_finish(&mut self, a: AutoRecv, len: u64, mapped: u64) {
+        self.counters.auto_payload(a.plan.choice(), len);
+        let Some(chooser) = self.auto.as_mut() else {
+            return;
+        };
+        let cpu = if a.plan.measure {
+            let mut ns = a.cpu_ns;
+            if let (Some(t0), Some(t1)) = (a.since, sys::thread_cpu_ns()) {
+                ns += t1.saturating_sub(t0);
+            }
+            let ns = match &self.cfg.auto_cost_bias {
+                Some(bias) => bias.apply(a.plan.path, ns),
+                None => ns,
+            };
+            Some(ns)
+        } else {
+            None
+        };
+        for path in [auto::Path::Map, auto::Path::Copy] {
+            let (ns, bytes) = self.released.take(path);
+            if bytes > 0 {
+                let ns = match &self.cfg.auto_cost_bias {
+                    Some(bias) => bias.apply(path, ns),
+                    None => ns,
+                };
+                chooser.released(path, ns, bytes);
+            }
+        }
+        chooser.finish(a.plan, len, mapped, cpu);
+        self.auto_requests();
+    }
+
     /// Chooses where a payload of `len` bytes goes.
-    fn new_sink(&mut self, head: &FrameHead, len: usize) -> Result<Sink, RecvError> {
+    /// `map`: mapping is allowed for it (with [`Backend::Auto`], only when
+    /// the chooser says so).
+    fn new_sink(&mut self, head: &FrameHead, len: usize, map: bool) -> Result<Sink, RecvError> {
         if self.mmap_on && !head.inline_payload() && len >= pagerpc_core::PAGE_SIZE {
             match sys::ConsumeRegion::new(len) {
                 Ok(r) => return Ok(Sink::Consume(r)),
@@ -767,7 +1039,7 @@ impl Receiver {
                 Err(e) => return Err(RecvError::Io(e)),
             }
         }
-        if self.zc.is_some() && !head.inline_payload() && len >= pagerpc_core::PAGE_SIZE {
+        if map && self.zc.is_some() && !head.inline_payload() && len >= pagerpc_core::PAGE_SIZE {
             match sys::SockRegion::new(self.fd.as_fd(), len) {
                 Ok(r) => return Ok(Sink::Zc(r)),
                 // No mapping can be made now (out of memory, or the process
@@ -788,6 +1060,10 @@ impl Receiver {
     fn zc_disable(&mut self, why: String) {
         self.zc = None;
         self.zc_off.get_or_insert(why);
+        if let Some(chooser) = self.auto.as_mut() {
+            chooser.map_unavailable();
+            self.auto_requests();
+        }
     }
 
     /// Moves payload bytes into the partial payload: mapped from the socket
@@ -878,7 +1154,7 @@ impl Receiver {
             return;
         };
         let len = p.head.payload_len() as usize;
-        let tail_start = if p.copy_reason == CopyReason::BackendOff {
+        let tail_start = if matches!(p.copy_reason, CopyReason::BackendOff | CopyReason::Auto) {
             len
         } else {
             len & !(pagerpc_core::PAGE_SIZE - 1)
@@ -906,15 +1182,29 @@ impl Receiver {
         if !self.decoder.payload_received(n as u64) {
             return Ok(Step::Progress);
         }
-        let Some(p) = self.partial.take() else {
+        let Some(mut p) = self.partial.take() else {
             return Ok(Step::Progress);
         };
         self.counters.frame_received(p.filled as u64);
-        let payload = match p.sink {
+        let mut measured = None;
+        if let Some(a) = p.auto.take() {
+            if a.plan.measure {
+                measured = Some(a.plan.path);
+            }
+            self.auto_finish(a, p.filled as u64, p.mapped);
+        }
+        let mut payload = match p.sink {
             Sink::Buf(b) => b.freeze(),
             Sink::Zc(r) => r.into_pages(p.filled),
             Sink::Consume(r) => r.into_pages(p.filled),
         };
+        if let Some(path) = measured {
+            // What releasing it costs (unmapping socket pages, say) counts
+            // toward its path too, once the consumer drops it.
+            let costs = self.released.clone();
+            let bytes = p.filled as u64;
+            let _ = payload.time_release(Box::new(move |ns| costs.add(path, ns, bytes)));
+        }
         Ok(Step::Frame(Frame {
             head: p.head,
             payload,
@@ -1093,7 +1383,11 @@ impl Receiver {
             self.end -= self.start;
             self.start = 0;
         }
-        let exact = self.cfg.backend != Backend::Copy;
+        let exact = match self.cfg.backend {
+            Backend::Copy => false,
+            Backend::Auto => self.auto.as_ref().is_some_and(auto::Chooser::exact_reads),
+            _ => true,
+        };
         let room = &mut self.buf[self.end..];
         let room = if exact {
             let n = want.clamp(1, room.len());

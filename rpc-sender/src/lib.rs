@@ -27,6 +27,14 @@
 //! payloads still in flight aborts its connection so the kernel lets go of
 //! them, and hands any stragglers to a background [`graveyard`]: dropping
 //! never waits.
+//!
+//! A peer whose receive backend is `Auto` may ask this side to write its
+//! separate payloads by copy, and later with `MSG_ZEROCOPY` again (a CREDIT
+//! frame on call 0 with the header field `payload_send`). A sender linked
+//! to its connection's receiver ([`Sender::set_payload_send_link`]) honours
+//! those requests for the payloads queued after them, says in each such
+//! payload's header how it is written, and writes the requests its own
+//! receiver makes.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod config;
@@ -40,7 +48,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagerpc_core::{encode_head, Counters, Flags, Header, ZcIds, ZcTracker};
+use pagerpc_core::{
+    encode_head, Counters, Flags, Header, Kind, PayloadSend, PayloadSendLink, ZcIds, ZcTracker,
+};
 pub use pagerpc_pages::Payload;
 
 pub use config::SendConfig;
@@ -121,6 +131,10 @@ pub struct Sender {
     urgent_written: usize,
     /// Bytes the socket has taken, in all (see [`progress`](Self::progress)).
     written: u64,
+    /// Shared with the connection's receiver: the peer's requests about how
+    /// to write payloads, and ours to it. `None`: requests are neither
+    /// honoured nor made, and payloads are not marked.
+    link: Option<Arc<PayloadSendLink>>,
 }
 
 impl Sender {
@@ -156,6 +170,62 @@ impl Sender {
             urgent: Vec::new(),
             urgent_written: 0,
             written: 0,
+            link: None,
+        }
+    }
+
+    /// Links this sender with its connection's receiver (the same `link`
+    /// goes to `Receiver::set_payload_send_link`): from now on it honours
+    /// the peer's requests to write separate payloads by copy or with
+    /// `MSG_ZEROCOPY` (for payloads queued after a request arrived), says
+    /// in every separate payload's header how it is written
+    /// (`payload_send`), and writes the requests its receiver makes (as a
+    /// CREDIT frame on call 0, at the next frame boundary). A request
+    /// waiting to be written goes out with the next
+    /// [`enqueue`](Self::enqueue), [`enqueue_urgent`](Self::enqueue_urgent)
+    /// or [`flush`](Self::flush).
+    pub fn set_payload_send_link(&mut self, link: Arc<PayloadSendLink>) {
+        self.link = Some(link);
+    }
+
+    /// Whether the peer asked this side to write its separate payloads by
+    /// copy (and has not asked for `MSG_ZEROCOPY` again since): payloads
+    /// queued now go by copy even with [`SendConfig::zerocopy`].
+    pub fn peer_wants_copy(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.peer_wants() == Some(PayloadSend::Copy))
+    }
+
+    /// Whether a separate payload queued now would be written with
+    /// `MSG_ZEROCOPY`.
+    fn zc_for(&self, payload: &Payload) -> bool {
+        let len = payload.len();
+        self.zc.is_some()
+            && len >= self.cfg.zerocopy_min
+            && len <= self.cfg.zerocopy_max_inflight
+            && payload.is_page_aligned()
+            && !self.peer_wants_copy()
+    }
+
+    /// Queues the request our receiver made of the peer, if any, ahead of
+    /// frames not started.
+    fn queue_request(&mut self) {
+        let Some(mode) = self.link.as_ref().and_then(|l| l.take_request()) else {
+            return;
+        };
+        if self.broken {
+            return;
+        }
+        let h = Header {
+            kind: Kind::Credit as i32,
+            payload_send: mode as i32,
+            ..Header::default()
+        };
+        // A CREDIT frame of a few bytes fits any limits a peer announces.
+        if encode_head(&h, 0, Flags::NONE, &self.cfg.limits, &mut self.urgent).is_ok() {
+            self.counters.frame_sent(0);
+            self.counters.asked_peer(mode == PayloadSend::Zerocopy);
         }
     }
 
@@ -265,6 +335,7 @@ impl Sender {
                 partial: false,
             });
         }
+        self.queue_request();
         let start = self.urgent.len();
         for f in &frames {
             if let Err(e) = encode_head(
@@ -372,9 +443,27 @@ impl Sender {
                 partial: false,
             });
         }
+        self.queue_request();
         if self.cfg.checksum {
             for f in frames.iter_mut().filter(|f| !f.payload.is_empty()) {
                 f.header.payload_crc32c = Some(crc32c::crc32c(f.payload.as_slice()));
+            }
+        }
+        // How each separate payload goes, decided now: a linked sender says
+        // so in its header.
+        let zc_ok: Vec<bool> = frames
+            .iter()
+            .map(|f| f.payload.len() >= self.cfg.inline_max && self.zc_for(&f.payload))
+            .collect();
+        if self.link.is_some() {
+            for (f, &zc) in frames.iter_mut().zip(&zc_ok) {
+                if !f.payload.is_empty() && f.payload.len() >= self.cfg.inline_max {
+                    f.header.payload_send = if zc {
+                        PayloadSend::Zerocopy
+                    } else {
+                        PayloadSend::Copy
+                    } as i32;
+                }
             }
         }
         // Encode every head first, so a frame over a limit fails before any
@@ -404,7 +493,7 @@ impl Sender {
             }
             spans.push((start, self.heads.len(), inline));
         }
-        for (f, (s, e, inline)) in frames.into_iter().zip(spans) {
+        for ((f, (s, e, inline)), zc_ok) in frames.into_iter().zip(spans).zip(zc_ok) {
             self.counters.frame_sent(f.payload.len() as u64);
             if inline {
                 let p = (!f.payload.is_empty()).then_some(f.payload);
@@ -413,7 +502,7 @@ impl Sender {
                 self.queue.push_head(&self.heads[s..e], None);
                 self.queue.seal();
                 if !f.payload.is_empty() {
-                    self.queue.push_payload(f.payload);
+                    self.queue.push_payload(f.payload, zc_ok);
                 }
             }
         }
@@ -456,6 +545,7 @@ impl Sender {
         if self.broken {
             return Err(self.fail(SendErrorKind::Broken));
         }
+        self.queue_request();
         let r = self.write_queued();
         if self.zc.as_ref().is_some_and(|z| z.held_items() > 0) {
             // Release what the kernel is done with (as EPOLLERR would), so
@@ -529,16 +619,20 @@ impl Sender {
             // completions must leave room for it; if they do not, wait for
             // completions rather than copy (data sent by copy lands in the
             // socket at arbitrary offsets, so the peer cannot map it).
+            // (Whether it qualifies was decided when it was queued.)
             let mut go_zc = false;
-            if let (Some(Part::Payload { payload, zc: None }), 0) =
-                (self.queue.parts.front(), written)
+            if let (
+                Some(Part::Payload {
+                    payload,
+                    zc: None,
+                    zc_ok,
+                }),
+                0,
+            ) = (self.queue.parts.front(), written)
             {
                 let cap = self.cfg.zerocopy_max_inflight;
                 let len = payload.len();
-                go_zc = self.zc.is_some()
-                    && len >= self.cfg.zerocopy_min
-                    && len <= cap
-                    && payload.is_page_aligned();
+                go_zc = *zc_ok && self.zc.is_some();
                 let held = |s: &Self| s.zc.as_ref().map_or(0, ZcTracker::held_bytes);
                 if go_zc && held(self) + len > cap {
                     self.reap_completions()?;
@@ -552,8 +646,12 @@ impl Sender {
             // has credit for its payload (the head goes with it, so the
             // peer is never left inside a frame waiting for credit).
             if written == 0 {
-                if let (Some(Part::Head { .. }), Some(Part::Payload { payload, zc: None })) =
-                    (self.queue.parts.front(), self.queue.parts.get(1))
+                if let (
+                    Some(Part::Head { .. }),
+                    Some(Part::Payload {
+                        payload, zc: None, ..
+                    }),
+                ) = (self.queue.parts.front(), self.queue.parts.get(1))
                 {
                     let len = payload.len() as u64;
                     if self.credit.is_some_and(|c| !c.can_send(len)) {
@@ -581,7 +679,7 @@ impl Sender {
                         Err(e) => return Err(e),
                     }
                 }
-                Part::Payload { payload, zc } => {
+                Part::Payload { payload, zc, .. } => {
                     if written == 0 && !self.charged_front {
                         // Checked with its head; charged once, here.
                         self.charged_front = true;
@@ -662,7 +760,7 @@ impl Sender {
             };
             self.written += n as u64;
             if let Some(done) = self.queue.advance(n) {
-                if let Part::Payload { payload, zc } = done {
+                if let Part::Payload { payload, zc, .. } = done {
                     self.charged_front = false;
                     self.uncork();
                     match zc {

@@ -27,6 +27,10 @@ pub(crate) enum Part {
         /// Whether bytes of it have gone out with `MSG_ZEROCOPY`, and how
         /// many notification ids those calls took.
         zc: Option<ZcPart>,
+        /// Whether it is to be written with `MSG_ZEROCOPY` (decided when
+        /// it was queued, and said in its header when the sender marks
+        /// payloads).
+        zc_ok: bool,
     },
 }
 
@@ -97,9 +101,13 @@ impl PartQueue {
     }
 
     /// Appends a payload part.
-    pub(crate) fn push_payload(&mut self, payload: Payload) {
+    pub(crate) fn push_payload(&mut self, payload: Payload, zc_ok: bool) {
         self.bytes += payload.len();
-        self.parts.push_back(Part::Payload { payload, zc: None });
+        self.parts.push_back(Part::Payload {
+            payload,
+            zc: None,
+            zc_ok,
+        });
     }
 
     /// Stops later frames from merging into the part at the back.

@@ -319,6 +319,10 @@ impl Shared {
         }
         if credit > 0 && self.cfg.conn_window > 0 && !conn.closed.load(Ordering::SeqCst) {
             self.send(conn, credit_frame(0, credit));
+        } else if rx.has_payload_send_request() && !conn.closed.load(Ordering::SeqCst) {
+            // Backend::Auto asks the client to write its payloads another
+            // way: the sender writes the request when it flushes.
+            self.flush_out(conn);
         }
         let awaiting = rx.awaiting_budget();
         conn.read_drained
@@ -882,7 +886,11 @@ impl Shared {
             // refused before anything is allocated.
             receiver.set_limits(pre_auth_limits(&self.cfg.limits));
         }
-        let sender = Sender::new(fd.clone(), self.cfg.send.clone(), counters);
+        let mut sender = Sender::new(fd.clone(), self.cfg.send.clone(), counters);
+        // Payload send requests (Backend::Auto) pass between the halves.
+        let link = Arc::new(pagerpc_core::PayloadSendLink::new());
+        receiver.set_payload_send_link(link.clone());
+        sender.set_payload_send_link(link);
         let mut cc = ConnConfig::default();
         cc.max_inflight = self.cfg.max_inflight_per_conn;
         cc.outbound_max_bytes = self.cfg.max_outbound_bytes_per_conn;
