@@ -195,8 +195,12 @@ impl Drop for Held {
         let start = timer.as_ref().and_then(|_| sys::thread_cpu_ns());
         // Unmaps, or returns the memory to its cache or pool.
         drop(self.region.take());
-        if let (Some(timer), Some(t0), Some(t1)) = (timer, start, sys::thread_cpu_ns()) {
-            timer(t1.saturating_sub(t0));
+        // Only a timed release reads the clock again (a system call: the
+        // thread CPU clock has no vDSO fast path).
+        if let (Some(timer), Some(t0)) = (timer, start) {
+            if let Some(t1) = sys::thread_cpu_ns() {
+                timer(t1.saturating_sub(t0));
+            }
         }
     }
 }

@@ -985,8 +985,12 @@ impl Receiver {
     /// being measured.
     fn auto_pause(&mut self) {
         if let Some(a) = self.partial.as_mut().and_then(|p| p.auto.as_mut()) {
-            if let (Some(t0), Some(t1)) = (a.since.take(), sys::thread_cpu_ns()) {
-                a.cpu_ns += t1.saturating_sub(t0);
+            // The clock only for a payload being measured (each read is a
+            // system call).
+            if let Some(t0) = a.since.take() {
+                if let Some(t1) = sys::thread_cpu_ns() {
+                    a.cpu_ns += t1.saturating_sub(t0);
+                }
             }
         }
     }
@@ -1000,8 +1004,10 @@ impl Receiver {
         };
         let cpu = if a.plan.measure {
             let mut ns = a.cpu_ns;
-            if let (Some(t0), Some(t1)) = (a.since, sys::thread_cpu_ns()) {
-                ns += t1.saturating_sub(t0);
+            if let Some(t0) = a.since {
+                if let Some(t1) = sys::thread_cpu_ns() {
+                    ns += t1.saturating_sub(t0);
+                }
             }
             let ns = match &self.cfg.auto_cost_bias {
                 Some(bias) => bias.apply(a.plan.path, ns),
