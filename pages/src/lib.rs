@@ -18,6 +18,8 @@ mod pool;
 mod sys;
 
 pub use pool::POOL_MAX;
+/// The one wrapper of the thread CPU clock, shared with the receiver.
+pub use sys::thread_cpu_ns;
 
 use std::fmt;
 use std::io;

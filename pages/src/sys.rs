@@ -228,8 +228,10 @@ impl Drop for Region {
 }
 
 /// CPU time the calling thread has used, in nanoseconds
-/// (`CLOCK_THREAD_CPUTIME_ID`); `None` if the clock cannot be read.
-pub(crate) fn thread_cpu_ns() -> Option<u64> {
+/// (`CLOCK_THREAD_CPUTIME_ID`: user and system time, not time asleep);
+/// `None` if the clock cannot be read. A real system call: this clock has
+/// no vDSO fast path.
+pub fn thread_cpu_ns() -> Option<u64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -28,24 +28,9 @@ fn setsockopt_int(
     }
 }
 
-/// CPU time the calling thread has used, in nanoseconds
-/// (`CLOCK_THREAD_CPUTIME_ID`: user and system time, not time asleep);
-/// `None` if the clock cannot be read.
-pub(crate) fn thread_cpu_ns() -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec that clock_gettime only
-    // writes; the clock id is a constant the kernel knows.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return None;
-    }
-    let secs = u64::try_from(ts.tv_sec).ok()?;
-    let nanos = u64::try_from(ts.tv_nsec).ok()?;
-    Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
-}
+/// CPU time the calling thread has used (the pages crate holds the one
+/// wrapper of `CLOCK_THREAD_CPUTIME_ID`).
+pub(crate) use pagerpc_pages::thread_cpu_ns;
 
 /// An anonymous private read-write mapping of `len` bytes: anywhere, or
 /// (with `at`) replacing exactly `[at, at+len)`.
