@@ -449,29 +449,22 @@ impl Sender {
                 f.header.payload_crc32c = Some(crc32c::crc32c(f.payload.as_slice()));
             }
         }
-        // How each separate payload goes, decided now: a linked sender says
-        // so in its header.
-        let zc_ok: Vec<bool> = frames
-            .iter()
-            .map(|f| f.payload.len() >= self.cfg.inline_max && self.zc_for(&f.payload))
-            .collect();
-        if self.link.is_some() {
-            for (f, &zc) in frames.iter_mut().zip(&zc_ok) {
-                if !f.payload.is_empty() && f.payload.len() >= self.cfg.inline_max {
-                    f.header.payload_send = if zc {
-                        PayloadSend::Zerocopy
-                    } else {
-                        PayloadSend::Copy
-                    } as i32;
-                }
-            }
-        }
         // Encode every head first, so a frame over a limit fails before any
-        // of the batch is queued.
+        // of the batch is queued. How each separate payload goes is decided
+        // here too: a linked sender says so in its header.
         self.heads.clear();
         let mut spans = Vec::with_capacity(frames.len());
-        for f in &frames {
+        for f in &mut frames {
             let inline = f.payload.len() < self.cfg.inline_max;
+            let separate = !inline && !f.payload.is_empty();
+            let zc_ok = separate && self.zc_for(&f.payload);
+            if self.link.is_some() && separate {
+                f.header.payload_send = if zc_ok {
+                    PayloadSend::Zerocopy
+                } else {
+                    PayloadSend::Copy
+                } as i32;
+            }
             let flags = if inline && !f.payload.is_empty() {
                 Flags::INLINE_PAYLOAD
             } else {
@@ -491,9 +484,9 @@ impl Sender {
                     partial: false,
                 });
             }
-            spans.push((start, self.heads.len(), inline));
+            spans.push((start, self.heads.len(), inline, zc_ok));
         }
-        for ((f, (s, e, inline)), zc_ok) in frames.into_iter().zip(spans).zip(zc_ok) {
+        for (f, (s, e, inline, zc_ok)) in frames.into_iter().zip(spans) {
             self.counters.frame_sent(f.payload.len() as u64);
             if inline {
                 let p = (!f.payload.is_empty()).then_some(f.payload);
