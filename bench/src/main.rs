@@ -45,6 +45,14 @@ struct Transfer {
     /// Payload size of each call or message, in KiB.
     #[arg(long, default_value_t = 1024)]
     size_kib: usize,
+    /// Bytes added to every payload after its KiB (0–4095: a payload that
+    /// ends in a partial page, whose tail is copied).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..4096))]
+    tail_bytes: u16,
+    /// Receivers keep this many socket mappings per connection for reuse
+    /// (`RecvConfig::kept_mappings`). Default: the library's (4).
+    #[arg(long)]
+    kept_mappings: Option<usize>,
     /// Total payload to send, in MiB.
     #[arg(long, default_value_t = 1024)]
     total_mib: usize,
@@ -72,7 +80,7 @@ struct Transfer {
 impl Transfer {
     /// Payload bytes per call or message.
     fn size(&self) -> usize {
-        self.size_kib * 1024
+        self.size_kib * 1024 + usize::from(self.tail_bytes)
     }
 
     /// Calls or messages to send.
@@ -98,6 +106,8 @@ impl Transfer {
             ("--mss", self.mss.map(u64::from)),
             ("--zc-min", self.zc_min.map(|z| z as u64)),
             ("--window-kib", self.window_kib),
+            ("--tail-bytes", Some(u64::from(self.tail_bytes))),
+            ("--kept-mappings", self.kept_mappings.map(|k| k as u64)),
         ];
         for (name, v) in opts {
             if let Some(v) = v {
@@ -113,6 +123,9 @@ impl Transfer {
         if self.auto {
             c.recv.backend = Backend::Auto;
         }
+        if let Some(k) = self.kept_mappings {
+            c.recv.kept_mappings = k;
+        }
         c
     }
 
@@ -121,6 +134,9 @@ impl Transfer {
         self.tune(&mut c.send, &mut c.segments, &mut c.stream_window);
         if self.auto {
             c.recv.backend = Backend::Auto;
+        }
+        if let Some(k) = self.kept_mappings {
+            c.recv.kept_mappings = k;
         }
         c
     }
@@ -537,8 +553,15 @@ fn bulk(o: &BulkOpts, netns: bool, sender_cpus: Option<&str>) -> Res {
         // A line of its own: scripts parse the one above.
         println!("{}", sample.machine_line(""));
     }
+    let counters = server.counters().since(&counters_before);
     if o.t.auto {
-        println!("{}", auto_line(&server.counters().since(&counters_before)));
+        println!("{}", auto_line(&counters));
+    }
+    if counters.socket_maps_made + counters.socket_maps_reused > 0 {
+        println!(
+            "socket mappings: {} made, {} reused; payload tails copied by the mapping call: {}",
+            counters.socket_maps_made, counters.socket_maps_reused, counters.tails_copied_with_map
+        );
     }
     server.shutdown();
     Ok(sample.check_mapped(o.min_mapped)?)

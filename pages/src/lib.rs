@@ -14,9 +14,11 @@
 //! default) mappings; compacted values share the slabs of one pool.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod kept;
 mod pool;
 mod sys;
 
+pub use kept::KeptMappings;
 pub use pool::POOL_MAX;
 /// The one wrapper of the thread CPU clock, shared with the receiver.
 pub use sys::thread_cpu_ns;
@@ -244,6 +246,33 @@ impl Pages {
         assert!(len <= map_len, "len {len} > map_len {map_len}");
         // SAFETY: forwarded from this function's contract.
         let region = unsafe { Region::from_mapping(ptr, map_len) };
+        Pages {
+            region: Some(Arc::new(Held::new(region))),
+            len,
+            origin,
+        }
+    }
+
+    /// As [`from_mapping`](Pages::from_mapping), for a mapping lent by
+    /// `home`: when the last clone is dropped, the pages are dropped and the
+    /// mapping goes back to `home` under `layout` (or is unmapped, if
+    /// `home` is closed or full).
+    ///
+    /// # Safety
+    /// As [`from_mapping`](Pages::from_mapping); and once given back the
+    /// mapping may be lent again, so it must be one `home` may hold: a
+    /// mapping whose pages read as whatever is mapped there next.
+    pub unsafe fn from_kept_mapping(
+        ptr: NonNull<u8>,
+        len: usize,
+        map_len: usize,
+        layout: usize,
+        home: &Arc<KeptMappings>,
+        origin: Origin,
+    ) -> Pages {
+        assert!(len <= map_len, "len {len} > map_len {map_len}");
+        // SAFETY: forwarded from this function's contract.
+        let region = unsafe { Region::lent(ptr, map_len, layout, Arc::clone(home)) };
         Pages {
             region: Some(Arc::new(Held::new(region))),
             len,

@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pagerpc_core::PAGE_SIZE;
 
+use crate::kept::KeptMappings;
 use crate::pool::{self, Slots, CLASSES, SLAB_BYTES};
 
 /// An owned memory region that is unmapped or freed on drop.
@@ -33,6 +34,16 @@ pub(crate) enum Region {
     /// multiple): the fallback when no mapping can be made (the process is
     /// at `vm.max_map_count`, say) but the allocator still has room.
     Heap { ptr: NonNull<u8>, size: usize },
+    /// A mapping lent by a connection's [`KeptMappings`]: on drop its
+    /// pages are dropped and the mapping goes back to be lent again (or is
+    /// unmapped if it is not taken back). `layout` is the tag it is kept
+    /// under.
+    Lent {
+        ptr: NonNull<u8>,
+        map_len: usize,
+        layout: usize,
+        home: Arc<KeptMappings>,
+    },
     /// One slot of a slab of a compacting [`Pool`]: `class_size(class)`
     /// bytes shared with no one (other slots of the slab belong to other
     /// values).
@@ -154,9 +165,30 @@ impl Region {
         }
     }
 
+    /// Takes ownership of a mapping lent by `home`, kept there under
+    /// `layout` when it comes back.
+    ///
+    /// # Safety
+    /// As [`Region::from_mapping`]; and `home` may lend the mapping again
+    /// once this region gives it back.
+    pub(crate) unsafe fn lent(
+        ptr: NonNull<u8>,
+        map_len: usize,
+        layout: usize,
+        home: Arc<KeptMappings>,
+    ) -> Region {
+        Region::Lent {
+            ptr,
+            map_len,
+            layout,
+            home,
+        }
+    }
+
     pub(crate) fn ptr(&self) -> NonNull<u8> {
         match self {
-            Region::Mapped { ptr, .. }
+            Region::Lent { ptr, .. }
+            | Region::Mapped { ptr, .. }
             | Region::Slab { ptr }
             | Region::Heap { ptr, .. }
             | Region::Pooled { ptr, .. } => *ptr,
@@ -166,7 +198,7 @@ impl Region {
     /// Usable bytes: the memory this region keeps alive.
     pub(crate) fn capacity(&self) -> usize {
         match self {
-            Region::Mapped { map_len, .. } => *map_len,
+            Region::Mapped { map_len, .. } | Region::Lent { map_len, .. } => *map_len,
             Region::Slab { .. } => PAGE_SIZE,
             Region::Heap { size, .. } => *size,
             Region::Pooled { class, .. } => pool::class_size(usize::from(*class)),
@@ -174,7 +206,7 @@ impl Region {
     }
 
     pub(crate) fn is_mapped(&self) -> bool {
-        matches!(self, Region::Mapped { .. })
+        matches!(self, Region::Mapped { .. } | Region::Lent { .. })
     }
 
     /// The first `len` bytes.
@@ -205,6 +237,21 @@ impl Drop for Region {
                 // (drop has &mut self). munmap only fails for bad arguments.
                 let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), map_len) };
                 debug_assert_eq!(rc, 0, "munmap: {}", io::Error::last_os_error());
+            }
+            Region::Lent {
+                ptr,
+                map_len,
+                layout,
+                ref home,
+            } => {
+                let addr = ptr.as_ptr() as usize;
+                // SAFETY: we own this mapping and nothing borrows it any
+                // more (drop has &mut self); dropping its pages only makes
+                // them read as what the socket maps next (or fault).
+                unsafe { drop_pages(addr, map_len) };
+                if !home.put(addr, map_len, layout) {
+                    unmap(addr, map_len);
+                }
             }
             Region::Slab { ptr } => slab_put(ptr),
             Region::Heap { ptr, size } => {
@@ -331,9 +378,12 @@ fn cache_put(r: &Region) -> bool {
     true
 }
 
-fn unmap(addr: usize, len: usize) {
-    // SAFETY: (addr, len) is a mapping the cache owned exclusively; it was
-    // removed from the cache before this call, so nothing else refers to it.
+/// Unmaps `(addr, len)`: a mapping the caller owned exclusively (the
+/// recycle cache's or a [`KeptMappings`]'s, already removed from it, or a
+/// dropped region's) that nothing refers to any more.
+pub(crate) fn unmap(addr: usize, len: usize) {
+    // SAFETY: (addr, len) is a mapping the caller owned exclusively and
+    // gave up (see above), so nothing else refers to it.
     let rc = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
     debug_assert_eq!(rc, 0, "munmap: {}", io::Error::last_os_error());
 }
@@ -597,6 +647,21 @@ unsafe fn discard(addr: usize, len: usize) {
     // SAFETY: forwarded from this function's contract; MADV_DONTNEED on
     // private anonymous memory only replaces the contents with zeros.
     unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+}
+
+/// Drops the pages of a payload mapping (`MADV_DONTNEED`): the kernel
+/// zaps them (the page-table work and TLB flush `munmap` does) and frees
+/// them if nothing else holds them, while the mapping stays for reuse.
+///
+/// # Safety
+/// `[addr, addr+len)` must be a whole mapping the caller owns that nothing
+/// refers to.
+unsafe fn drop_pages(addr: usize, len: usize) {
+    // SAFETY: forwarded from this function's contract. On a socket mapping
+    // MADV_DONTNEED only unmaps the pages; on anonymous memory it replaces
+    // the contents with zeros.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    debug_assert_eq!(rc, 0, "madvise: {}", io::Error::last_os_error());
 }
 
 /// How many of the pages of `[addr, addr+len)` (page-aligned, mapped) are

@@ -72,6 +72,8 @@ pub struct Counters {
     zc_sends: AtomicU64,
     zc_send_completions: AtomicU64,
     zc_send_copied: AtomicU64,
+    socket_maps: [AtomicU64; 2],
+    tails_copied_with_map: AtomicU64,
     parent: Option<Arc<Counters>>,
 }
 
@@ -120,6 +122,8 @@ impl Counters {
             zc_sends: AtomicU64::new(0),
             zc_send_completions: AtomicU64::new(0),
             zc_send_copied: AtomicU64::new(0),
+            socket_maps: [const { AtomicU64::new(0) }; 2],
+            tails_copied_with_map: AtomicU64::new(0),
             parent: None,
         }
     }
@@ -199,6 +203,20 @@ impl Counters {
         both!(self.zc_send_copied += copied);
     }
 
+    /// A zero-copy receive made a mapping of the socket for a payload
+    /// (`reused` false), or took one its connection kept from an earlier
+    /// payload (`reused` true; see `RecvConfig::kept_mappings`).
+    pub fn socket_map(&self, reused: bool) {
+        both!(self.socket_maps[usize::from(reused)] += 1);
+    }
+
+    /// The kernel copied a payload's sub-page tail in the same
+    /// `TCP_ZEROCOPY_RECEIVE` call that mapped its last whole pages (its
+    /// copy buffer), instead of a `recv` of its own.
+    pub fn tail_copied_with_map(&self) {
+        both!(self.tails_copied_with_map += 1);
+    }
+
     /// A consistent-enough copy of every counter.
     pub fn snapshot(&self) -> CountersSnapshot {
         CountersSnapshot {
@@ -231,12 +249,18 @@ impl Counters {
             zc_sends: self.zc_sends.load(Relaxed),
             zc_send_completions: self.zc_send_completions.load(Relaxed),
             zc_send_copied: self.zc_send_copied.load(Relaxed),
+            socket_maps_made: self.socket_maps[0].load(Relaxed),
+            socket_maps_reused: self.socket_maps[1].load(Relaxed),
+            tails_copied_with_map: self.tails_copied_with_map.load(Relaxed),
         }
     }
 }
 
-/// A plain copy of [`Counters`].
+/// A plain copy of [`Counters`]. Fields are added as counters are
+/// (`#[non_exhaustive]`): build one with `Default` or take it from
+/// [`Counters::snapshot`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 #[allow(missing_docs)] // each field mirrors the Counters method that feeds it
 pub struct CountersSnapshot {
     pub frames_received: u64,
@@ -259,6 +283,9 @@ pub struct CountersSnapshot {
     pub zc_sends: u64,
     pub zc_send_completions: u64,
     pub zc_send_copied: u64,
+    pub socket_maps_made: u64,
+    pub socket_maps_reused: u64,
+    pub tails_copied_with_map: u64,
 }
 
 impl CountersSnapshot {
@@ -302,6 +329,9 @@ impl CountersSnapshot {
             zc_sends: self.zc_sends - earlier.zc_sends,
             zc_send_completions: self.zc_send_completions - earlier.zc_send_completions,
             zc_send_copied: self.zc_send_copied - earlier.zc_send_copied,
+            socket_maps_made: self.socket_maps_made - earlier.socket_maps_made,
+            socket_maps_reused: self.socket_maps_reused - earlier.socket_maps_reused,
+            tails_copied_with_map: self.tails_copied_with_map - earlier.tails_copied_with_map,
         }
     }
 }
@@ -312,6 +342,7 @@ impl CountersSnapshot {
 /// received; how those bytes were placed (mapped, or copied and why) is in
 /// the other counters, as for every backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 #[allow(missing_docs)] // named after AutoChoice's variants
 pub struct AutoCounts {
     pub map_chosen: u64,

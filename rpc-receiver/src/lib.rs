@@ -164,10 +164,28 @@ pub struct RecvConfig {
     /// NIC delivers cold data), lower it below that size. Sizes under a
     /// page are always copied.
     pub auto_floor: usize,
+    /// With `TCP_ZEROCOPY_RECEIVE` ([`Backend::ZeroCopy`], and
+    /// [`Backend::Auto`] while it maps): how many socket mappings a
+    /// connection keeps for its next payloads. A mapped payload's mapping
+    /// is lent to its [`Pages`]; when the consumer drops them, the pages are
+    /// dropped (`MADV_DONTNEED`) but the mapping is kept, and the next
+    /// payload of the same size is mapped into it instead of a new one:
+    /// an `mmap` and a `munmap` fewer per payload. 0 makes and unmaps a
+    /// mapping per payload. Default 4; see `docs/zero-copy.md`.
+    ///
+    /// # Memory cost
+    /// Per connection, up to this many mappings without pages: address
+    /// space, one VMA each of the process's `vm.max_map_count`, and their
+    /// page tables (about 2 KiB per MiB). They are unmapped when the
+    /// connection's receiver is dropped.
+    pub kept_mappings: usize,
     /// Test hook for [`Backend::Auto`] (see [`AutoCostBias`]).
     #[doc(hidden)]
     pub auto_cost_bias: Option<Arc<AutoCostBias>>,
 }
+
+/// The default [`RecvConfig::kept_mappings`]: 4.
+pub const DEFAULT_KEPT_MAPPINGS: usize = 4;
 
 /// The default [`RecvConfig::auto_floor`]: 256 KiB.
 pub const DEFAULT_AUTO_FLOOR: usize = 256 << 10;
@@ -180,6 +198,7 @@ impl Default for RecvConfig {
             read_buf: 64 * 1024,
             zc_tlb_clean_hint: true,
             auto_floor: DEFAULT_AUTO_FLOOR,
+            kept_mappings: DEFAULT_KEPT_MAPPINGS,
             auto_cost_bias: None,
         }
     }
@@ -435,6 +454,20 @@ pub struct Receiver {
     /// CPU time spent releasing measured payloads, reported by their
     /// [`Pages`] when the consumer drops them ([`Backend::Auto`]).
     released: Arc<ReleaseCosts>,
+    /// Socket mappings kept for the next payloads
+    /// ([`RecvConfig::kept_mappings`]); closed when the receiver is dropped.
+    kept: Option<Arc<pagerpc_pages::KeptMappings>>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        // Kept mappings hold the socket's file: unmap them with the
+        // connection. Payloads still held give theirs back to a closed
+        // home, which unmaps them.
+        if let Some(kept) = &self.kept {
+            kept.close();
+        }
+    }
 }
 
 /// What releasing measured payloads cost, per path (map, copy), since the
@@ -508,6 +541,8 @@ impl Receiver {
             auto: (cfg.backend == Backend::Auto).then(|| auto::Chooser::new(cfg.auto_floor)),
             link: None,
             released: Arc::default(),
+            kept: (cfg.kept_mappings > 0 && cfg.backend != Backend::Copy)
+                .then(|| pagerpc_pages::KeptMappings::new(cfg.kept_mappings)),
             cfg,
         };
         if r.cfg.backend == Backend::Mmap {
@@ -1046,8 +1081,11 @@ impl Receiver {
             }
         }
         if map && self.zc.is_some() && !head.inline_payload() && len >= pagerpc_core::PAGE_SIZE {
-            match sys::SockRegion::new(self.fd.as_fd(), len) {
-                Ok(r) => return Ok(Sink::Zc(r)),
+            match sys::SockRegion::new(self.fd.as_fd(), len, self.kept.as_ref()) {
+                Ok(r) => {
+                    self.counters.socket_map(r.reused());
+                    return Ok(Sink::Zc(r));
+                }
                 // No mapping can be made now (out of memory, or the process
                 // is at vm.max_map_count, which kept payloads fill): copy
                 // this payload, and keep zero-copy on for the next ones.
@@ -1311,7 +1349,18 @@ impl Receiver {
         };
         let want = region.socket_end() - p.filled;
         let struct_len = sys::ZC_STRUCT_LENS[zc.struct_idx];
-        match region.zerocopy(fd.as_fd(), p.filled, want, zc.flags, struct_len) {
+        // Offer the payload's tail page as the copy buffer for its
+        // sub-page tail: the kernel copies the bytes that follow the
+        // mapped pages there in the same call, saving a `recv`, whenever
+        // they are queued right behind them (in the same buffer).
+        let tail = (p.head.payload_len() as usize).saturating_sub(region.socket_end());
+        let copybuf = if tail < pagerpc_core::PAGE_SIZE {
+            tail
+        } else {
+            0
+        };
+        match region.zerocopy(fd.as_fd(), p.filled, want, zc.flags, struct_len, copybuf) {
+            Ok(out) if out.copied > 0 && out.err.is_none() => self.zc_mapped_and_copied(out),
             Ok(out) if out.mapped > 0 => {
                 self.counters.mapped(out.mapped as u64);
                 p.mapped += out.mapped as u64;
@@ -1374,6 +1423,69 @@ impl Receiver {
                 }
             },
         }
+    }
+
+    /// A `TCP_ZEROCOPY_RECEIVE` that mapped `out.mapped` bytes (maybe none)
+    /// and then copied `out.copied` bytes, those that follow them in the
+    /// stream, into the copy buffer: the anonymous page after the region's
+    /// socket part. That is where they belong when the mapped pages were
+    /// the payload's last whole ones (the tail). Otherwise the kernel
+    /// could not map what follows the mapped pages whole (a segment off
+    /// page boundaries, or less than a page queued): the copied bytes go
+    /// where they belong, and the rest of the payload is copied, as after
+    /// any misaligned stretch.
+    fn zc_mapped_and_copied(&mut self, out: sys::ZcOut) -> Result<Step, RecvError> {
+        let n = out.copied.min(pagerpc_core::PAGE_SIZE);
+        let mut stash = [0u8; pagerpc_core::PAGE_SIZE];
+        let Some(p) = self.partial.as_mut() else {
+            return Ok(Step::Blocked);
+        };
+        let Sink::Zc(region) = &mut p.sink else {
+            return Ok(Step::Blocked);
+        };
+        let socket_end = region.socket_end();
+        let misplaced = p.filled + out.mapped != socket_end;
+        if !misplaced {
+            self.counters.tail_copied_with_map();
+        }
+        if misplaced {
+            stash[..n].copy_from_slice(region.copybuf(n));
+        }
+        if out.mapped > 0 {
+            self.counters.mapped(out.mapped as u64);
+            p.mapped += out.mapped as u64;
+            // Never completes the payload: the copied bytes follow.
+            if let Step::Frame(_) = self.payload_progress(out.mapped)? {
+                return Err(RecvError::Io(io::Error::other(
+                    "the kernel copied bytes past a payload's end",
+                )));
+            }
+        }
+        let Some(p) = self.partial.as_mut() else {
+            return Ok(Step::Blocked);
+        };
+        if misplaced {
+            p.copy_reason = if out.inq > 0 && out.inq < pagerpc_core::PAGE_SIZE {
+                CopyReason::NotQueued
+            } else {
+                CopyReason::Unmappable
+            };
+            p.copy_until = p.head.payload_len() as usize;
+            if let Sink::Zc(region) = &mut p.sink {
+                if let Err(e) = region.make_writable_from(p.filled) {
+                    zc_to_buf(p, e)?;
+                }
+            }
+            let at = p.filled;
+            let dest: &mut [u8] = match &mut p.sink {
+                Sink::Buf(b) => &mut b[at..at + n],
+                Sink::Zc(r) => r.writable(at, n),
+                Sink::Consume(r) => r.writable(at, n),
+            };
+            dest.copy_from_slice(&stash[..n]);
+        }
+        self.copied(n);
+        self.payload_progress(n)
     }
 
     /// Reads into the (compacted) buffer. With the copy backend it reads as

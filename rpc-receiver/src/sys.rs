@@ -2,7 +2,10 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::Duration;
+
+use pagerpc_pages::KeptMappings;
 
 /// `setsockopt` of one `c_int` value.
 fn setsockopt_int(
@@ -197,6 +200,10 @@ pub(crate) struct ZcOut {
     pub(crate) skip: usize,
     /// Bytes left in the receive queue (0 if the kernel is too old to say).
     pub(crate) inq: usize,
+    /// Bytes the kernel copied into the copy buffer offered with the call
+    /// (`copybuf`, Linux 5.10+): the bytes that follow the mapped ones in
+    /// the stream.
+    pub(crate) copied: usize,
     /// A socket error (an errno) the kernel reported with this call (the
     /// `err` field, Linux 5.9+: a pending `sk_err`, which the call consumed).
     /// Only set together with `mapped > 0`: the kernel mapped and consumed
@@ -224,6 +231,11 @@ fn zc_outcome(zc: &TcpZerocopyReceive, struct_len: usize) -> io::Result<ZcOut> {
         mapped: zc.length as usize,
         skip: zc.recv_skip_hint as usize,
         inq: if struct_len >= 20 { zc.inq as usize } else { 0 },
+        copied: if struct_len >= 40 {
+            usize::try_from(zc.copybuf_len).unwrap_or(0)
+        } else {
+            0
+        },
         err,
     };
     match err {
@@ -243,6 +255,11 @@ pub(crate) struct SockRegion {
     socket_end: usize,
     /// Page ranges inside `[0, socket_end)` turned writable for copying.
     holes: Vec<(usize, usize)>,
+    /// Where the mapping goes back when its payload is dropped, if it is
+    /// still laid out as made (no holes, socket part whole).
+    home: Option<Arc<KeptMappings>>,
+    /// Taken from `home` rather than made for this payload.
+    reused: bool,
 }
 
 // SAFETY: the region exclusively owns its mappings; moving it between
@@ -251,8 +268,15 @@ unsafe impl Send for SockRegion {}
 
 impl SockRegion {
     /// A region for a payload of `len` bytes: its whole pages map the
-    /// socket, its last partial page (if any) is anonymous.
-    pub(crate) fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<SockRegion> {
+    /// socket, its last partial page (if any) is anonymous. Taken from
+    /// `home` if it keeps one of that layout (made by this function for
+    /// this socket, its pages dropped), otherwise made; either way it goes
+    /// back to `home` when its payload is dropped.
+    pub(crate) fn new(
+        fd: BorrowedFd<'_>,
+        len: usize,
+        home: Option<&Arc<KeptMappings>>,
+    ) -> io::Result<SockRegion> {
         let map_len = pagerpc_core::page_round_up(len);
         let aligned = len & !(pagerpc_core::PAGE_SIZE - 1);
         if map_len == 0 || aligned == 0 {
@@ -260,6 +284,16 @@ impl SockRegion {
                 io::ErrorKind::InvalidInput,
                 "no whole page to map",
             ));
+        }
+        if let Some(ptr) = home.and_then(|h| h.take(map_len, aligned)) {
+            return Ok(SockRegion {
+                ptr,
+                map_len,
+                socket_end: aligned,
+                holes: Vec::new(),
+                home: home.cloned(),
+                reused: true,
+            });
         }
         let base = if aligned == map_len {
             // SAFETY: a fresh shared read-only mapping of the socket with no
@@ -328,6 +362,8 @@ impl SockRegion {
             map_len,
             socket_end: aligned,
             holes: Vec::new(),
+            home: home.cloned(),
+            reused: false,
         })
     }
 
@@ -341,14 +377,21 @@ impl SockRegion {
         len: usize,
         flags: u32,
         struct_len: usize,
+        copybuf: usize,
     ) -> io::Result<ZcOut> {
         assert!(offset.is_multiple_of(pagerpc_core::PAGE_SIZE) && offset + len <= self.socket_end);
+        assert!(self.socket_end + copybuf <= self.map_len);
         let mut zc = TcpZerocopyReceive {
             address: self.ptr.as_ptr() as u64 + offset as u64,
             length: u32::try_from(len).unwrap_or(!0xfff),
             flags: if struct_len >= 40 { flags } else { 0 },
             ..Default::default()
         };
+        if struct_len >= 40 && copybuf > 0 {
+            // The anonymous part after the socket part: writable, ours.
+            zc.copybuf_address = self.ptr.as_ptr() as u64 + self.socket_end as u64;
+            zc.copybuf_len = i32::try_from(copybuf).unwrap_or(0);
+        }
         let mut optlen =
             struct_len.min(std::mem::size_of::<TcpZerocopyReceive>()) as libc::socklen_t;
         // SAFETY: `zc` is a valid, writable struct of at least `optlen`
@@ -399,7 +442,24 @@ impl SockRegion {
             )?
         };
         self.holes.push((from, to));
+        // No longer the layout it would be kept under.
+        self.home = None;
         Ok(())
+    }
+
+    /// The first `n` bytes of the copy buffer a [`zerocopy`](Self::zerocopy)
+    /// call offered (the anonymous part, from `socket_end()`), which the
+    /// kernel wrote.
+    pub(crate) fn copybuf(&self, n: usize) -> &[u8] {
+        assert!(self.socket_end + n <= self.map_len);
+        // SAFETY: the range lies inside the anonymous, readable part of a
+        // mapping this region owns; writes need `&mut self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(self.socket_end), n) }
+    }
+
+    /// Whether the region was taken from the connection's kept mappings.
+    pub(crate) fn reused(&self) -> bool {
+        self.reused
     }
 
     /// Where the socket part ends (from here on the region is writable).
@@ -438,11 +498,27 @@ impl SockRegion {
         // ManuallyDrop below skips every field's destructor: free the hole
         // list first (forgetting it leaked a little heap per payload).
         drop(std::mem::take(&mut self.holes));
+        let home = self.home.take();
         let me = std::mem::ManuallyDrop::new(self);
-        // SAFETY: ManuallyDrop gives up this value's ownership of the
-        // mapping (it will not unmap it); every byte below `len` was mapped
-        // or written.
-        unsafe { hand_to_pages(me.ptr, len, me.map_len) }
+        match home {
+            // SAFETY: ManuallyDrop gives up this value's ownership of the
+            // mapping (it will not unmap it); every byte below `len` was
+            // mapped or written. The mapping is laid out as `new` makes
+            // them (no hole was made, so its socket part is whole), which
+            // is what `home` keeps under this layout.
+            Some(home) => unsafe {
+                pagerpc_pages::Pages::from_kept_mapping(
+                    me.ptr,
+                    len,
+                    me.map_len,
+                    me.socket_end,
+                    &home,
+                    pagerpc_pages::Origin::Socket,
+                )
+            },
+            // SAFETY: as above, without a home: the Pages unmaps it.
+            None => unsafe { hand_to_pages(me.ptr, len, me.map_len) },
+        }
     }
 }
 
