@@ -171,6 +171,28 @@ mod tests {
         assert_eq!(home.kept(), 1);
     }
 
+    /// Regression: the release hook ran before the memory was released
+    /// (`on_release` promises after), so a budget it fed could let more
+    /// in while the old pages were still there.
+    #[test]
+    fn the_release_hook_runs_once_the_memory_is_released() {
+        let home = KeptMappings::new(2);
+        let (mut pages, _) = lend(&home, 1, 5);
+        let h = Arc::clone(&home);
+        let seen = Arc::new(Mutex::new(None));
+        let s = Arc::clone(&seen);
+        let attached = pages.on_release(Box::new(move |bytes| {
+            *s.lock().unwrap() = Some((bytes, h.kept()));
+        }));
+        assert!(attached.is_ok(), "the only handle takes a hook");
+        drop(pages);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            Some((LEN, 1)),
+            "the hook saw the mapping given back already"
+        );
+    }
+
     // Unmapping is not checked by address here: another test's `mmap`
     // may take a freed range at once. `tests/kept_mappings.rs` counts
     // socket mappings in a process that runs one such test at a time.

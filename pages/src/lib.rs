@@ -183,14 +183,6 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let capacity = self.capacity();
-        let hook = self
-            .on_release
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(hook) = hook {
-            hook(capacity);
-        }
         let timer = self
             .timer
             .get_mut()
@@ -205,6 +197,17 @@ impl Drop for Held {
             if let Some(t1) = sys::thread_cpu_ns() {
                 timer(t1.saturating_sub(t0));
             }
+        }
+        // After the memory is released, as `on_release` promises: whoever
+        // counts it (a server's held-bytes budget) lets more in only once
+        // it is gone.
+        let hook = self
+            .on_release
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(hook) = hook {
+            hook(capacity);
         }
     }
 }

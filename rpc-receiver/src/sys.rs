@@ -370,8 +370,12 @@ impl SockRegion {
     /// Maps up to `len` received bytes at `offset` (page-aligned, inside the
     /// socket part) with `TCP_ZEROCOPY_RECEIVE`. `struct_len` is the struct
     /// size to pass; the caller steps down [`ZC_STRUCT_LENS`] on `EINVAL`.
+    /// With `copybuf` > 0 (and a struct of 40 bytes or more) the first
+    /// `copybuf` bytes of the anonymous part are offered as the copy
+    /// buffer: the kernel may copy there up to that many bytes that follow
+    /// the mapped ones ([`ZcOut::copied`]), read with [`copybuf`](Self::copybuf).
     pub(crate) fn zerocopy(
-        &self,
+        &mut self,
         fd: BorrowedFd<'_>,
         offset: usize,
         len: usize,
@@ -396,7 +400,9 @@ impl SockRegion {
             struct_len.min(std::mem::size_of::<TcpZerocopyReceive>()) as libc::socklen_t;
         // SAFETY: `zc` is a valid, writable struct of at least `optlen`
         // bytes; the kernel maps pages only inside our socket mapping
-        // (checked above), which this region owns.
+        // (checked above), and copies at most `copybuf` bytes to the start
+        // of our anonymous part (checked above), both owned by this region,
+        // borrowed mutably here.
         let rc = unsafe {
             libc::getsockopt(
                 fd.as_raw_fd(),
