@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{
-    AutoCostBias, Backend, Client, ClientConfig, CountersSnapshot, PageBuf, Pages, Payload,
-    SegmentAlign, Server, ServerConfig, Status,
+    AutoCostBias, Backend, CallOptions, Client, ClientConfig, CountersSnapshot, PageBuf, Pages,
+    Payload, SegmentAlign, Server, ServerConfig, Status,
 };
 
 const MIB: usize = 1 << 20;
@@ -279,6 +279,61 @@ fn a_client_in_auto_steers_the_servers_sender() {
     );
     let w = c1.since(&c0);
     assert_accounted(&w);
+}
+
+/// With `conn_window` 0 a client gives no connection credit back, which
+/// otherwise carries its receiver's requests to the server's sender. A
+/// client that only receives a server stream still gets them there: they
+/// go with the stream credit it gives back for each message.
+#[test]
+fn a_client_without_connection_credit_still_sends_its_requests() {
+    let bias = Arc::new(AutoCostBias::default());
+    // Mapping measures ten times costlier: the receiver soon asks the
+    // server to write by copy (to sample copying, then to settle on it).
+    bias.set(1000, 100);
+    let server = Server::builder()
+        .config(ServerConfig::zerocopy())
+        .register_server_stream("source", |_ctx, _body, _pages, tx| {
+            for k in 0..48 {
+                tx.send(&MetadataEntry::default(), payload(k * SIZES.len()))?;
+            }
+            Ok(Vec::new())
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let mut ccfg = ClientConfig::zerocopy();
+    ccfg.recv.backend = Backend::Auto;
+    ccfg.recv.auto_cost_bias = Some(bias);
+    ccfg.conn_window = 0;
+    ccfg.stream_window = 1 << 30;
+    let client = Client::connect_with(server.local_addr(), ccfg).unwrap();
+    let mut rx = client
+        .server_stream(
+            "source",
+            &MetadataEntry::default(),
+            Payload::Empty,
+            &CallOptions::default(),
+        )
+        .unwrap();
+    let mut k = 0;
+    while let Some(m) = rx.recv().unwrap() {
+        let want = payload(k * SIZES.len());
+        assert!(m.payload[..] == want[..], "message {k} differs");
+        k += 1;
+    }
+    assert_eq!(k, 48);
+    let c = client.counters();
+    assert!(c.asked_peer_copy >= 1, "the receiver asked nothing: {c:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while server.counters().peer_asked_copy == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let s = server.counters();
+    assert!(
+        s.peer_asked_copy >= 1,
+        "the client's request never reached the server: {s:?}"
+    );
+    assert_accounted(&c);
 }
 
 /// The same on the async client and server (feature `tokio`).
