@@ -8,28 +8,17 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+mod common;
+
+use common::{page_buf, pattern, wait_until};
 use pagerpc::proto::MetadataEntry;
-use pagerpc::{
-    Client, ClientConfig, Origin, PageBuf, Pages, Payload, Server, ServerConfig, Status,
-};
+use pagerpc::{Client, ClientConfig, Origin, Pages, Payload, Server, ServerConfig, Status};
 
 /// Mappings are counted process-wide: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i * 31 + 7) % 251) as u8 ^ seed)
-        .collect()
-}
-
-fn page_buf(data: &[u8]) -> PageBuf {
-    let mut b = PageBuf::new(data.len()).unwrap();
-    b.copy_from_slice(data);
-    b
 }
 
 /// Mappings of sockets in this process (`socket:[inode]` in its maps).
@@ -39,17 +28,6 @@ fn socket_mappings() -> usize {
         .lines()
         .filter(|l| l.contains("socket:["))
         .count()
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    f()
 }
 
 type Held = Arc<Mutex<Vec<(u8, Pages)>>>;
@@ -100,14 +78,14 @@ fn reused_mappings_never_overwrite_a_payload_still_held() {
     let len = (1 << 20) + 100;
     let payloads = 48u8;
     for seed in 0..payloads {
-        put(&client, seed, &pattern(len, seed));
+        put(&client, seed, &pattern(len, u64::from(seed)));
     }
     let held = held.lock().unwrap();
     assert_eq!(held.len(), 12);
     for (seed, pages) in held.iter() {
         assert_eq!(pages.origin(), Origin::Socket, "payload {seed}");
         assert!(
-            **pages == pattern(len, *seed)[..],
+            **pages == pattern(len, u64::from(*seed))[..],
             "payload {seed} changed after later payloads were received"
         );
     }
@@ -141,7 +119,7 @@ fn kept_mappings_are_bounded_and_unmapped_with_their_connection() {
     let client = Client::connect_with(server.local_addr(), ClientConfig::zerocopy()).unwrap();
     // Payload 0 is held; 1..=16 are dropped.
     for seed in 0..=16 {
-        put(&client, seed, &pattern(1 << 20, seed));
+        put(&client, seed, &pattern(1 << 20, u64::from(seed)));
     }
     let c = server.counters();
     assert!(c.socket_maps_reused >= 8, "{c:?}");
@@ -176,7 +154,7 @@ fn without_kept_mappings_every_payload_gets_a_mapping_of_its_own() {
     let (server, _held) = server(0, 100);
     let client = Client::connect_with(server.local_addr(), ClientConfig::zerocopy()).unwrap();
     for seed in 1..=8 {
-        put(&client, seed, &pattern(1 << 20, seed));
+        put(&client, seed, &pattern(1 << 20, u64::from(seed)));
     }
     let c = server.counters();
     assert_eq!(c.socket_maps_reused, 0, "{c:?}");

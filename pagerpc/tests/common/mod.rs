@@ -108,6 +108,13 @@ pub fn with_watchdog<T: Send + 'static>(
     }
 }
 
+/// A page-aligned buffer holding a copy of `data`.
+pub fn page_buf(data: &[u8]) -> PageBuf {
+    let mut b = PageBuf::new(data.len()).unwrap();
+    b.copy_from_slice(data);
+    b
+}
+
 /// Page-aligned pages holding a byte pattern (`i mod 251`).
 pub fn pattern_pages(len: usize) -> Pages {
     let mut b = PageBuf::new(len).unwrap();
