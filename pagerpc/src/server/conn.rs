@@ -226,7 +226,10 @@ impl Conn {
     }
 
     /// What the connection waits for now: `(read, write)`. Zero-copy
-    /// completions and socket errors are always waited for.
+    /// completions and socket errors are always waited for. (The async
+    /// server's task asks; the pool's edge-triggered readiness needs no
+    /// interest set.)
+    #[cfg(feature = "tokio")]
     pub(crate) fn interest(&self) -> (bool, bool) {
         // Waiting for completions: EPOLLERR (always reported) wakes us;
         // EPOLLOUT would report at once, again and again.
