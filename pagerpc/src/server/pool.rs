@@ -137,6 +137,15 @@ impl Shared {
 
     /// As [`drive`](Self::drive), for a thread that already owns `conn`.
     fn drive_owned(self: &Arc<Self>, conn: &Arc<Conn>, ev: Events) {
+        if let Some(job) = self.drive_owned_turns(conn, ev) {
+            self.run_job(job);
+        }
+    }
+
+    /// The turns of [`drive_owned`](Self::drive_owned), until the
+    /// connection is let go; returns the first call read, for the caller
+    /// to run or queue.
+    fn drive_owned_turns(self: &Arc<Self>, conn: &Arc<Conn>, ev: Events) -> Option<Job> {
         let mut ev = ev;
         let mut mine = None;
         loop {
@@ -148,9 +157,7 @@ impl Shared {
                 None => break,
             }
         }
-        if let Some(job) = mine {
-            self.run_job(job);
-        }
+        mine
     }
 
     /// One turn of the owner: completions, writes, timeouts, reads.
@@ -831,12 +838,14 @@ impl Shared {
     }
 
     fn accept_all(self: &Arc<Self>) {
-        let guard = self.listener.lock();
-        let Some(listener) = guard.as_ref() else {
-            return;
-        };
         loop {
-            match listener.accept() {
+            // The listener is held only around `accept`: shutdown takes it
+            // to close it, and must not wait for a new connection's setup.
+            let accepted = match self.listener.lock().as_ref() {
+                Some(listener) => listener.accept(),
+                None => return,
+            };
+            match accepted {
                 Ok((stream, peer)) => self.add_conn(stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -850,11 +859,7 @@ impl Shared {
                 Err(_) => break,
             }
         }
-        if !self.shutting_down.load(Ordering::SeqCst) {
-            let _ = self
-                .poller
-                .rearm(listener.as_fd(), TOKEN_LISTENER, sys::LISTEN_FLAGS);
-        }
+        self.rearm_listener();
     }
 
     pub(crate) fn rearm_listener(&self) {
@@ -965,7 +970,15 @@ impl Shared {
         {
             self.close(&conn, None, false);
         }
-        self.drive_owned(&conn, Events::default());
+        // A request already in the socket may be read here (another thread
+        // takes its readiness and posts it to us). It is queued, never run
+        // on this thread: a slow handler would keep the listener from
+        // being re-armed, so no other connection would be accepted, and
+        // shutdown would wait for it before closing the listener.
+        if let Some(job) = self.drive_owned_turns(&conn, Events::default()) {
+            self.queue_call(job);
+            self.wake_pool();
+        }
     }
 
     /// Records a new unauthenticated connection; past
