@@ -13,6 +13,7 @@ mod common;
 use common::{page_buf, pattern, wait_until};
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{Client, ClientConfig, Origin, Pages, Payload, Server, ServerConfig, Status};
+use pagerpc_pages::KEPT_MAX_LEN;
 
 /// Mappings are counted process-wide: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -164,6 +165,46 @@ fn without_kept_mappings_every_payload_gets_a_mapping_of_its_own() {
         before,
         "every dropped payload was unmapped"
     );
+    client.close();
+    server.shutdown();
+}
+
+/// A peer cannot make a connection hold more mappings than the bound:
+/// payloads each of a size of their own are never reused and never kept
+/// past 4, and a payload over `KEPT_MAX_LEN` is not kept at all (a kept
+/// mapping keeps its page tables).
+#[test]
+fn payloads_of_ever_new_sizes_keep_no_more_than_the_bound() {
+    let _serial = serial();
+    let before = socket_mappings();
+    let (server, _held) = server(4, 255);
+    let client = Client::connect_with(server.local_addr(), ClientConfig::zerocopy()).unwrap();
+    for seed in 1..=40u8 {
+        let len = (1 << 20) + usize::from(seed) * 4096;
+        put(&client, seed, &pattern(len, u64::from(seed)));
+        let live = socket_mappings() - before;
+        assert!(live <= 4, "payload {seed}: {live} socket mappings");
+    }
+    let c = server.counters();
+    assert_eq!(c.socket_maps_reused, 0, "{c:?}");
+    assert_eq!(c.socket_maps_made, 40, "{c:?}");
+    client.close();
+    assert!(wait_until(Duration::from_secs(10), || socket_mappings() == before));
+
+    // Over the size bound, on a fresh connection: the same size twice,
+    // and the second gets a mapping of its own.
+    let client = Client::connect_with(server.local_addr(), ClientConfig::zerocopy()).unwrap();
+    let before_big = server.counters();
+    for seed in 41..=42u8 {
+        put(
+            &client,
+            seed,
+            &pattern(KEPT_MAX_LEN + 4096, u64::from(seed)),
+        );
+        assert_eq!(socket_mappings(), before, "payload {seed} was kept");
+    }
+    let c = server.counters().since(&before_big);
+    assert_eq!((c.socket_maps_made, c.socket_maps_reused), (2, 0), "{c:?}");
     client.close();
     server.shutdown();
 }

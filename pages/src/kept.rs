@@ -14,17 +14,23 @@ use std::sync::{Arc, Mutex};
 
 use crate::sys;
 
+/// Mappings larger than this (16 MiB) are never kept: a kept mapping
+/// keeps its page tables (2 KiB per MiB), and for payloads this large the
+/// `mmap`/`munmap` pair is a small part of their cost.
+pub const KEPT_MAX_LEN: usize = 16 << 20;
+
 /// The socket mappings one connection keeps for reuse (see the module
 /// documentation). Made by the receiver, shared with every [`Pages`]
 /// lent one of its mappings, and [closed](KeptMappings::close) when the
 /// connection ends.
 ///
 /// # Memory cost
-/// At most `max` mappings are kept. A kept mapping holds no pages (they
-/// were dropped when its last payload was), only its address range, one
-/// VMA of the process's `vm.max_map_count`, its page tables (about 2 KiB
-/// per MiB mapped) and a reference to the socket's file, which is why a
-/// closed connection's mappings are unmapped at once.
+/// At most `max` mappings of at most [`KEPT_MAX_LEN`] are kept. A kept
+/// mapping holds no pages (they were dropped when its last payload was),
+/// only its address range, one VMA of the process's `vm.max_map_count`,
+/// its page tables (about 2 KiB per MiB mapped, so at most 32 KiB) and a
+/// reference to the socket's file, which is why a closed connection's
+/// mappings are unmapped at once.
 ///
 /// [`Pages`]: crate::Pages
 #[derive(Debug)]
@@ -83,7 +89,9 @@ impl KeptMappings {
             std::mem::take(&mut s.free)
         };
         for k in free {
-            sys::unmap(k.addr, k.map_len);
+            // SAFETY: taken out of the free list, which owned it alone;
+            // nothing refers to a kept mapping.
+            unsafe { sys::unmap(k.addr, k.map_len) };
         }
     }
 
@@ -101,11 +109,23 @@ impl KeptMappings {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).reused
     }
 
+    /// Whether a mapping of `map_len` bytes given back now would be kept
+    /// (open, room left, not over [`KEPT_MAX_LEN`]): if not, the caller
+    /// unmaps it without dropping its pages first.
+    pub(crate) fn takes_back(&self, map_len: usize) -> bool {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Self::room(&s, self.max, map_len)
+    }
+
+    fn room(s: &State, max: usize, map_len: usize) -> bool {
+        !s.closed && s.free.len() < max && map_len <= KEPT_MAX_LEN
+    }
+
     /// Keeps a mapping whose pages were dropped; `false` if it is not kept
-    /// (closed, or `max` are kept already): the caller unmaps it.
+    /// (closed, `max` kept already, or too large): the caller unmaps it.
     pub(crate) fn put(&self, addr: usize, map_len: usize, layout: usize) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.closed || s.free.len() >= self.max {
+        if !Self::room(&s, self.max, map_len) {
             return false;
         }
         s.free.push(Kept {

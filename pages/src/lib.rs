@@ -18,7 +18,7 @@ mod kept;
 mod pool;
 mod sys;
 
-pub use kept::KeptMappings;
+pub use kept::{KeptMappings, KEPT_MAX_LEN};
 pub use pool::POOL_MAX;
 /// The one wrapper of the thread CPU clock, shared with the receiver.
 pub use sys::thread_cpu_ns;

@@ -232,12 +232,9 @@ impl Drop for Region {
             Region::Mapped {
                 recyclable: true, ..
             } if cache_put(self) => {}
-            Region::Mapped { ptr, map_len, .. } => {
-                // SAFETY: we own this mapping and nothing borrows it any more
-                // (drop has &mut self). munmap only fails for bad arguments.
-                let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), map_len) };
-                debug_assert_eq!(rc, 0, "munmap: {}", io::Error::last_os_error());
-            }
+            // SAFETY: we own this mapping and nothing borrows it any more
+            // (drop has &mut self).
+            Region::Mapped { ptr, map_len, .. } => unsafe { unmap(ptr.as_ptr() as usize, map_len) },
             Region::Lent {
                 ptr,
                 map_len,
@@ -245,13 +242,17 @@ impl Drop for Region {
                 ref home,
             } => {
                 let addr = ptr.as_ptr() as usize;
-                // SAFETY: we own this mapping and nothing borrows it any
-                // more (drop has &mut self); dropping its pages only makes
-                // them read as what the socket maps next (or fault).
-                unsafe { drop_pages(addr, map_len) };
-                if !home.put(addr, map_len, layout) {
-                    unmap(addr, map_len);
+                if home.takes_back(map_len) {
+                    // SAFETY: as above; its pages are dropped before `home`
+                    // can lend it again, so they read as what the socket
+                    // maps next.
+                    unsafe { discard(addr, map_len) };
+                    if home.put(addr, map_len, layout) {
+                        return;
+                    }
                 }
+                // SAFETY: as above, and `home` did not take it.
+                unsafe { unmap(addr, map_len) };
             }
             Region::Slab { ptr } => slab_put(ptr),
             Region::Heap { ptr, size } => {
@@ -323,7 +324,8 @@ pub(crate) fn set_cache_limit(bytes: usize) {
             }
         };
         for (addr, len) in drained {
-            unmap(addr, len);
+            // SAFETY: taken out of the cache, which owned it alone.
+            unsafe { unmap(addr, len) };
         }
     }
 }
@@ -378,12 +380,15 @@ fn cache_put(r: &Region) -> bool {
     true
 }
 
-/// Unmaps `(addr, len)`: a mapping the caller owned exclusively (the
-/// recycle cache's or a [`KeptMappings`]'s, already removed from it, or a
-/// dropped region's) that nothing refers to any more.
-pub(crate) fn unmap(addr: usize, len: usize) {
-    // SAFETY: (addr, len) is a mapping the caller owned exclusively and
-    // gave up (see above), so nothing else refers to it.
+/// Unmaps `(addr, len)`.
+///
+/// # Safety
+/// A whole mapping the caller owns alone (the recycle cache's or a
+/// [`KeptMappings`]'s, already taken out of it, or a dropped region's)
+/// that nothing refers to any more.
+pub(crate) unsafe fn unmap(addr: usize, len: usize) {
+    // SAFETY: forwarded from this function's contract; munmap only fails
+    // for bad arguments.
     let rc = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
     debug_assert_eq!(rc, 0, "munmap: {}", io::Error::last_os_error());
 }
@@ -635,31 +640,19 @@ unsafe fn unmap_slab(base: usize) -> bool {
     unsafe { libc::munmap(base as *mut libc::c_void, SLAB_BYTES) == 0 }
 }
 
-/// Drops the contents of `[addr, addr+len)` (whole pages of a slab that no
-/// live slot uses): the kernel frees them and the next touch reads zeros.
+/// Drops the pages of `[addr, addr+len)` (`MADV_DONTNEED`) and keeps the
+/// mapping: the kernel zaps them (the page-table work and TLB flush
+/// `munmap` does) and frees them if nothing else holds them. Anonymous
+/// memory then reads as zeros, a socket mapping as what is mapped there
+/// next.
 ///
 /// # Safety
-/// The range must be whole pages inside a slab of a pool holding only free
-/// slots, with the pool's lock held so that none is handed out meanwhile:
-/// no region refers to these bytes.
+/// Whole pages the caller owns that no region refers to: pages of a slab
+/// no live slot uses, with the pool's lock held so that none is handed
+/// out meanwhile, or a whole lent mapping being dropped.
 unsafe fn discard(addr: usize, len: usize) {
     debug_assert!(addr.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE));
-    // SAFETY: forwarded from this function's contract; MADV_DONTNEED on
-    // private anonymous memory only replaces the contents with zeros.
-    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-}
-
-/// Drops the pages of a payload mapping (`MADV_DONTNEED`): the kernel
-/// zaps them (the page-table work and TLB flush `munmap` does) and frees
-/// them if nothing else holds them, while the mapping stays for reuse.
-///
-/// # Safety
-/// `[addr, addr+len)` must be a whole mapping the caller owns that nothing
-/// refers to.
-unsafe fn drop_pages(addr: usize, len: usize) {
-    // SAFETY: forwarded from this function's contract. On a socket mapping
-    // MADV_DONTNEED only unmaps the pages; on anonymous memory it replaces
-    // the contents with zeros.
+    // SAFETY: forwarded from this function's contract.
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
     debug_assert_eq!(rc, 0, "madvise: {}", io::Error::last_os_error());
 }
