@@ -345,6 +345,17 @@ fn zc_to_buf(p: &mut Partial, e: io::Error) -> Result<(), RecvError> {
     Ok(())
 }
 
+/// Why a stretch the kernel could not map is copied, given the bytes it
+/// said were queued (`inq`): less than a page queued at all, or a segment
+/// that is not whole, aligned pages.
+fn stretch_reason(inq: usize) -> CopyReason {
+    if inq > 0 && inq < pagerpc_core::PAGE_SIZE {
+        CopyReason::NotQueued
+    } else {
+        CopyReason::Unmappable
+    }
+}
+
 /// What one step of [`Receiver::poll_frame`] achieved.
 enum Step {
     Frame(Frame),
@@ -1388,11 +1399,7 @@ impl Receiver {
                 // pages, the data after them is still page-aligned relative
                 // to the payload and mapping resumes; otherwise the rest of
                 // the payload is misaligned and is copied too.
-                p.copy_reason = if out.inq > 0 && out.inq < pagerpc_core::PAGE_SIZE {
-                    CopyReason::NotQueued
-                } else {
-                    CopyReason::Unmappable
-                };
+                p.copy_reason = stretch_reason(out.inq);
                 let skip = out.skip.min(want);
                 if skip.is_multiple_of(pagerpc_core::PAGE_SIZE) {
                     match region.make_writable(p.filled, p.filled + skip) {
@@ -1435,21 +1442,19 @@ impl Receiver {
     /// where they belong, and the rest of the payload is copied, as after
     /// any misaligned stretch.
     fn zc_mapped_and_copied(&mut self, out: sys::ZcOut) -> Result<Step, RecvError> {
-        let n = out.copied.min(pagerpc_core::PAGE_SIZE);
-        let mut stash = [0u8; pagerpc_core::PAGE_SIZE];
+        let n = out.copied;
         let Some(p) = self.partial.as_mut() else {
             return Ok(Step::Blocked);
         };
         let Sink::Zc(region) = &mut p.sink else {
             return Ok(Step::Blocked);
         };
-        let socket_end = region.socket_end();
-        let misplaced = p.filled + out.mapped != socket_end;
-        if !misplaced {
+        // The bytes to move (rare: a misaligned stream), read before the
+        // region changes.
+        let misplaced =
+            (p.filled + out.mapped != region.socket_end()).then(|| region.copybuf(n).to_vec());
+        if misplaced.is_none() {
             self.counters.tail_copied_with_map();
-        }
-        if misplaced {
-            stash[..n].copy_from_slice(region.copybuf(n));
         }
         if out.mapped > 0 {
             self.counters.mapped(out.mapped as u64);
@@ -1464,12 +1469,8 @@ impl Receiver {
         let Some(p) = self.partial.as_mut() else {
             return Ok(Step::Blocked);
         };
-        if misplaced {
-            p.copy_reason = if out.inq > 0 && out.inq < pagerpc_core::PAGE_SIZE {
-                CopyReason::NotQueued
-            } else {
-                CopyReason::Unmappable
-            };
+        if let Some(bytes) = misplaced {
+            p.copy_reason = stretch_reason(out.inq);
             p.copy_until = p.head.payload_len() as usize;
             if let Sink::Zc(region) = &mut p.sink {
                 if let Err(e) = region.make_writable_from(p.filled) {
@@ -1482,7 +1483,7 @@ impl Receiver {
                 Sink::Zc(r) => r.writable(at, n),
                 Sink::Consume(r) => r.writable(at, n),
             };
-            dest.copy_from_slice(&stash[..n]);
+            dest.copy_from_slice(&bytes);
         }
         self.copied(n);
         self.payload_progress(n)

@@ -415,7 +415,11 @@ impl SockRegion {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        zc_outcome(&zc, struct_len)
+        // Never more than offered, whatever the kernel says.
+        zc_outcome(&zc, struct_len).map(|out| ZcOut {
+            copied: out.copied.min(copybuf),
+            ..out
+        })
     }
 
     /// Turns the socket part from `offset` (page-aligned) on into anonymous
