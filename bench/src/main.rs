@@ -25,8 +25,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pagerpc::netns::NetnsPair;
 use pagerpc::proto::MetadataEntry;
 use pagerpc::{
-    Backend, CallOptions, Client, ClientConfig, CountersSnapshot, PageBuf, Payload, Reply,
-    SegmentAlign, SendConfig, Server, ServerConfig, Status,
+    Backend, CallOptions, Client, ClientConfig, CountersSnapshot, PageBuf, Payload, RecvConfig,
+    Reply, SegmentAlign, SendConfig, Server, ServerConfig, Status,
 };
 
 use pagerpc_bench::meter::Meter;
@@ -120,24 +120,14 @@ impl Transfer {
     fn server_config(&self) -> ServerConfig {
         let mut c = self.pick(ServerConfig::zerocopy);
         self.tune(&mut c.send, &mut c.segments, &mut c.stream_window);
-        if self.auto {
-            c.recv.backend = Backend::Auto;
-        }
-        if let Some(k) = self.kept_mappings {
-            c.recv.kept_mappings = k;
-        }
+        self.tune_recv(&mut c.recv);
         c
     }
 
     fn client_config(&self) -> ClientConfig {
         let mut c = self.pick(ClientConfig::zerocopy);
         self.tune(&mut c.send, &mut c.segments, &mut c.stream_window);
-        if self.auto {
-            c.recv.backend = Backend::Auto;
-        }
-        if let Some(k) = self.kept_mappings {
-            c.recv.kept_mappings = k;
-        }
+        self.tune_recv(&mut c.recv);
         c
     }
 
@@ -148,6 +138,16 @@ impl Transfer {
             zerocopy()
         } else {
             C::default()
+        }
+    }
+
+    /// What both ends' receive configs take from the flags.
+    fn tune_recv(&self, recv: &mut RecvConfig) {
+        if self.auto {
+            recv.backend = Backend::Auto;
+        }
+        if let Some(k) = self.kept_mappings {
+            recv.kept_mappings = k;
         }
     }
 

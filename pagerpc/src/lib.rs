@@ -67,7 +67,7 @@ pub use pagerpc_pages::{cached_bytes, set_cache_limit, Origin, PageBuf, Pages, P
 #[doc(hidden)]
 pub use pagerpc_receiver::AutoCostBias;
 pub use pagerpc_receiver::{
-    Backend, Frame, ReceivePath, RecvConfig, RecvError, DEFAULT_AUTO_FLOOR,
+    Backend, Frame, ReceivePath, RecvConfig, RecvError, DEFAULT_AUTO_FLOOR, DEFAULT_KEPT_MAPPINGS,
 };
 pub use pagerpc_sender::{SendConfig, SendError, ZcSendStats};
 
