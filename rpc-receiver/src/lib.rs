@@ -174,10 +174,12 @@ pub struct RecvConfig {
     /// mapping per payload. Default 4; see `docs/zero-copy.md`.
     ///
     /// # Memory cost
-    /// Per connection, up to this many mappings without pages: address
-    /// space, one VMA each of the process's `vm.max_map_count`, and their
-    /// page tables (about 2 KiB per MiB). They are unmapped when the
-    /// connection's receiver is dropped.
+    /// Per connection, up to this many mappings without pages, each of at
+    /// most 16 MiB (`pagerpc_pages::KEPT_MAX_LEN`; larger ones are never
+    /// kept): address space, one VMA each of the process's
+    /// `vm.max_map_count`, and their page tables (about 2 KiB per MiB, so
+    /// at most 32 KiB each). They are unmapped when the connection's
+    /// receiver is dropped.
     pub kept_mappings: usize,
     /// Test hook for [`Backend::Auto`] (see [`AutoCostBias`]).
     #[doc(hidden)]
